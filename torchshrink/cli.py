@@ -1,0 +1,164 @@
+"""The ``torchshrink`` command: a thin typer app over the library."""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from torchshrink.core.errors import TorchshrinkError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Make trained PyTorch models smaller and faster, with measured evidence.")
+out = Console()
+err = Console(stderr=True)
+
+
+def _friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Errors a user can cause: one line on stderr, exit code 2."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except TorchshrinkError as e:
+            err.print(f"[red]error:[/red] {str(e).splitlines()[0] if str(e) else type(e).__name__}", highlight=False, soft_wrap=True)
+            raise typer.Exit(2) from None
+        except KeyboardInterrupt:
+            err.print("interrupted; nothing was written")
+            raise typer.Exit(130) from None
+
+    return wrapper
+
+
+def _inputs(model: Any, input_shape: str | None, batch: int | None) -> tuple:
+    import torch
+
+    from torchshrink.models import example_inputs, parse_shape
+
+    if input_shape:
+        return (torch.randn(*parse_shape(input_shape), generator=torch.Generator().manual_seed(0)),)
+    return example_inputs(model, batch=batch)
+
+
+def _progress() -> tuple[Progress, Callable[[str, int, int], None]]:
+    bar = Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                   TimeElapsedColumn(), console=err, transient=False)
+    ids: dict[str, Any] = {}
+
+    def update(desc: str, done: int, total: int) -> None:
+        if desc not in ids:
+            ids[desc] = bar.add_task(desc, total=max(total, 1))
+        bar.update(ids[desc], completed=done, total=max(total, 1))
+
+    return bar, update
+
+
+@app.command()
+@_friendly
+def measure(
+    model: str = typer.Option(..., "--model", "-m", help="model spec, e.g. torchvision:resnet18, zoo:digits-cnn, a saved folder"),
+    input_shape: str = typer.Option(None, "--input-shape", help="e.g. 1,3,224,224 (default: the model's own)"),
+    batch: int = typer.Option(None, "--batch", help="batch size for the default input"),
+    threads: int = typer.Option(None, "--threads", help="torch threads for timing"),
+    as_json: bool = typer.Option(False, "--json", help="print JSON instead of a table"),
+) -> None:
+    """Parameters, nonzeros, file bytes, MACs and latency of a model."""
+    from torchshrink.measure.report import measure as do_measure
+    from torchshrink.models import load_model
+
+    net = load_model(model)
+    m = do_measure(net, _inputs(net, input_shape, batch), threads=threads)
+    if as_json:
+        out.print_json(json.dumps(m.to_dict()))
+        return
+    t = Table(title=f"{model}")
+    t.add_column("metric")
+    t.add_column("value", justify="right")
+    for k, v in m.to_dict().items():
+        if k == "latency" and v:
+            t.add_row("latency p50 / p90", f"{v['p50_ms']:.3f} / {v['p90_ms']:.3f} ms ({v['threads']} threads)")
+        elif k not in ("name", "quality"):
+            t.add_row(k, f"{v:,}" if isinstance(v, int) else str(v))
+    out.print(t)
+
+
+@app.command()
+@_friendly
+def inspect(
+    model: str = typer.Option(..., "--model", "-m", help="model spec"),
+    input_shape: str = typer.Option(None, "--input-shape", help="e.g. 1,3,224,224"),
+) -> None:
+    """Layers with their type, weight shape, parameters and MACs."""
+    from torchshrink.measure.counts import count_macs
+    from torchshrink.models import load_model
+
+    net = load_model(model)
+    macs = count_macs(net, _inputs(net, input_shape, None), per_module=True)
+    t = Table(title=f"{model}: layers")
+    for c in ("layer", "type", "weight shape", "params", "MACs"):
+        t.add_column(c, justify="right" if c in ("params", "MACs") else "left")
+    for name, mod in net.named_modules():
+        if not name or any(True for _ in mod.children()):
+            continue
+        w = getattr(mod, "weight", None)
+        shape = "x".join(map(str, w.shape)) if hasattr(w, "shape") else "-"
+        params = sum(p.numel() for p in mod.parameters(recurse=False))
+        t.add_row(name, type(mod).__name__, shape, f"{params:,}", f"{macs.get(name, 0):,}")
+    out.print(t)
+
+
+@app.command()
+@_friendly
+def compress(
+    model: str = typer.Option(..., "--model", "-m", help="model spec"),
+    recipe: str = typer.Option(..., "--recipe", "-r", help="recipe YAML file or built-in name"),
+    out_dir: Path = typer.Option(..., "--out", "-o", help="output folder (must not exist unless --force)"),
+    force: bool = typer.Option(False, "--force", help="replace an existing output folder"),
+    threads: int = typer.Option(None, "--threads", help="torch threads for timing"),
+) -> None:
+    """Run a recipe and write the compressed model, the recipe and a report into --out."""
+    from torchshrink.measure.report import compare_table
+    from torchshrink.recipe import compress as run, load_recipe
+
+    rec = load_recipe(recipe)
+    if out_dir.exists() and not force:
+        from torchshrink.core.errors import OutputExistsError
+
+        raise OutputExistsError(f"output folder {out_dir} already exists; pass --force to replace it")
+    bar, update = _progress()
+    with bar:
+        result = run(model, rec, out_dir, force=force, threads=threads, progress=update)
+    out.print(compare_table(result.summary, title=f"{rec.name} on {model}: original -> compressed"))
+    out.print(f"{result.timing_note}\nwrote {out_dir}/ (model/, recipe.yaml, report.md, report.json)")
+
+
+@app.command()
+@_friendly
+def demo(
+    out_dir: Path = typer.Option(Path("demo-out"), "--out", "-o", help="output folder for the report"),
+    recipe: str = typer.Option("demo", "--recipe", "-r", help="recipe to run (built-in name or file)"),
+    model: str = typer.Option("zoo:digits-cnn", "--model", "-m", help="model spec"),
+) -> None:
+    """Train (or load) the digits CNN teacher, compress it with a built-in recipe, print the table."""
+    compress(model=model, recipe=recipe, out_dir=out_dir, force=True, threads=None)
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        app()
+    except SystemExit as e:
+        sys.exit(e.code)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,97 @@
+"""Latency: warm-up, interleaved timing of several models, median / p90, pinned threads."""
+
+from __future__ import annotations
+
+import contextlib
+import statistics
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+@contextlib.contextmanager
+def threads(n: int | None) -> Iterator[None]:
+    """Pin torch's intra-op threads for the duration of the block."""
+    if n is None:
+        yield
+        return
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+@dataclass(frozen=True)
+class Timing:
+    p50_ms: float
+    p90_ms: float
+    mean_ms: float
+    runs: int
+    threads: int
+
+    def to_dict(self) -> dict[str, float]:
+        return {"p50_ms": self.p50_ms, "p90_ms": self.p90_ms, "mean_ms": self.mean_ms, "runs": self.runs, "threads": self.threads}
+
+
+def _percentile(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    k = (len(xs) - 1) * q
+    lo, hi = int(k), min(int(k) + 1, len(xs) - 1)
+    return xs[lo] + (xs[hi] - xs[lo]) * (k - lo)
+
+
+def _timing(samples: list[float], n_threads: int) -> Timing:
+    ms = [s * 1000 for s in samples]
+    return Timing(statistics.median(ms), _percentile(ms, 0.9), statistics.fmean(ms), len(ms), n_threads)
+
+
+def _as_call(m: nn.Module | Callable[[], object], inputs: Sequence[torch.Tensor] | None) -> Callable[[], object]:
+    if isinstance(m, nn.Module):
+        args = tuple(inputs or ())
+        return lambda: m(*args)
+    return m
+
+
+def time_interleaved(
+    candidates: Mapping[str, nn.Module | Callable[[], object]],
+    inputs: Sequence[torch.Tensor] | None = None,
+    *,
+    n_threads: int | None = None,
+    warmup: int = 10,
+    runs: int = 30,
+    min_seconds: float = 0.0,
+) -> dict[str, Timing]:
+    """Time each candidate A B C A B C ... in one process after warm-up; returns a Timing each.
+
+    Candidates are modules (called on ``inputs``) or zero-argument callables. Interleaving makes
+    the ratio of medians robust to the machine's load drifting during the run.
+    """
+    calls = {k: _as_call(m, inputs) for k, m in candidates.items()}
+    samples: dict[str, list[float]] = {k: [] for k in calls}
+    with threads(n_threads), torch.inference_mode():
+        for _ in range(warmup):
+            for f in calls.values():
+                f()
+        start = time.perf_counter()
+        i = 0
+        while i < runs or (time.perf_counter() - start) < min_seconds:
+            for k, f in calls.items():
+                t0 = time.perf_counter()
+                f()
+                samples[k].append(time.perf_counter() - t0)
+            i += 1
+            if i >= runs * 20:
+                break
+        n = torch.get_num_threads()
+    return {k: _timing(v, n) for k, v in samples.items()}
+
+
+def measure_latency(
+    model: nn.Module, inputs: Sequence[torch.Tensor], *, n_threads: int | None = None, warmup: int = 10, runs: int = 30
+) -> Timing:
+    return time_interleaved({"model": model}, inputs, n_threads=n_threads, warmup=warmup, runs=runs)["model"]

@@ -1,0 +1,197 @@
+"""Turning a model spec into a model, for the CLI and recipes.
+
+Accepted specs:
+  torchvision:NAME            a torchvision architecture, no weights (e.g. torchvision:resnet18)
+  zoo:NAME                    an embedded default (zoo:digits-cnn, zoo:digits-mlp, zoo:minilm)
+  package.module:factory      a function or class called with no arguments
+  PATH/                       a torchshrink save folder or a local Hugging Face model folder
+  PATH.pt2                    a torch.export archive
+  SPEC@WEIGHTS                an architecture spec plus weights (.safetensors, or .pt/.pth state
+                              dict, loaded with weights_only=True)
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from torchshrink.core.errors import ModelLoadError
+
+SPEC_HELP = (
+    "use torchvision:NAME, zoo:NAME, package.module:factory, a saved folder, a Hugging Face folder, "
+    "FILE.pt2, or SPEC@WEIGHTS.safetensors"
+)
+
+
+def _tag(model: nn.Module, source: str, inp: dict[str, Any] | None) -> nn.Module:
+    model._torchshrink_source = source
+    if inp is not None:
+        model._torchshrink_input = inp
+    return model
+
+
+def load_model(spec: str) -> nn.Module:
+    """Build the model a spec names, tagged with its source so that saves can rebuild it."""
+    if not isinstance(spec, str) or not spec:
+        raise ModelLoadError(f"empty model spec; {SPEC_HELP}")
+    if "@" in spec and not spec.startswith("@"):
+        arch, weights = spec.rsplit("@", 1)
+        model = load_model(arch)
+        _load_weights(model, Path(weights))
+        return model
+    path = Path(spec)
+    if path.suffix == ".pt2":
+        if not path.is_file():
+            raise ModelLoadError(f"no such file: {spec}")
+        try:
+            return torch.export.load(str(path)).module()
+        except Exception as e:
+            raise ModelLoadError(f"{spec} is not a readable torch.export archive ({type(e).__name__}: {e})") from None
+    if path.suffix in (".safetensors", ".pt", ".pth", ".bin"):
+        raise ModelLoadError(
+            f"{spec} holds weights only; name the architecture too, e.g. torchvision:resnet18@{spec}"
+        )
+    if spec.startswith("torchvision:"):
+        return _torchvision(spec.split(":", 1)[1])
+    if spec.startswith("zoo:"):
+        from torchshrink.zoo import load_zoo_model
+
+        return load_zoo_model(spec.split(":", 1)[1])
+    if path.exists() or os.sep in spec or spec.startswith("."):
+        return _from_folder(path)
+    if ":" in spec:
+        return _from_factory(spec)
+    raise ModelLoadError(f"cannot understand model spec {spec!r}; {SPEC_HELP}")
+
+
+def _torchvision(name: str) -> nn.Module:
+    try:
+        import torchvision
+    except ImportError:
+        raise ModelLoadError("torchvision is not installed: pip install 'torchshrink[vision]'") from None
+    names = torchvision.models.list_models()
+    if name not in names:
+        import difflib
+
+        close = difflib.get_close_matches(name, names, n=3)
+        raise ModelLoadError(f"unknown torchvision model {name!r}; close names: {', '.join(close) or 'none'}")
+    model = torchvision.models.get_model(name, weights=None)
+    size = 299 if name.startswith("inception") else 224
+    return _tag(model.eval(), f"torchvision:{name}", {"shape": [1, 3, size, size], "dtype": "float32"})
+
+
+def _from_factory(spec: str) -> nn.Module:
+    mod_name, _, attr = spec.partition(":")
+    try:
+        module = importlib.import_module(mod_name)
+    except ImportError as e:
+        raise ModelLoadError(f"cannot import {mod_name!r} for model spec {spec!r} ({e}); {SPEC_HELP}") from None
+    factory = getattr(module, attr, None)
+    if factory is None or not callable(factory):
+        raise ModelLoadError(f"{mod_name!r} has no callable {attr!r} (model spec {spec!r})")
+    model = factory()
+    if not isinstance(model, nn.Module):
+        raise ModelLoadError(f"{spec} returned {type(model).__name__}, not a torch.nn.Module")
+    return _tag(model, spec, getattr(model, "_torchshrink_input", None))
+
+
+def _from_folder(path: Path) -> nn.Module:
+    if not path.exists():
+        raise ModelLoadError(f"no such file or folder: {path}; {SPEC_HELP}")
+    if (path / "manifest.json").is_file():
+        from torchshrink.export import load
+
+        return load(path)
+    if (path / "config.json").is_file():
+        try:
+            from transformers import AutoModel
+        except ImportError:
+            raise ModelLoadError("transformers is not installed: pip install 'torchshrink[nlp]'") from None
+        try:
+            model = AutoModel.from_pretrained(str(path), local_files_only=True)
+        except Exception as e:
+            raise ModelLoadError(f"{path} is not a loadable Hugging Face model folder ({type(e).__name__}: {e})") from None
+        return _tag(model.eval(), f"hf:{path.resolve()}", {"kind": "tokens", "shape": [1, 128], "vocab": model.config.vocab_size})
+    raise ModelLoadError(f"{path} is neither a torchshrink save (manifest.json) nor a Hugging Face folder (config.json)")
+
+
+def _load_weights(model: nn.Module, path: Path) -> None:
+    if not path.is_file():
+        raise ModelLoadError(f"no such weights file: {path}")
+    if path.suffix == ".safetensors":
+        from torchshrink.export.io import read_tensors
+
+        state = read_tensors(path)
+    else:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise ModelLoadError(
+                f"{path} could not be read as a state dict with weights_only=True ({type(e).__name__}); "
+                "torchshrink never unpickles arbitrary objects: save a state_dict or safetensors"
+            ) from None
+    if not isinstance(state, dict):
+        raise ModelLoadError(f"{path} does not hold a state dict")
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        raise ModelLoadError(f"{path} does not fit the architecture: {str(e).splitlines()[1:2] or e}") from None
+
+
+def build_skeleton(manifest: dict[str, Any]) -> nn.Module:
+    """The architecture a manifest was made from, before its recorded changes are applied."""
+    source = manifest.get("source")
+    hf = manifest.get("hf_config")
+    if hf and (source is None or source.startswith("hf:")):
+        from transformers import AutoConfig, AutoModel
+
+        cfg = AutoConfig.for_model(**hf)
+        return _tag(AutoModel.from_config(cfg).eval(), source or "hf", manifest.get("input"))
+    if source:
+        if source.startswith("hf:"):
+            return load_model(source[3:])
+        return load_model(source.split("@", 1)[0])
+    cls_path = manifest.get("class", "")
+    mod_name, _, cls_name = cls_path.rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(mod_name), cls_name)
+        return cls()
+    except Exception:
+        raise ModelLoadError(
+            f"the saved model's architecture ({cls_path}) cannot be rebuilt by torchshrink alone; "
+            "pass the architecture: torchshrink.load(dir, model=MyModel(...))"
+        ) from None
+
+
+def example_inputs(model: nn.Module, batch: int | None = None, seq: int | None = None) -> tuple[torch.Tensor, ...]:
+    """Example inputs recorded for a model by its loader (zoo, torchvision, Hugging Face)."""
+    inp = getattr(model, "_torchshrink_input", None)
+    if inp is None:
+        raise ModelLoadError(
+            f"no example input is known for {type(model).__name__}; give one (e.g. --input-shape 1,3,224,224)"
+        )
+    shape = list(inp["shape"])
+    if batch is not None:
+        shape[0] = batch
+    g = torch.Generator().manual_seed(0)
+    if inp.get("kind") == "tokens":
+        if seq is not None:
+            shape[1] = seq
+        ids = torch.randint(1000, min(inp.get("vocab", 30000), 20000), shape, generator=g)
+        return (ids, torch.ones(shape, dtype=torch.long))
+    return (torch.randn(*shape, generator=g, dtype=getattr(torch, inp.get("dtype", "float32"))),)
+
+
+def parse_shape(text: str) -> list[int]:
+    try:
+        shape = [int(x) for x in text.replace("x", ",").split(",") if x.strip()]
+    except ValueError:
+        shape = []
+    if not shape or any(s <= 0 for s in shape):
+        raise ModelLoadError(f"invalid input shape {text!r}; write it like 1,3,224,224")
+    return shape

@@ -1,0 +1,157 @@
+"""A recipe: a named list of stages, each a registered config plus optional selection,
+fine-tune settings and a recovery method. Read from YAML with line numbers in errors."""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from torchshrink.core.config import Config, check_range, config_from_dict
+from torchshrink.core.errors import ConfigError, TorchshrinkError
+from torchshrink.core.select import Select
+
+STAGE_KEYS = ("select", "finetune", "recovery")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Finetune:
+    """Settings of the shared fine-tune loop."""
+
+    epochs: int = 1
+    lr: float = 1e-3
+    optimizer: Literal["adam", "adamw", "sgd"] = "adamw"
+    weight_decay: float = 0.0
+    batch_size: int = 64
+    seed: int = 0
+    # distillation recovery: temperature and weight of the soft loss
+    temperature: float = 4.0
+    alpha: float = 0.7
+
+    def __post_init__(self) -> None:
+        for name in ("epochs", "batch_size", "seed"):
+            if not isinstance(getattr(self, name), int) or isinstance(getattr(self, name), bool):
+                raise ConfigError(f"finetune.{name}={getattr(self, name)!r} must be an integer")
+        for name in ("lr", "weight_decay", "temperature", "alpha"):
+            v = getattr(self, name)
+            if isinstance(v, str):
+                try:
+                    v = float(v)
+                except ValueError:
+                    raise ConfigError(f"finetune.{name}={v!r} must be a number") from None
+                object.__setattr__(self, name, v)
+        check_range("finetune.epochs", self.epochs, 0, 10_000)
+        check_range("finetune.lr", self.lr, 0, 10, lo_open=True)
+        check_range("finetune.batch_size", self.batch_size, 1, 1_000_000)
+        check_range("finetune.temperature", self.temperature, 0, 1e4, lo_open=True)
+        check_range("finetune.alpha", self.alpha, 0, 1)
+        if self.optimizer not in ("adam", "adamw", "sgd"):
+            raise ConfigError(f"finetune.optimizer={self.optimizer!r}; allowed: 'adam', 'adamw', 'sgd'")
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Finetune:
+        allowed = {f.name for f in dataclasses.fields(cls)}
+        bad = [k for k in d if k not in allowed]
+        if bad:
+            close = difflib.get_close_matches(bad[0], sorted(allowed), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ConfigError(f"unknown finetune field {bad[0]!r}{hint}; allowed: {', '.join(sorted(allowed))}")
+        return cls(**d)
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+    config: Config
+    select: Select | None = None
+    finetune: Finetune | None = None
+    recovery: str = "finetune"
+
+    def to_dict(self) -> dict[str, Any]:
+        d = self.config.to_dict()
+        if self.select is not None:
+            d["select"] = self.select.to_dict()
+        if self.finetune is not None:
+            d["finetune"] = dataclasses.asdict(self.finetune)
+            d["recovery"] = self.recovery
+        return d
+
+
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+    name: str
+    stages: tuple[Stage, ...]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "stages": [s.to_dict() for s in self.stages]}
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+class RecipeError(ConfigError):
+    pass
+
+
+def stage_from_dict(d: dict[str, Any]) -> Stage:
+    if not isinstance(d, dict):
+        raise ConfigError(f"a stage must be a mapping with a 'kind', got {type(d).__name__}")
+    cfg = config_from_dict({k: v for k, v in d.items() if k not in STAGE_KEYS})
+    select = Select.from_dict(d["select"]) if d.get("select") is not None else None
+    ft = Finetune.from_dict(d["finetune"]) if d.get("finetune") is not None else None
+    from torchshrink.recipe.train import known_recoveries
+
+    recovery = d.get("recovery", "finetune")
+    if recovery not in known_recoveries():
+        raise ConfigError(f"recovery={recovery!r}; allowed: {', '.join(known_recoveries())}")
+    return Stage(cfg, select, ft, recovery)
+
+
+def _stage_lines(text: str) -> list[int]:
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError:
+        return []
+    if not isinstance(node, yaml.MappingNode):
+        return []
+    for key, value in node.value:
+        if key.value == "stages" and isinstance(value, yaml.SequenceNode):
+            return [item.start_mark.line + 1 for item in value.value]
+    return []
+
+
+def recipe_from_yaml(text: str, *, source: str = "recipe") -> Recipe:
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise RecipeError(f"{source} is not valid YAML: {str(e).splitlines()[0]}") from None
+    if isinstance(data, list):
+        data = {"stages": data}
+    if not isinstance(data, dict) or not isinstance(data.get("stages"), list) or not data["stages"]:
+        raise RecipeError(f"{source} must hold a non-empty list `stages:` of stage mappings (each with a `kind`)")
+    extra = [k for k in data if k not in ("name", "stages")]
+    if extra:
+        raise RecipeError(f"{source}: unknown top-level key {extra[0]!r}; allowed: name, stages")
+    lines = _stage_lines(text)
+    stages = []
+    for i, sd in enumerate(data["stages"]):
+        try:
+            stages.append(stage_from_dict(sd))
+        except TorchshrinkError as e:
+            where = f"line {lines[i]}" if i < len(lines) else f"stage {i + 1}"
+            raise RecipeError(f"{source} {where} (stage {i + 1}): {e}") from None
+    return Recipe(str(data.get("name", Path(source).stem)), tuple(stages))
+
+
+def load_recipe(spec: str) -> Recipe:
+    """A recipe file path, or the name of a built-in recipe."""
+    from torchshrink.recipe.builtin import BUILTIN
+
+    if spec in BUILTIN:
+        return recipe_from_yaml(BUILTIN[spec], source=f"built-in recipe {spec!r}")
+    path = Path(spec)
+    if not path.is_file():
+        raise RecipeError(f"no recipe file {spec!r} and no built-in recipe of that name; built-in: {', '.join(sorted(BUILTIN))}")
+    return recipe_from_yaml(path.read_text(), source=str(path))

@@ -1,0 +1,10 @@
+"""Importing this module registers every technique's configs and handlers.
+
+Adding a technique = its own folder + one line here.
+"""
+
+import torchshrink.quant  # noqa: F401  (cast, and the quantization configs)
+import torchshrink.prune  # noqa: F401
+import torchshrink.lowrank  # noqa: F401
+import torchshrink.binary  # noqa: F401
+import torchshrink.distill  # noqa: F401

@@ -1,0 +1,30 @@
+"""Embedded defaults: digits data and teachers, the packaged MiniLM encoder, real English text."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from torchshrink.core.errors import ModelLoadError
+from torchshrink.zoo.digits import DigitsCNN, DigitsMLP, digits_loaders, digits_splits, digits_teacher
+from torchshrink.zoo.text import english_sentences, sentence_split
+
+ZOO_MODELS = ("digits-cnn", "digits-mlp", "minilm")
+
+
+def load_zoo_model(name: str) -> nn.Module:
+    if name in ("digits-cnn", "digits-mlp"):
+        model = digits_teacher(name)
+        model._torchshrink_source = f"zoo:{name}"
+        model._torchshrink_input = {"shape": [1, 1, 8, 8], "dtype": "float32"}
+        return model
+    if name == "minilm":
+        from torchshrink.zoo.minilm import load_minilm
+
+        return load_minilm()
+    raise ModelLoadError(f"unknown zoo model {name!r}; known: {', '.join('zoo:' + n for n in ZOO_MODELS)}")
+
+
+__all__ = [
+    "DigitsCNN", "DigitsMLP", "ZOO_MODELS", "digits_loaders", "digits_splits", "digits_teacher",
+    "english_sentences", "load_zoo_model", "sentence_split",
+]
