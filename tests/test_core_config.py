@@ -7,21 +7,20 @@ from torchshrink.core.config import config_from_json, config_to_json, get_config
 from torchshrink.core.errors import ConfigError, UnknownKindError
 
 
-def _example_value(f):
-    return None
-
-
 def test_every_registered_config_round_trips_yaml_and_json():
     kinds = ts.known_kinds()
     assert "cast" in kinds
+    checked = 0
     for kind in kinds:
         cls = get_config_class(kind)
         required = [f for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
-        if required:
-            pytest.skip(f"{kind} needs arguments; covered by its technique's tests")
+        if required:  # needs arguments: its technique's tests round-trip it
+            continue
         cfg = cls()
+        checked += 1
         assert ts.config_from_yaml(ts.config_to_yaml(cfg)) == cfg
         assert config_from_json(config_to_json(cfg)) == cfg
+    assert checked >= 1
 
 
 def test_unknown_kind_lists_known_kinds():

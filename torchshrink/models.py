@@ -182,7 +182,9 @@ def example_inputs(model: nn.Module, batch: int | None = None, seq: int | None =
     if inp.get("kind") == "tokens":
         if seq is not None:
             shape[1] = seq
-        ids = torch.randint(1000, min(inp.get("vocab", 30000), 20000), shape, generator=g)
+        vocab = int(inp.get("vocab", 30000))
+        lo = 1000 if vocab > 2000 else 1  # skip special tokens of real vocabularies
+        ids = torch.randint(lo, min(vocab, 20000), shape, generator=g)
         return (ids, torch.ones(shape, dtype=torch.long))
     return (torch.randn(*shape, generator=g, dtype=getattr(torch, inp.get("dtype", "float32"))),)
 

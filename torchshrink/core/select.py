@@ -102,6 +102,21 @@ def _type_matches(module: nn.Module, types: Iterable[str | type]) -> bool:
     return False
 
 
+def check_names(model: nn.Module, select: Select | None) -> None:
+    """Every pattern without wildcards must name an existing module (a typo is an error)."""
+    if select is None:
+        return
+    names = {n for n, _ in model.named_modules() if n}
+    for pat in (*select.include, *select.exclude, *select.overrides):
+        if _is_exact(pat) and pat not in names:
+            close = difflib.get_close_matches(pat, sorted(names), n=3)
+            hint = f"; close names: {', '.join(close)}" if close else ""
+            raise LayerNotFoundError(
+                f"no layer named {pat!r} in {type(model).__name__}{hint} "
+                "(use `torchshrink inspect` to list layer names; globs like 'layer1.*' and 're:' patterns work)"
+            )
+
+
 def select_modules(
     model: nn.Module,
     select: Select | None,
@@ -112,15 +127,7 @@ def select_modules(
     """Return ``[(qualified_name, module)]`` chosen by ``select``, in model order."""
     select = select or Select()
     types = select.types or tuple(default_types)
-    names = {n for n, _ in model.named_modules() if n}
-    for pat in (*select.include, *select.exclude, *select.overrides):
-        if _is_exact(pat) and pat not in names:
-            close = difflib.get_close_matches(pat, sorted(names), n=3)
-            hint = f"; close names: {', '.join(close)}" if close else ""
-            raise LayerNotFoundError(
-                f"no layer named {pat!r} in {type(model).__name__}{hint} "
-                "(use `torchshrink inspect` to list layer names; globs like 'layer1.*' and 're:' patterns work)"
-            )
+    check_names(model, select)
     chosen = []
     for name, module in model.named_modules():
         if not name or not _type_matches(module, types):

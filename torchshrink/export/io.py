@@ -90,19 +90,25 @@ def _encode_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, 
             preferred[f"{mname}.{tname}" if mname else tname] = fmt
     flat: dict[str, torch.Tensor] = {}
     meta: dict[str, Any] = {}
-    seen: dict[int, str] = {}
+    seen: dict[tuple, str] = {}
+    storages: set[int] = set()
     for key, t in model.state_dict(keep_vars=False).items():
         if not isinstance(t, torch.Tensor):
             continue
-        ident = id(t)
-        if ident in seen:  # tied weights: store once
+        ident = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype)
+        if t.numel() and ident in seen:  # tied weights: store once
             meta[key] = {"format": "alias", "of": seen[ident]}
             continue
         seen[ident] = key
         fmt, parts = encode_tensor(t, preferred.get(key))
         meta[key] = {"format": fmt, "shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch.")}
         for part, pt in parts.items():
-            flat[f"{key}::{part}" if part else key] = pt.contiguous()
+            pt = pt.contiguous()
+            ptr = pt.untyped_storage().data_ptr()
+            if pt.numel() and ptr in storages:  # a view of another saved tensor: safetensors needs its own copy
+                pt = pt.clone()
+            storages.add(pt.untyped_storage().data_ptr())
+            flat[f"{key}::{part}" if part else key] = pt
     return flat, meta
 
 
@@ -239,6 +245,18 @@ def rebuild(skeleton: nn.Module, records: list[dict[str, Any]]) -> nn.Module:
     return skeleton
 
 
+def _retie(net: nn.Module, meta: dict[str, Any]) -> None:
+    """Make tied parameters one Parameter object again (assign=True wraps each key separately)."""
+    for key, info in meta.items():
+        if info.get("format") != "alias":
+            continue
+        src_mod, _, src_name = info["of"].rpartition(".")
+        dst_mod, _, dst_name = key.rpartition(".")
+        target = getattr(get_module(net, src_mod), src_name)
+        if isinstance(target, nn.Parameter):
+            setattr(get_module(net, dst_mod), dst_name, target)
+
+
 def load(directory: str | os.PathLike[str], *, model: nn.Module | None = None) -> nn.Module:
     """Rebuild a model saved by :func:`save`. ``model`` may give the architecture skeleton for
     models whose source torchshrink cannot rebuild on its own (a user's class with arguments)."""
@@ -260,6 +278,7 @@ def load(directory: str | os.PathLike[str], *, model: nn.Module | None = None) -
         raise ModelLoadError(
             f"saved weights do not fit the rebuilt model (missing: {missing[:3]}, unexpected: {unexpected[:3]})"
         )
+    _retie(net, manifest["tensors"])
     for attr in ("source", "input"):
         if manifest.get(attr) is not None:
             setattr(net, f"_torchshrink_{attr}", manifest[attr])

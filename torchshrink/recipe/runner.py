@@ -17,6 +17,7 @@ from torch import nn
 from torchshrink.core.api import apply
 from torchshrink.core.config import get_entry
 from torchshrink.core.errors import OutputExistsError
+from torchshrink.core.select import check_names
 from torchshrink.export.io import _atomic_dir, commit_dir, write_model_files
 from torchshrink.measure.counts import run_model
 from torchshrink.measure.latency import time_interleaved
@@ -112,6 +113,8 @@ def compress(
     original.eval()
     task = task or task_for(original)
     run_model(original, task.inputs)  # a wrong input fails here, before any work
+    for stage in recipe.stages:  # so does a misspelled layer name
+        check_names(original, stage.select)
     base = measure(original, task.inputs, latency=False, evaluate=lambda m: task.evaluate(m, original), name="original")
     current, prev_meas = original, base
     stages: list[StageResult] = []

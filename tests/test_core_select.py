@@ -1,0 +1,60 @@
+import pytest
+import torch
+
+from torchshrink.core.config import config_from_dict
+from torchshrink.core.errors import ConfigError, LayerNotFoundError
+from torchshrink.core.select import Select, config_for, select_modules
+from torchshrink.core.surgery import get_module, set_module
+
+
+def names(model, sel, types=("Linear", "Conv2d")):
+    return [n for n, _ in select_modules(model, sel, types)]
+
+
+def test_select_by_type_glob_regex_and_exclude(tiny):
+    assert names(tiny, None) == ["conv", "fc1", "fc2"]
+    assert names(tiny, Select(types=("Linear",))) == ["fc1", "fc2"]
+    assert names(tiny, Select(include=("fc*",))) == ["fc1", "fc2"]
+    assert names(tiny, Select(include=("re:^fc[2]$",))) == ["fc2"]
+    assert names(tiny, Select(exclude=("fc2",))) == ["conv", "fc1"]
+    assert names(tiny, Select(types=("torch.nn.modules.batchnorm.BatchNorm2d",))) == ["bn"]
+
+
+def test_exact_name_typo_is_an_error_with_close_names(tiny):
+    with pytest.raises(LayerNotFoundError, match="no layer named 'fc3'.*close names: fc[12], fc[12]"):
+        select_modules(tiny, Select(include=("fc3",)))
+
+
+def test_selection_matching_nothing_is_an_error(tiny):
+    with pytest.raises(LayerNotFoundError, match="matched no layer"):
+        select_modules(tiny, Select(types=("LSTM",)))
+    assert select_modules(tiny, Select(types=("LSTM",)), allow_empty=True) == []
+
+
+def test_overrides_apply_per_layer_and_are_validated():
+    cfg = config_from_dict({"kind": "cast", "dtype": "bfloat16"})
+    sel = Select(overrides={"fc*": {"dtype": "float16"}})
+    assert config_for("fc1", cfg, sel).dtype == "float16"
+    assert config_for("conv", cfg, sel).dtype == "bfloat16"
+    with pytest.raises(ConfigError, match="unknown field 'bits'"):
+        config_for("fc1", cfg, Select(overrides={"fc1": {"bits": 4}}))
+    with pytest.raises(ConfigError, match="'float8'"):
+        config_for("fc1", cfg, Select(overrides={"fc1": {"dtype": "float8"}}))
+
+
+def test_select_from_dict_rejects_unknown_keys_and_bad_regex():
+    with pytest.raises(ConfigError, match="unknown select field 'typez'"):
+        Select.from_dict({"typez": ["Linear"]})
+    with pytest.raises(ConfigError, match="invalid regular expression"):
+        Select(include=("re:([",))
+
+
+def test_surgery_get_and_set(tiny):
+    new = torch.nn.Linear(32, 10)
+    old = set_module(tiny, "fc2", new)
+    assert get_module(tiny, "fc2") is new and isinstance(old, torch.nn.Linear) and old is not new
+    seq = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.ReLU())
+    set_module(seq, "0", torch.nn.Identity())
+    assert isinstance(seq[0], torch.nn.Identity)
+    with pytest.raises(LayerNotFoundError, match="no layer named 'fc9'"):
+        get_module(tiny, "fc9")

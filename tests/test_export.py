@@ -1,0 +1,119 @@
+import json
+import os
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import torchshrink as ts
+from torchshrink.core.errors import ModelLoadError, OutputExistsError
+from torchshrink.export.formats import decode_tensor, encode_tensor
+
+
+def _dir_bytes(d):
+    return sum(p.stat().st_size for p in os.scandir(d))
+
+
+def test_round_trip_is_exact_for_a_cast_model(tmp_path, digits_cnn):
+    small = ts.quantize(digits_cnn, ts.config_from_dict({"kind": "cast", "dtype": "float16"}))
+    ts.save(small, tmp_path / "m")
+    back = ts.load(tmp_path / "m")
+    x = torch.randn(5, 1, 8, 8)
+    assert torch.equal(back(x), small(x))
+    assert back.features[0].inner.weight.dtype == torch.float16
+    # half the bytes of the fp32 save (BatchNorm stays fp32)
+    ts.save(digits_cnn, tmp_path / "fp32")
+    assert _dir_bytes(tmp_path / "m") < 0.6 * _dir_bytes(tmp_path / "fp32")
+
+
+def test_input_model_is_not_modified(digits_cnn):
+    before = {k: v.clone() for k, v in digits_cnn.state_dict().items()}
+    ts.quantize(digits_cnn, ts.config_from_dict({"kind": "cast", "dtype": "bfloat16"}))
+    after = digits_cnn.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert type(digits_cnn.features[0]) is torch.nn.Conv2d
+
+
+def test_sparse_tensors_are_stored_as_bitmask_and_file_follows_nonzeros(tmp_path, digits_mlp):
+    dense = digits_mlp
+    sparse = ts.load_model("zoo:digits-mlp")
+    with torch.no_grad():
+        for p in sparse.parameters():
+            if p.dim() == 2:
+                p[p.abs() < p.abs().flatten().kthvalue(int(0.9 * p.numel())).values] = 0
+    ts.save(dense, tmp_path / "d")
+    ts.save(sparse, tmp_path / "s")
+    manifest = json.loads((tmp_path / "s" / "manifest.json").read_text())
+    assert manifest["tensors"]["net.1.weight"]["format"] == "bitmask"
+    assert _dir_bytes(tmp_path / "s") < 0.2 * _dir_bytes(tmp_path / "d")
+    back = ts.load(tmp_path / "s")
+    for k, v in sparse.state_dict().items():
+        assert torch.equal(back.state_dict()[k], v), k
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(1, 300), st.floats(0.0, 1.0), st.sampled_from([torch.float32, torch.float16, torch.bfloat16]))
+def test_bitmask_round_trip_is_bit_exact(n, density, dtype):
+    g = torch.Generator().manual_seed(n)
+    t = torch.randn(n, 3, generator=g).to(dtype)
+    t[torch.rand(n, 3, generator=g) > density] = 0
+    t.view(-1)[0] = -0.0
+    fmt, parts = encode_tensor(t, "bitmask")
+    back = decode_tensor(fmt, parts, {"shape": list(t.shape)})
+    assert back.dtype == t.dtype and torch.equal(back.view(torch.int16 if dtype != torch.float32 else torch.int32),
+                                                  t.view(torch.int16 if dtype != torch.float32 else torch.int32))
+
+
+def test_changed_shapes_removed_modules_and_tied_weights_round_trip(tmp_path):
+    model = ts.load_model("tests.conftest:tiny_net")
+    model.fc1 = torch.nn.Linear(128, 16)  # a "structurally pruned" layer
+    model.fc2 = torch.nn.Linear(16, 10)
+    model.extra = torch.nn.Sequential(torch.nn.Linear(10, 10, bias=False), torch.nn.Linear(10, 10, bias=False))
+    model.extra[1].weight = model.extra[0].weight  # tied
+    ts.save(model, tmp_path / "m")
+    back = ts.load(tmp_path / "m")
+    assert back.fc1.out_features == 16 and back.extra[1].weight is back.extra[0].weight
+    x = torch.randn(2, 3, 4, 4)
+    assert torch.equal(back(x), model(x))
+    del model.extra[1]
+    ts.save(model, tmp_path / "m2")
+    assert len(ts.load(tmp_path / "m2").extra) == 1
+
+
+def test_save_refuses_existing_dir_and_leaves_no_partial_output(tmp_path, tiny):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "keep.txt").write_text("mine")
+    with pytest.raises(OutputExistsError, match="already exists"):
+        ts.save(tiny, tmp_path / "out")
+    assert (tmp_path / "out" / "keep.txt").read_text() == "mine"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_load_errors_are_clear(tmp_path, tiny):
+    with pytest.raises(ModelLoadError, match="does not exist"):
+        ts.load(tmp_path / "nope")
+    ts.save(tiny, tmp_path / "m")
+    (tmp_path / "m" / "model.safetensors").write_bytes(b"\x00garbage" * 10)
+    with pytest.raises(ModelLoadError, match="not a valid safetensors file"):
+        ts.load(tmp_path / "m")
+    (tmp_path / "m" / "manifest.json").write_text("{not json")
+    with pytest.raises(ModelLoadError, match="not valid JSON"):
+        ts.load(tmp_path / "m")
+
+
+def test_user_class_without_source_needs_the_skeleton(tmp_path):
+    class Net(torch.nn.Module):
+        def __init__(self, width):
+            super().__init__()
+            self.fc = torch.nn.Linear(4, width)
+
+        def forward(self, x):
+            return self.fc(x)
+
+    net = Net(3)
+    ts.save(net, tmp_path / "m")
+    with pytest.raises(ModelLoadError, match="pass the architecture"):
+        ts.load(tmp_path / "m")
+    back = ts.load(tmp_path / "m", model=Net(3))
+    assert torch.equal(back.fc.weight, net.fc.weight)

@@ -1,0 +1,92 @@
+import pytest
+import torch
+
+import torchshrink as ts
+from torchshrink.core.errors import InputShapeError
+from torchshrink.measure import (
+    accuracy,
+    compare,
+    compare_markdown,
+    compare_table,
+    count_macs,
+    count_nonzero,
+    count_params,
+    fidelity,
+    time_interleaved,
+)
+
+
+def test_resnet18_params_and_macs():
+    model = ts.load_model("torchvision:resnet18")
+    assert count_params(model) == 11_689_512
+    macs = count_macs(model, (torch.randn(1, 3, 224, 224),))
+    assert abs(macs / 1.82e9 - 1) < 0.01
+
+
+def test_macs_of_a_linear_layer_and_per_module():
+    net = torch.nn.Sequential(torch.nn.Linear(10, 20), torch.nn.ReLU(), torch.nn.Linear(20, 5))
+    x = torch.randn(3, 10)
+    assert count_macs(net, (x,)) == 3 * (10 * 20 + 20 * 5)
+    per = count_macs(net, (x,), per_module=True)
+    assert per["0"] == 600 and per["2"] == 300
+
+
+def test_module_with_its_own_mac_count_replaces_the_counter():
+    class Packed(torch.nn.Module):
+        def forward(self, x):
+            return x * 2  # stands for an integer GEMM the counter cannot see
+
+        def macs(self, args, out):
+            return 1234
+
+    net = torch.nn.Sequential(torch.nn.Linear(4, 4), Packed())
+    assert count_macs(net, (torch.randn(1, 4),)) == 16 + 1234
+
+
+def test_nonzero_count(tiny):
+    before = count_nonzero(tiny)
+    assert before == count_params(tiny) - 8  # BatchNorm's bias starts at zero
+    with torch.no_grad():
+        tiny.fc1.weight.zero_()
+    assert count_nonzero(tiny) == before - tiny.fc1.weight.numel()
+
+
+def test_latency_harness_two_copies_give_ratio_near_one():
+    torch.manual_seed(0)
+    a = torch.nn.Sequential(torch.nn.Linear(512, 512), torch.nn.ReLU(), torch.nn.Linear(512, 512)).eval()
+    import copy
+
+    b = copy.deepcopy(a)
+    t = time_interleaved({"a": a, "b": b}, (torch.randn(64, 512),), n_threads=1, warmup=20, runs=200)
+    ratio = t["b"].p50_ms / t["a"].p50_ms
+    assert 0.95 <= ratio <= 1.05, ratio
+    assert t["a"].runs == 200 and t["a"].threads == 1 and t["a"].p90_ms >= t["a"].p50_ms
+
+
+def test_measure_and_compare(tiny):
+    x = torch.randn(2, 3, 4, 4)
+    m1 = ts.measure(tiny, x, runs=5, warmup=1)
+    assert m1.params == count_params(tiny) and m1.file_bytes > 4 * m1.params and m1.macs > 0
+    small = ts.quantize(tiny, ts.config_from_dict({"kind": "cast", "dtype": "float16"}))
+    m2 = ts.measure(small, x, runs=5, warmup=1)
+    rows = compare(m1, m2)
+    assert rows["params"]["ratio"] == 1.0
+    assert 0.45 < rows["file_bytes"]["ratio"] < 0.75  # the manifest is a fixed cost on a tiny net
+    assert "file_bytes" in compare_markdown(rows)
+    assert compare_table(rows).row_count == len(rows)
+
+
+def test_wrong_input_shape_is_one_clear_error(tiny):
+    with pytest.raises(InputShapeError, match=r"TinyNet cannot run on input \(2, 5, 4, 4\):float32"):
+        ts.measure(tiny, torch.randn(2, 5, 4, 4))
+
+
+def test_accuracy_and_fidelity(tiny):
+    x = torch.randn(8, 3, 4, 4)
+    y = tiny(x).argmax(-1)
+    assert accuracy(tiny, [(x, y)]) == 1.0
+    assert accuracy(tiny, [(x, (y + 1) % 10)]) == 0.0
+    f = fidelity(tiny, tiny, (x,))
+    assert f["cosine_mean"] == pytest.approx(1.0, abs=1e-6) and f["max_abs_diff"] == 0.0
+    k = fidelity(tiny, tiny, [(x,)], metric="kl")
+    assert k["kl_mean"] == pytest.approx(0.0, abs=1e-6)

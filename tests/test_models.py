@@ -1,0 +1,63 @@
+import pytest
+import torch
+
+import torchshrink as ts
+from torchshrink.core.errors import ModelLoadError
+from torchshrink.models import example_inputs, parse_shape
+
+
+def test_specs_build_models(tmp_path):
+    m = ts.load_model("tests.conftest:tiny_net")
+    assert m._torchshrink_source == "tests.conftest:tiny_net"
+    torch.save(m.state_dict(), tmp_path / "w.pt")
+    import safetensors.torch
+
+    safetensors.torch.save_file(m.state_dict(), str(tmp_path / "w.safetensors"))
+    for weights in ("w.pt", "w.safetensors"):
+        again = ts.load_model(f"tests.conftest:tiny_net@{tmp_path / weights}")
+        assert all(torch.equal(a, b) for a, b in zip(again.state_dict().values(), m.state_dict().values(), strict=True))
+    ep = torch.export.export(m, example_inputs(m))
+    torch.export.save(ep, str(tmp_path / "m.pt2"))
+    x = torch.randn(2, 3, 4, 4)
+    assert torch.allclose(ts.load_model(str(tmp_path / "m.pt2"))(x), m(x))
+
+
+def test_hf_folder_loads_without_network(tmp_path):
+    from transformers import BertConfig, BertModel
+
+    cfg = BertConfig(vocab_size=100, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)
+    BertModel(cfg).save_pretrained(tmp_path / "bert")
+    m = ts.load_model(str(tmp_path / "bert"))
+    assert m.config.hidden_size == 16
+    ids, mask = example_inputs(m, batch=2, seq=8)
+    assert ids.shape == (2, 8) and int(ids.max()) < 100
+
+
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ("torchvision:resnet1800", "unknown torchvision model 'resnet1800'"),
+        ("zoo:nothing", "unknown zoo model 'nothing'; known: zoo:digits-cnn"),
+        ("no_such_pkg.mod:factory", "cannot import 'no_such_pkg.mod'"),
+        ("./missing_folder", "no such file or folder"),
+        ("weights.safetensors", "holds weights only"),
+        ("gibberish", "cannot understand model spec 'gibberish'"),
+    ],
+)
+def test_bad_specs_give_one_clear_line(spec, message):
+    with pytest.raises(ModelLoadError, match=message.replace("(", r"\(")) as e:
+        ts.load_model(spec)
+    assert "\n" not in str(e.value)
+
+
+def test_pickled_module_is_refused(tmp_path):
+    m = ts.load_model("tests.conftest:tiny_net")
+    torch.save(m, tmp_path / "whole.pt")  # a full pickle, not a state dict
+    with pytest.raises(ModelLoadError, match="weights_only=True"):
+        ts.load_model(f"tests.conftest:tiny_net@{tmp_path / 'whole.pt'}")
+
+
+def test_parse_shape():
+    assert parse_shape("1,3,224,224") == [1, 3, 224, 224]
+    with pytest.raises(ModelLoadError, match="write it like 1,3,224,224"):
+        parse_shape("1,three")

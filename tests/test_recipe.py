@@ -1,0 +1,71 @@
+import json
+
+import pytest
+import torch
+
+from torchshrink.core.errors import ConfigError, OutputExistsError
+from torchshrink.recipe import Finetune, compress, finetune, load_recipe, recipe_from_yaml
+from torchshrink.recipe.task import generic_task
+
+GOOD = """\
+name: two-stage
+stages:
+  - kind: cast
+    dtype: float16
+    select: {types: [Linear]}
+  - kind: cast
+    dtype: bfloat16
+    select: {include: ["conv"]}
+"""
+
+
+def test_recipe_parses_and_round_trips():
+    r = recipe_from_yaml(GOOD)
+    assert r.name == "two-stage" and len(r.stages) == 2
+    assert r.stages[0].select.types == ("Linear",)
+    again = recipe_from_yaml(r.to_yaml())
+    assert again == r
+
+
+def test_recipe_errors_name_the_line_and_allowed_values():
+    bad_kind = GOOD.replace("kind: cast\n    dtype: bfloat16", "kind: kast\n    dtype: bfloat16")
+    with pytest.raises(ConfigError, match=r"line 6 \(stage 2\): unknown kind 'kast' \(did you mean 'cast'\?\); known kinds:"):
+        recipe_from_yaml(bad_kind)
+    bad_field = GOOD.replace("dtype: float16", "dtpe: float16")
+    with pytest.raises(ConfigError, match=r"line 3 \(stage 1\): unknown field 'dtpe'.*allowed fields: dtype"):
+        recipe_from_yaml(bad_field)
+    with pytest.raises(ConfigError, match="unknown finetune field 'epoch'"):
+        recipe_from_yaml("stages:\n  - kind: cast\n    finetune: {epoch: 2}\n")
+    with pytest.raises(ConfigError, match="non-empty list `stages:`"):
+        recipe_from_yaml("name: x\n")
+    with pytest.raises(ConfigError, match="no recipe file 'nope.yaml'.*built-in: .*demo"):
+        load_recipe("nope.yaml")
+
+
+def test_finetune_loop_lowers_the_loss(tiny):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 3, 4, 4, generator=g)
+    y = torch.randint(0, 10, (64,), generator=g)
+    data = [(x[i:i + 16], y[i:i + 16]) for i in range(0, 64, 16)]
+    steps = []
+    hist = finetune(tiny, data, Finetune(epochs=15, lr=1e-2), on_step=lambda m, s, t: steps.append((s, t)))
+    assert hist[-1]["loss"] < 0.5 * hist[0]["loss"]
+    assert steps[0] == (0, 60) and steps[-1] == (60, 60)
+    assert not tiny.training
+
+
+def test_runner_writes_outputs_and_refuses_existing(tmp_path, tiny):
+    recipe = recipe_from_yaml(GOOD)
+    task = generic_task(tiny)
+    res = compress(tiny, recipe, tmp_path / "run", task=task)
+    files = sorted(p.name for p in (tmp_path / "run").iterdir())
+    assert files == ["model", "recipe.yaml", "report.json", "report.md"]
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    assert len(report["stages"]) == 2 and report["summary"]["file_bytes"]["ratio"] < 0.8
+    assert report["final"]["quality"]["cosine_mean"] > 0.99
+    assert "| file_bytes |" in (tmp_path / "run" / "report.md").read_text()
+    assert res.final.latency is not None and res.original.latency is not None
+    with pytest.raises(OutputExistsError, match="pass --force"):
+        compress(tiny, recipe, tmp_path / "run", task=task)
+    compress(tiny, recipe, tmp_path / "run", task=task, force=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]  # no temp folders left behind
