@@ -120,25 +120,39 @@ def inspect(
 @_friendly
 def compress(
     model: str = typer.Option(..., "--model", "-m", help="model spec"),
-    recipe: str = typer.Option(..., "--recipe", "-r", help="recipe YAML file or built-in name"),
+    recipe: str = typer.Option(None, "--recipe", "-r", help="recipe YAML file or built-in name (not needed with --resume)"),
     out_dir: Path = typer.Option(..., "--out", "-o", help="output folder (must not exist unless --force)"),
     force: bool = typer.Option(False, "--force", help="replace an existing output folder"),
+    resume: bool = typer.Option(False, "--resume", help="continue an interrupted run from its last finished stage"),
     threads: int = typer.Option(None, "--threads", help="torch threads for timing"),
+    seed: int = typer.Option(0, "--seed", help="seed for every stage's randomness"),
 ) -> None:
-    """Run a recipe and write the compressed model, the recipe and a report into --out."""
+    """Run a recipe and write the compressed model, stage checkpoints, the recipe and a report into --out."""
+    from torchshrink.core.errors import ConfigError
     from torchshrink.measure.report import compare_table
-    from torchshrink.recipe import compress as run, load_recipe
+    from torchshrink.recipe import compress as run
+    from torchshrink.recipe import load_recipe
 
-    rec = load_recipe(recipe)
-    if out_dir.exists() and not force:
-        from torchshrink.core.errors import OutputExistsError
-
-        raise OutputExistsError(f"output folder {out_dir} already exists; pass --force to replace it")
+    if recipe is None and not resume:
+        raise ConfigError("--recipe is required (a YAML file or a built-in name) unless --resume is given")
+    rec = load_recipe(recipe) if recipe else None
     bar, update = _progress()
     with bar:
-        result = run(model, rec, out_dir, force=force, threads=threads, progress=update)
-    out.print(compare_table(result.summary, title=f"{rec.name} on {model}: original -> compressed"))
-    out.print(f"{result.timing_note}\nwrote {out_dir}/ (model/, recipe.yaml, report.md, report.json)")
+        result = run(model, rec, out_dir, force=force, resume=resume, threads=threads, progress=update, seed=seed)
+    name = rec.name if rec else "resumed run"
+    out.print(compare_table(result.summary, title=f"{name} on {model}: original -> compressed"))
+    if result.resumed_from:
+        out.print(f"resumed after stage {result.resumed_from}")
+    out.print(f"{result.timing_note}\nwrote {out_dir}/ (model/, stages/, recipe.yaml, report.md, report.html, report.json)")
+
+
+@app.command()
+@_friendly
+def report(directory: Path = typer.Argument(..., help="output folder of `torchshrink compress`")) -> None:
+    """Regenerate report.md and report.html from a run's report.json."""
+    from torchshrink.recipe.report import regenerate
+
+    out.print(f"wrote {regenerate(directory)}")
 
 
 @app.command()
@@ -149,7 +163,7 @@ def demo(
     model: str = typer.Option("zoo:digits-cnn", "--model", "-m", help="model spec"),
 ) -> None:
     """Train (or load) the digits CNN teacher, compress it with a built-in recipe, print the table."""
-    compress(model=model, recipe=recipe, out_dir=out_dir, force=True, threads=None)
+    compress(model=model, recipe=recipe, out_dir=out_dir, force=True, resume=False, threads=None, seed=0)
 
 
 def main() -> None:

@@ -8,3 +8,4 @@ import torchshrink.prune  # noqa: F401
 import torchshrink.lowrank  # noqa: F401
 import torchshrink.binary  # noqa: F401
 import torchshrink.distill  # noqa: F401
+import torchshrink.cluster  # noqa: F401

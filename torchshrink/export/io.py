@@ -134,7 +134,7 @@ def write_model_files(model: nn.Module, directory: Path, recipe: Any = None) -> 
     flat, meta = _encode_state(model)
     safetensors.torch.save_file(flat, str(directory / WEIGHTS), metadata={"format": "torchshrink"})
     manifest = build_manifest(model, meta, recipe)
-    (directory / MANIFEST).write_text(json.dumps(manifest, indent=1, default=str))
+    (directory / MANIFEST).write_text(json.dumps(manifest, separators=(",", ":"), default=str))
 
 
 def save(model: nn.Module, directory: str | os.PathLike[str], *, recipe: Any = None, force: bool = False) -> Path:

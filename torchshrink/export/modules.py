@@ -73,13 +73,33 @@ for _cls, _fn in [
     _BUILDERS[type_name(_cls)] = (_cls, _fn)
 
 
+def _hf_conv1d() -> type[nn.Module]:
+    from transformers.pytorch_utils import Conv1D
+
+    return Conv1D
+
+
+# Types from optional libraries, registered on first use so importing torchshrink stays light.
+_LAZY: dict[str, tuple[Callable[[], type[nn.Module]], Callable[[nn.Module], dict[str, Any]]]] = {
+    "transformers.pytorch_utils.Conv1D": (_hf_conv1d, _attrs("nf", "nx")),
+}
+
+
+def _lazy_entry(tname: str) -> None:
+    if tname in _LAZY and tname not in _BUILDERS:
+        get_cls, get_args = _LAZY[tname]
+        _BUILDERS[tname] = (get_cls(), get_args)
+
+
 def init_args(module: nn.Module) -> dict[str, Any] | None:
     """Constructor arguments for a rebuildable module, or None if torchshrink can't rebuild it."""
+    _lazy_entry(type_name(module))
     entry = _BUILDERS.get(type_name(module))
     return entry[1](module) if entry else None
 
 
 def build_module(tname: str, args: dict[str, Any]) -> nn.Module:
+    _lazy_entry(tname)
     entry = _BUILDERS.get(tname)
     if entry is None:
         # a registered technique module whose package was not imported yet

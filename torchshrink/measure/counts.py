@@ -30,7 +30,7 @@ def count_params(model: nn.Module) -> int:
         if hasattr(m, "logical_params") and id(m) not in handled:
             total += m.logical_params()
             handled.update(id(x) for x in m.modules())
-    for name, m in model.named_modules():
+    for m in model.modules():
         if id(m) in handled:
             continue
         total += sum(p.numel() for p in m.parameters(recurse=False))

@@ -66,7 +66,7 @@ def time_interleaved(
     runs: int = 30,
     min_seconds: float = 0.0,
 ) -> dict[str, Timing]:
-    """Time each candidate A B C A B C ... in one process after warm-up; returns a Timing each.
+    """Time each candidate interleaved (A B, B A, A B, ...) in one process after warm-up.
 
     Candidates are modules (called on ``inputs``) or zero-argument callables. Interleaving makes
     the ratio of medians robust to the machine's load drifting during the run.
@@ -79,8 +79,10 @@ def time_interleaved(
                 f()
         start = time.perf_counter()
         i = 0
+        order = list(calls.items())
         while i < runs or (time.perf_counter() - start) < min_seconds:
-            for k, f in calls.items():
+            # alternate the order (A B, B A, ...) so no candidate always runs right after another
+            for k, f in order if i % 2 == 0 else order[::-1]:
                 t0 = time.perf_counter()
                 f()
                 samples[k].append(time.perf_counter() - t0)

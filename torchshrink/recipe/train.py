@@ -10,11 +10,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from torchshrink.core.errors import DataError
+from torchshrink.core.errors import DataError, TorchshrinkError
 from torchshrink.measure.quality import iter_batches, main_output
 from torchshrink.recipe.recipe import Finetune
 
 log = logging.getLogger(__name__)
+
+
+class TrainingError(TorchshrinkError):
+    """Fine-tuning failed (e.g. the loss became NaN)."""
 
 # loss(student, inputs, labels) -> scalar
 LossFn = Callable[[nn.Module, tuple[torch.Tensor, ...], torch.Tensor | None], torch.Tensor]
@@ -93,6 +97,11 @@ def finetune(
             if on_step is not None:
                 on_step(model, step, total)
             loss = loss_fn(model, inputs, labels)
+            if not torch.isfinite(loss):
+                raise TrainingError(
+                    f"fine-tuning diverged at step {step} (loss {float(loss)}); lower finetune.lr "
+                    f"(now {settings.lr}) or avoid training float16 weights with Adam"
+                )
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

@@ -1,0 +1,270 @@
+"""XNOR + popcount GEMM for fully binary Linear and Conv2d layers.
+
+Two backends compute the same integers:
+
+- ``c``: ``_xnor.c`` (our own source), compiled with the system C compiler on first use into the
+  torchshrink cache (``-O3 -march=native``; AVX2 nibble-lookup popcount when the CPU has it) and
+  called through ctypes. Set ``TORCHSHRINK_BINARY_BACKEND=numpy`` to skip it.
+- ``numpy``: ``np.packbits`` + ``np.bitwise_count`` on uint64 words, chunked. Always available;
+  used when no compiler is found or the build fails (logged once).
+
+``benchmarks/binary.py`` times both against fp32 torch; the C backend is the default because it
+measured faster (see benchmarks/results/binary.md).
+
+A packed operand is a ``[rows, words]`` int64 tensor (uint64 bit patterns): bit ``j`` of word ``w``
+is column ``64 w + j``, 1 for +1 (value >= 0). Padding bits are 0 in both operands, so
+``dot = k - 2 * popcount(a ^ b)`` over the ``k`` real columns is exact.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from torchshrink.core.errors import ConfigError
+
+log = logging.getLogger(__name__)
+_SRC = Path(__file__).with_name("_xnor.c")
+_LIB: ctypes.CDLL | None = None
+_LIB_TRIED = False
+BACKENDS = ("auto", "c", "numpy")
+
+
+def words_for(k: int) -> int:
+    return (k + 63) // 64
+
+
+# --------------------------------------------------------------------------- building the C piece
+
+
+def _cpu_flags() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.machine()
+
+
+def _lib_path() -> Path:
+    from torchshrink.zoo.digits import cache_dir
+
+    key = hashlib.sha256(_SRC.read_bytes() + _cpu_flags().encode()).hexdigest()[:16]
+    return cache_dir() / "binary-kernels" / f"xnor-{key}.so"
+
+
+def build_library(force: bool = False) -> Path | None:
+    """Compile ``_xnor.c`` into the cache (once per source + CPU); None when no compiler works."""
+    if not _SRC.is_file():
+        log.warning("%s is missing from this install; binary layers use the numpy kernel", _SRC.name)
+        return None
+    path = _lib_path()
+    if path.is_file() and not force:
+        return path
+    cc = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc") or shutil.which("clang")
+    if cc is None:
+        log.warning("no C compiler found; binary layers use the numpy kernel (slower)")
+        return None
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".so")
+    os.close(fd)
+    cmd = [cc, "-O3", "-march=native", "-shared", "-fPIC", "-std=c99", str(_SRC), "-o", tmp]
+    try:
+        res = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+        if res.returncode != 0:
+            log.warning("building the XNOR kernel failed (%s); using numpy: %s", " ".join(cmd), res.stderr[-500:])
+            return None
+        os.replace(tmp, path)
+        return path
+    except (OSError, subprocess.SubprocessError) as e:
+        log.warning("building the XNOR kernel failed (%s); using numpy", e)
+        return None
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _load() -> ctypes.CDLL | None:
+    global _LIB, _LIB_TRIED
+    if _LIB_TRIED:
+        return _LIB
+    _LIB_TRIED = True
+    path = build_library()
+    if path is None:
+        return None
+    try:
+        lib = ctypes.CDLL(str(path))
+    except OSError as e:
+        log.warning("cannot load %s (%s); using numpy", path, e)
+        return None
+    vp, i64 = ctypes.c_void_p, ctypes.c_int64
+    lib.ts_pack_signs.argtypes = [vp, i64, i64, i64, vp, i64]
+    lib.ts_pack_signs.restype = None
+    lib.ts_xnor_gemm.argtypes = [vp, vp, vp, i64, i64, i64, i64, ctypes.c_int]
+    lib.ts_xnor_gemm.restype = None
+    lib.ts_has_avx2.restype = ctypes.c_int
+    _LIB = lib
+    return lib
+
+
+def check_backend_name(backend: str) -> None:
+    if backend not in BACKENDS:
+        raise ConfigError(f"binary kernel backend={backend!r}; allowed: {', '.join(BACKENDS)}")
+
+
+def resolve_backend(backend: str = "auto") -> str:
+    """The backend that will run: ``c`` when asked for (or auto) and it built, else ``numpy``."""
+    check_backend_name(backend)
+    if backend == "auto":
+        backend = os.environ.get("TORCHSHRINK_BINARY_BACKEND", "auto")
+        if backend not in BACKENDS:
+            raise ConfigError(f"TORCHSHRINK_BINARY_BACKEND={backend!r}; allowed: {', '.join(BACKENDS)}")
+    if backend == "numpy":
+        return "numpy"
+    lib = _load()
+    if lib is None:
+        if backend == "c":
+            raise ConfigError("the C XNOR kernel is not available on this machine (no working C compiler); use backend='numpy'")
+        return "numpy"
+    return "c"
+
+
+def describe_backend() -> str:
+    b = resolve_backend()
+    if b == "c":
+        simd = "AVX2 popcount" if _LIB is not None and _LIB.ts_has_avx2() else "scalar popcnt"
+        return f"c ({simd})"
+    return "numpy (np.bitwise_count)"
+
+
+# --------------------------------------------------------------------------- primitives
+
+
+def pack_signs(x: torch.Tensor, backend: str = "auto") -> torch.Tensor:
+    """``[rows, k]`` float -> ``[rows, words]`` int64 of sign bits (1 where x >= 0), padding bits 0."""
+    if x.dim() != 2:
+        raise ValueError(f"pack_signs expects a 2-d tensor, got shape {tuple(x.shape)}")
+    x = x.detach().to(torch.float32).contiguous()
+    rows, k = x.shape
+    words = words_for(k)
+    if resolve_backend(backend) == "c":
+        out = torch.empty(rows, words, dtype=torch.int64)
+        _LIB.ts_pack_signs(x.data_ptr(), rows, k, k, out.data_ptr(), words)  # type: ignore[union-attr]
+        return out
+    bits = (x >= 0).numpy()
+    if k != words * 64:
+        bits = np.pad(bits, ((0, 0), (0, words * 64 - k)))
+    packed = np.packbits(bits, axis=1, bitorder="little")
+    return torch.from_numpy(np.ascontiguousarray(packed).view(np.int64).reshape(rows, words))
+
+
+def xnor_gemm(a: torch.Tensor, b: torch.Tensor, k: int, backend: str = "auto") -> torch.Tensor:
+    """``[M, words]`` x ``[N, words]`` packed signs -> ``[M, N]`` int32 dot products over ``k`` columns."""
+    if a.dtype != torch.int64 or b.dtype != torch.int64 or a.shape[1] != b.shape[1]:
+        raise ValueError(f"xnor_gemm needs int64 [M, W] and [N, W] operands, got {tuple(a.shape)} and {tuple(b.shape)}")
+    a, b = a.contiguous(), b.contiguous()
+    m, n, words = a.shape[0], b.shape[0], a.shape[1]
+    if resolve_backend(backend) == "c":
+        out = torch.empty(m, n, dtype=torch.int32)
+        _LIB.ts_xnor_gemm(a.data_ptr(), b.data_ptr(), out.data_ptr(), m, n, words, k, 1)  # type: ignore[union-attr]
+        return out
+    an, bn = a.numpy().view(np.uint64), b.numpy().view(np.uint64)
+    out_np = np.empty((m, n), dtype=np.int32)
+    chunk = max(1, (1 << 20) // max(1, n * words))  # ~8 MB of uint64 temporaries per chunk
+    for s in range(0, m, chunk):
+        pc = np.bitwise_count(an[s:s + chunk, None, :] ^ bn[None, :, :]).sum(-1, dtype=np.int32)
+        out_np[s:s + chunk] = k - 2 * pc
+    return torch.from_numpy(out_np)
+
+
+# --------------------------------------------------------------------------- layers
+
+
+def pack_linear_weight(w_sign: torch.Tensor, backend: str = "auto") -> torch.Tensor:
+    """``[out, in]`` +-1 weight -> ``[out, words]`` kernel operand."""
+    return pack_signs(w_sign, backend)
+
+
+def binary_linear(x: torch.Tensor, w_packed: torch.Tensor, in_features: int, backend: str = "auto") -> torch.Tensor:
+    """Integer ``sign(x) @ sign(W).T`` for ``x`` of shape ``[..., in]`` -> ``[..., out]`` int32."""
+    lead = x.shape[:-1]
+    a = pack_signs(x.reshape(-1, in_features), backend)
+    return xnor_gemm(a, w_packed, in_features, backend).reshape(*lead, w_packed.shape[0])
+
+
+def pack_conv_weight(w_sign: torch.Tensor, backend: str = "auto") -> torch.Tensor:
+    """``[out, C, kh, kw]`` +-1 weight -> ``[out, kh*kw*Cw]`` kernel operand (pixel-major, channels packed)."""
+    n, c, kh, kw = w_sign.shape
+    pix = w_sign.permute(0, 2, 3, 1).reshape(n * kh * kw, c)
+    return pack_signs(pix, backend).reshape(n, kh * kw * words_for(c))
+
+
+def _pair(v: int | tuple[int, ...]) -> tuple[int, int]:
+    return (v, v) if isinstance(v, int) else (int(v[0]), int(v[1]))
+
+
+def padding_correction(
+    w_sign: torch.Tensor, h: int, w: int, stride: tuple[int, int], padding: tuple[int, int], dilation: tuple[int, int]
+) -> torch.Tensor:
+    """``[Ho*Wo, out]`` int32: what the padding pixels add when they are packed as +1 instead of 0.
+
+    The kernel packs zero padding as +1 bits; subtracting this (the conv of the padding ring with
+    sign(W)) gives the zero-padded result exactly.
+    """
+    c = w_sign.shape[1]
+    ring = torch.ones(1, c, h + 2 * padding[0], w + 2 * padding[1])
+    ring[:, :, padding[0]:padding[0] + h, padding[1]:padding[1] + w] = 0
+    corr = F.conv2d(ring, w_sign.float(), stride=stride, dilation=dilation)
+    return corr[0].permute(1, 2, 0).reshape(-1, w_sign.shape[0]).round().to(torch.int32)
+
+
+def binary_conv2d(
+    x: torch.Tensor,
+    w_packed: torch.Tensor,
+    in_channels: int,
+    kernel_size: tuple[int, int],
+    stride: tuple[int, int] = (1, 1),
+    padding: tuple[int, int] = (0, 0),
+    dilation: tuple[int, int] = (1, 1),
+    correction: torch.Tensor | None = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Integer ``conv2d(sign(x), sign(W))`` with zero padding, groups=1 -> ``[B, out, Ho, Wo]`` int32.
+
+    im2col on packed words: each pixel's channels are packed once, then the ``kh*kw`` word groups
+    of every output position are gathered (a strided view, copied) and fed to :func:`xnor_gemm`.
+    ``correction`` is :func:`padding_correction` for this input size (required when padding > 0).
+    """
+    bsz, c, h, w = x.shape
+    kh, kw = kernel_size
+    (sh, sw), (ph, pw), (dh, dw) = stride, padding, dilation
+    cw = words_for(c)
+    nhwc = x.permute(0, 2, 3, 1)
+    if ph or pw:
+        nhwc = F.pad(nhwc, (0, 0, pw, pw, ph, ph), value=1.0)
+    hp, wp = h + 2 * ph, w + 2 * pw
+    ho, wo = (hp - dh * (kh - 1) - 1) // sh + 1, (wp - dw * (kw - 1) - 1) // sw + 1
+    words = pack_signs(nhwc.reshape(-1, c), backend).reshape(bsz, hp, wp, cw)
+    s = words.stride()
+    cols = words.as_strided(
+        (bsz, ho, wo, kh, kw, cw), (s[0], s[1] * sh, s[2] * sw, s[1] * dh, s[2] * dw, s[3])
+    ).reshape(bsz * ho * wo, kh * kw * cw)
+    out = xnor_gemm(cols, w_packed, c * kh * kw, backend).reshape(bsz, ho * wo, -1)
+    if ph or pw:
+        if correction is None:
+            raise ValueError("binary_conv2d with padding needs the padding correction for this input size")
+        out = out - correction.unsqueeze(0)
+    return out.reshape(bsz, ho, wo, -1).permute(0, 3, 1, 2)

@@ -1,0 +1,165 @@
+"""Weight sharing by k-means (Deep Compression, Han et al. 2016): each selected layer's weights
+are replaced by ``2**bits`` shared centroids and a code per weight. Pruned zeros stay exactly zero
+(code 0 is pinned to 0.0). Centroids are trainable: the gather's backward sums the gradients of
+all weights in a cluster, which is the paper's centroid fine-tuning. Codes are saved entropy-coded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from torchshrink.core.config import Config, check_range, register
+from torchshrink.core.select import Select, config_for, select_modules
+from torchshrink.core.surgery import set_module
+from torchshrink.export.modules import register_module
+
+
+def kmeans_1d(values: torch.Tensor, k: int, *, init: str = "linear", iters: int = 30, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Lloyd's k-means on scalars. Returns (centroids[k], assignment per value).
+
+    ``linear`` initialization spreads centroids evenly over [min, max], which the paper found best
+    because it keeps the rare large weights represented; ``density`` uses quantiles; ``random``
+    samples values.
+    """
+    v = values.detach().double().reshape(-1)
+    k = max(1, min(k, v.numel()))
+    if init == "linear":
+        c = torch.linspace(float(v.min()), float(v.max()), k, dtype=torch.float64)
+    elif init == "density":
+        c = torch.quantile(v, torch.linspace(0, 1, k, dtype=torch.float64))
+    else:
+        g = torch.Generator().manual_seed(seed)
+        c = v[torch.randperm(v.numel(), generator=g)[:k]].clone()
+    for _ in range(iters):
+        idx = torch.bucketize(v, (c[1:] + c[:-1]) / 2) if k > 1 else torch.zeros_like(v, dtype=torch.long)
+        sums = torch.zeros(k, dtype=torch.float64).index_add_(0, idx, v)
+        counts = torch.zeros(k, dtype=torch.float64).index_add_(0, idx, torch.ones_like(v))
+        new = torch.where(counts > 0, sums / counts.clamp_min(1), c)
+        new, _ = torch.sort(new)
+        if torch.allclose(new, c):
+            c = new
+            break
+        c = new
+    idx = torch.bucketize(v, (c[1:] + c[:-1]) / 2) if k > 1 else torch.zeros_like(v, dtype=torch.long)
+    return c.float(), idx
+
+
+@register_module
+class ClusteredLayer(nn.Module):
+    """A Linear or Conv2d whose weight is ``centroids[codes]``; code 0 means an exact zero."""
+
+    def __init__(self, op: str = "linear", shape: tuple[int, ...] = (1, 1), k: int = 2, has_bias: bool = True,
+                 conv: dict[str, Any] | None = None, bits: int = 1) -> None:
+        super().__init__()
+        self.op, self.shape, self.k, self.bits = op, tuple(shape), int(k), int(bits)
+        self.conv = dict(conv or {})
+        self.centroids = nn.Parameter(torch.zeros(self.k))
+        self.register_buffer("codes", torch.zeros(self.shape, dtype=torch.uint8 if self.k <= 256 else torch.int16))
+        self.register_buffer("live", torch.ones(self.k))  # 0 for the pinned zero centroid
+        self.bias = nn.Parameter(torch.zeros(self.shape[0])) if has_bias else None
+        self._torchshrink_formats = {"codes": "entropy"}
+        self._cache: torch.Tensor | None = None
+
+    def init_args(self) -> dict[str, Any]:
+        return {"op": self.op, "shape": list(self.shape), "k": self.k, "has_bias": self.bias is not None,
+                "conv": self.conv, "bits": self.bits}
+
+    @classmethod
+    def from_layer(cls, layer: nn.Module, bits: int, init: str, keep_zeros: bool, iters: int) -> ClusteredLayer:
+        w = layer.weight.detach()
+        op = "linear" if isinstance(layer, nn.Linear) else "conv2d"
+        conv = {} if op == "linear" else {"stride": list(layer.stride), "padding": list(layer.padding),
+                                         "dilation": list(layer.dilation), "groups": layer.groups}
+        k = 2 ** bits
+        m = cls(op, tuple(w.shape), k, layer.bias is not None, conv, bits)
+        flat = w.reshape(-1)
+        zero = flat == 0
+        codes = torch.zeros(flat.numel(), dtype=torch.long)
+        cents = torch.zeros(k)
+        if keep_zeros and bool(zero.any()):
+            c, idx = kmeans_1d(flat[~zero], k - 1, init=init, iters=iters)
+            cents[1:1 + c.numel()] = c
+            codes[~zero] = idx + 1
+            m.live[0] = 0.0
+        else:
+            c, idx = kmeans_1d(flat, k, init=init, iters=iters)
+            cents[: c.numel()] = c
+            codes = idx
+        with torch.no_grad():
+            m.centroids.copy_(cents)
+            m.codes.copy_(codes.reshape(w.shape).to(m.codes.dtype))
+            if layer.bias is not None:
+                m.bias.copy_(layer.bias.detach())
+        return m
+
+    def weight_tensor(self) -> torch.Tensor:
+        return (self.centroids * self.live)[self.codes.long()]
+
+    def train(self, mode: bool = True) -> ClusteredLayer:
+        self._cache = None
+        return super().train(mode)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training or torch.is_grad_enabled():
+            w = self.weight_tensor()
+        else:  # inference: decode the shared weights once
+            if self._cache is None:
+                self._cache = self.weight_tensor().detach()
+            w = self._cache
+        if self.op == "linear":
+            return F.linear(x, w, self.bias)
+        c = self.conv
+        return F.conv2d(x, w, self.bias, tuple(c["stride"]), tuple(c["padding"]), tuple(c["dilation"]), c["groups"])
+
+    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
+        self._cache = None
+        super()._load_from_state_dict(*args, **kwargs)
+
+    def logical_params(self) -> int:
+        return int(self.codes.numel()) + (self.bias.numel() if self.bias is not None else 0)
+
+    def logical_nonzero(self) -> int:
+        w = self.weight_tensor().detach()
+        return int(torch.count_nonzero(w)) + (int(torch.count_nonzero(self.bias)) if self.bias is not None else 0)
+
+
+def apply_kmeans(model: nn.Module, config: KMeansConfig, *, select: Select | None = None, data: Any = None, **_: Any) -> nn.Module:
+    chosen = select_modules(model, select, ("Linear", "Conv2d"))
+    for name, layer in chosen:
+        cfg = config_for(name, config, select)
+        bits = cfg.bits if isinstance(layer, nn.Linear) else (cfg.conv_bits or cfg.bits)
+        set_module(model, name, ClusteredLayer.from_layer(layer, bits, cfg.init, cfg.keep_zeros, cfg.iters))
+    return model
+
+
+def finalize_kmeans(model: nn.Module, config: KMeansConfig) -> nn.Module:
+    for m in model.modules():
+        if isinstance(m, ClusteredLayer):
+            m._cache = None
+    return model
+
+
+@register(apply_kmeans, finalize=finalize_kmeans)
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class KMeansConfig(Config):
+    """k-means weight sharing: ``bits`` per code for Linear (Deep Compression used 5 for FC layers),
+    ``conv_bits`` for Conv2d (8 in the paper; default: same as ``bits``)."""
+
+    kind = "kmeans"
+    family = "quantize"
+    bits: int = 5
+    conv_bits: int | None = None
+    init: Literal["linear", "density", "random"] = "linear"
+    keep_zeros: bool = True
+    iters: int = 30
+
+    def validate(self) -> None:
+        check_range("kmeans.bits", self.bits, 1, 8)
+        if self.conv_bits is not None:
+            check_range("kmeans.conv_bits", self.conv_bits, 1, 8)
+        check_range("kmeans.iters", self.iters, 1, 1000)

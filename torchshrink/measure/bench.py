@@ -1,0 +1,69 @@
+"""Shared plumbing for benchmark scripts: targets with PASS/FAIL, results as JSON + Markdown with
+the machine at the top, and ``--check`` exiting non-zero on a FAIL (see BENCHMARKING.md)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from torchshrink.measure.machine import machine_info, machine_markdown
+
+
+@dataclasses.dataclass
+class Target:
+    name: str
+    value: float | None
+    op: str  # ">=" or "<=" or "=="
+    bound: float
+    unit: str = ""
+    note: str = ""
+
+    @property
+    def passed(self) -> bool:
+        if self.value is None:
+            return False
+        if self.op == ">=":
+            return self.value >= self.bound
+        if self.op == "<=":
+            return self.value <= self.bound
+        return self.value == self.bound
+
+    def row(self) -> str:
+        v = "n/a" if self.value is None else f"{self.value:.4g}{self.unit}"
+        return f"| {self.name} | {v} | {self.op} {self.bound:g}{self.unit} | {'PASS' if self.passed else 'FAIL'} | {self.note} |"
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def write_results(
+    name: str, targets: list[Target], tables: dict[str, str], data: dict[str, Any], out_dir: str | Path = "benchmarks/results"
+) -> bool:
+    """Write ``<name>.json`` and ``<name>.md``; returns True when every target passed."""
+    out = Path(out_dir)
+    info = machine_info()
+    md = [f"# {name}\n", machine_markdown(info), ""]
+    if targets:
+        md += ["## Targets\n", "| target | measured | required | result | note |", "|---|---:|---:|---|---|"]
+        md += [t.row() for t in targets] + [""]
+    for title, table in tables.items():
+        md += [f"## {title}\n", table, ""]
+    payload = {"name": name, "machine": info, "targets": [dict(dataclasses.asdict(t), passed=t.passed) for t in targets], **data}
+    _atomic_write(out / f"{name}.json", json.dumps(payload, indent=1, default=str))
+    _atomic_write(out / f"{name}.md", "\n".join(md))
+    return all(t.passed for t in targets)
+
+
+def markdown_table(header: list[str], rows: list[list[Any]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(f"{c:.4g}" if isinstance(c, float) else str(c) for c in r) + " |" for r in rows]
+    return "\n".join(lines)

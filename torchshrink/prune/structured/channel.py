@@ -1,0 +1,217 @@
+"""``channel-prune``: remove conv filters / Linear neurons (and every tensor coupled to them) with
+a traced dependency graph, to a channel ratio or to a MACs / params budget."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import logging
+import math
+from typing import Any, Literal
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from torchshrink.core.config import Config, check_range, register
+from torchshrink.core.errors import ConfigError, DataError, UnsupportedLayerError
+from torchshrink.core.select import Select, config_for, name_matches, select_modules
+from torchshrink.prune.structured.groups import Group, build_groups, prune_groups
+from torchshrink.prune.structured.importance import CRITERIA, group_scores, taylor_grads
+from torchshrink.prune.structured.trace import Graph, call_model, trace
+
+log = logging.getLogger(__name__)
+DEFAULT_TYPES = ("Linear", "Conv1d", "Conv2d", "Conv3d", "Embedding")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ChannelPruneConfig(Config):
+    """Structured channel pruning.
+
+    - ``amount``: fraction to remove; of each group's channels (``target='channels'``), or of the
+      model's MACs / parameters (``target='macs' | 'params'``, found by bisection on the ratio).
+    - ``importance``: l1 | l2 | bn_scale | taylor | random; ``reduction`` over a group's tensors.
+    - ``scope``: ``local`` (every group loses the same fraction) or ``global`` (one ranking of
+      size-normalised scores across groups; no group loses more than ``max_ratio``).
+    - ``round_to``: kept channel counts are multiples of this (kernel-friendly shapes).
+    - ``ignore``: layer name patterns (glob or ``re:``) whose tensors are never touched.
+    - ``exact_only``: skip groups normalised by a LayerNorm / GroupNorm(1) (pruning those changes
+      the normalisation statistics, so the result is not output-exact).
+    """
+
+    kind = "channel-prune"
+    family = "prune"
+
+    amount: float = 0.3
+    target: Literal["channels", "macs", "params"] = "channels"
+    importance: Literal["l1", "l2", "bn_scale", "taylor", "random"] = "l1"
+    reduction: Literal["mean", "max", "sum"] = "mean"
+    scope: Literal["local", "global"] = "local"
+    round_to: int = 1
+    max_ratio: float = 0.9
+    ignore: tuple[str, ...] = ()
+    exact_only: bool = False
+    seed: int = 0
+
+    def validate(self) -> None:
+        check_range("channel-prune.amount", self.amount, 0.0, 1.0, hi_open=True)
+        check_range("channel-prune.max_ratio", self.max_ratio, 0.0, 1.0, hi_open=True)
+        check_range("channel-prune.round_to", self.round_to, 1, 4096)
+        if self.importance not in CRITERIA:
+            raise ConfigError(f"channel-prune.importance={self.importance!r}; allowed: {', '.join(CRITERIA)}")
+
+
+def first_batch(model: nn.Module, data: Any) -> Any:
+    """An example batch to trace with: the first calibration batch, or the model's known input."""
+    if data:
+        b = data[0] if isinstance(data, list | tuple) else next(iter(data))
+        if isinstance(b, list | tuple) and len(b) == 2 and isinstance(b[1], torch.Tensor) and not b[1].is_floating_point():
+            return b[0]  # (inputs, labels)
+        return b
+    from torchshrink.core.errors import ModelLoadError
+    from torchshrink.models import example_inputs
+
+    try:
+        return example_inputs(model)
+    except ModelLoadError:
+        raise DataError(
+            f"structured pruning runs {type(model).__name__} once to trace it; pass data=[example_batch] "
+            "(a tensor, a tuple of tensors or a dict of keyword inputs)"
+        ) from None
+
+
+def batch_macs(model: nn.Module, batch: Any) -> int:
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        call_model(model, batch)
+    return counter.get_total_flops() // 2
+
+
+@dataclasses.dataclass
+class Plan:
+    """A traced model's prunable groups, their scores, and the groups left unpruned (with why)."""
+
+    graph: Graph
+    groups: list[Group]
+    scores: dict[int, torch.Tensor]
+    skipped: list[tuple[list[str], str]]
+    ratios: dict[int, float]
+
+    def keep(self, ratio: float, cfg: ChannelPruneConfig) -> dict[int, torch.Tensor]:
+        if cfg.scope == "global":
+            return _global_keep(self, ratio, cfg)
+        out = {}
+        for gr in self.groups:
+            r = self.ratios.get(gr.root, ratio) if ratio > 0 else 0.0
+            n_keep = _rounded(gr.size, gr.size - math.floor(gr.size * r), cfg.round_to)
+            if n_keep < gr.size:
+                out[gr.root] = torch.sort(torch.topk(self.scores[gr.root], n_keep).indices).values
+        return out
+
+    def apply(self, model: nn.Module, keep: dict[int, torch.Tensor]) -> list[str]:
+        return prune_groups(model, self.graph, self.groups, keep)
+
+
+def _rounded(n: int, n_keep: int, round_to: int) -> int:
+    n_keep = max(n_keep, 1)
+    if round_to > 1:
+        n_keep = max(round_to, math.ceil(n_keep / round_to) * round_to)
+    return min(n, n_keep)
+
+
+def _global_keep(plan: Plan, ratio: float, cfg: ChannelPruneConfig) -> dict[int, torch.Tensor]:
+    normed = {r: s / s.mean().clamp_min(1e-12) for r, s in plan.scores.items()}
+    allv = torch.cat(list(normed.values()))
+    if allv.numel() == 0 or ratio <= 0:
+        return {}
+    thr = torch.quantile(allv.float(), min(ratio, 1.0))
+    out = {}
+    for gr in plan.groups:
+        s = normed[gr.root]
+        n_keep = int((s > thr).sum())
+        n_keep = max(n_keep, math.ceil(gr.size * (1 - cfg.max_ratio)))
+        n_keep = _rounded(gr.size, n_keep, cfg.round_to)
+        if n_keep < gr.size:
+            out[gr.root] = torch.sort(torch.topk(plan.scores[gr.root], n_keep).indices).values
+    return out
+
+
+def make_plan(model: nn.Module, cfg: ChannelPruneConfig, select: Select | None, data: Any) -> Plan:
+    batch = first_batch(model, data)
+    g = trace(model, batch)
+    groups, skipped = build_groups(g)
+    chosen = {n for n, _ in select_modules(model, select, DEFAULT_TYPES, allow_empty=True)}
+    ignore = (*cfg.ignore, *(select.exclude if select else ()))
+    eligible, ratios = [], {}
+    for gr in groups:
+        bad = [m for m in gr.modules if any(name_matches(m, p) for p in ignore)]
+        if bad:
+            skipped.append((gr.producers, f"ignored layer {bad[0]}"))
+        elif not all(p in chosen for p in gr.producers):
+            skipped.append((gr.producers, "producer not selected"))
+        elif cfg.exact_only and gr.mixing:
+            skipped.append((gr.producers, "normalised by LayerNorm/GroupNorm (exact_only)"))
+        else:
+            eligible.append(gr)
+            ratios[gr.root] = config_for(gr.producers[0], cfg, select).amount
+    if not eligible:
+        ops = "; ".join(sorted(set(g.blocked_ops))[:5]) or "none"
+        raise UnsupportedLayerError(
+            f"no prunable channel group in {type(model).__name__}: "
+            f"{'; '.join(f'{p[:2]}: {r}' for p, r in skipped[:5]) or 'no conv/linear/embedding layer was traced'}"
+            f" (ops the tracer could not follow: {ops})"
+        )
+    grads = taylor_grads(model, data) if cfg.importance == "taylor" else None
+    gen = torch.Generator().manual_seed(cfg.seed)
+    scores = {gr.root: group_scores(model, g, gr, cfg.importance, cfg.reduction, grads=grads, generator=gen)
+              for gr in eligible}
+    return Plan(g, eligible, scores, skipped, ratios)
+
+
+def _size_of(model: nn.Module, batch: Any, target: str) -> int:
+    if target == "params":
+        return sum(p.numel() for p in model.parameters())
+    return batch_macs(model, batch)
+
+
+def prune_channels(model: nn.Module, config: ChannelPruneConfig, *, select: Select | None = None,
+                   data: Any = None, **_: Any) -> nn.Module:
+    """Handler of ``channel-prune`` (the model is already a copy)."""
+    plan = make_plan(model, config, select, data)
+    ratio = config.amount
+    if config.target != "channels":
+        batch = first_batch(model, data)
+        base = _size_of(model, batch, config.target)
+        goal = base * (1 - config.amount)
+        plan.ratios = {}
+        lo, hi, best = 0.0, config.max_ratio, None
+        for _ in range(12):
+            mid = (lo + hi) / 2
+            trial = copy.deepcopy(model)
+            plan.apply(trial, plan.keep(mid, config))
+            size = _size_of(trial, batch, config.target)
+            if size <= goal:
+                hi, best = mid, mid
+            else:
+                lo = mid
+            if best is not None and abs(size - goal) / base < 0.005:
+                break
+        if best is None:
+            log.warning("channel-prune: %s target %.2f not reachable; pruning at max_ratio=%.2f",
+                        config.target, config.amount, config.max_ratio)
+            best = config.max_ratio
+        ratio = best
+    changed = plan.apply(model, plan.keep(ratio, config))
+    report = {
+        "pruned_groups": len(plan.keep(ratio, config)),
+        "ratio": ratio,
+        "changed_modules": changed,
+        "unpruned": [{"layers": p, "reason": r} for p, r in plan.skipped],
+    }
+    for p, r in plan.skipped:
+        log.info("channel-prune: left unpruned %s (%s)", ", ".join(p) or "?", r)
+    model._torchshrink_prune_report = report
+    return model
+
+
+register(prune_channels)(ChannelPruneConfig)
