@@ -9,7 +9,7 @@ import torch
 _CACHE = tempfile.mkdtemp(prefix="torchshrink-test-cache-")
 os.environ.setdefault("TORCHSHRINK_CACHE", _CACHE)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-torch.set_num_threads(2)
+torch.set_num_threads(1)  # tiny models: one thread is fastest and avoids oversubscription
 
 
 @pytest.fixture(scope="session")

@@ -78,3 +78,9 @@ def test_demo_prints_the_table_and_writes_the_report(tmp_path):
     report = json.loads((tmp_path / "demo" / "report.json").read_text())
     assert report["final"]["quality"]["accuracy"] >= 0.97
     assert (tmp_path / "demo" / "model" / "manifest.json").is_file()
+
+
+def test_finetune_without_training_data_fails_before_any_work(tmp_path):
+    code, _, err = run("compress", "--model", "tests.conftest:tiny_net", "--recipe", "prune-quantize", "--out", str(tmp_path / "o"))
+    _one_line_error(code, err, "has no training data")
+    assert list(tmp_path.iterdir()) == []

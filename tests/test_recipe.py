@@ -59,14 +59,35 @@ def test_runner_writes_outputs_and_refuses_existing(tmp_path, tiny):
     task = generic_task(tiny)
     res = compress(tiny, recipe, tmp_path / "run", task=task)
     files = sorted(p.name for p in (tmp_path / "run").iterdir())
-    assert files == ["model", "recipe.yaml", "report.html", "report.json", "report.md", "stages"]
+    assert files == ["model", "recipe.yaml", "report.html", "report.json", "report.md", "stages", "tensorboard"]
     assert sorted(p.name for p in (tmp_path / "run" / "stages").iterdir()) == ["01-cast", "02-cast"]
     report = json.loads((tmp_path / "run" / "report.json").read_text())
     assert len(report["stages"]) == 2 and report["summary"]["file_bytes"]["ratio"] < 0.8
     assert report["final"]["quality"]["cosine_mean"] > 0.99
     assert "| file_bytes |" in (tmp_path / "run" / "report.md").read_text()
     assert res.final.latency is not None and res.original.latency is not None
+    events = list((tmp_path / "run" / "tensorboard").glob("events.out.tfevents.*"))
+    assert events, "per-stage metrics are logged to TensorBoard when it is installed"
     with pytest.raises(OutputExistsError, match="pass --force"):
         compress(tiny, recipe, tmp_path / "run", task=task)
     compress(tiny, recipe, tmp_path / "run", task=task, force=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]  # no temp folders left behind
+
+
+def test_every_builtin_recipe_parses():
+    from torchshrink.recipe.builtin import BUILTIN
+
+    assert {"deep-compression", "prune-quantize", "distill-quantize", "prune-distill-quantize",
+            "lowrank-quantize", "binary", "demo"} <= set(BUILTIN)
+    for name in BUILTIN:
+        r = load_recipe(name)
+        assert r.stages, name
+
+
+def test_stage_order_is_checked_with_a_reason():
+    from torchshrink.recipe.recipe import order_warnings
+
+    bad = recipe_from_yaml("stages:\n  - kind: kmeans\n  - kind: unstructured\n    sparsity: 0.5\n")
+    (w,) = order_warnings(bad)
+    assert "'kmeans' runs before 'unstructured'" in w and "prune first" in w
+    assert order_warnings(load_recipe("deep-compression")) == []

@@ -80,7 +80,7 @@ def test_resume_without_an_unfinished_run_is_a_clear_error(tmp_path):
 def test_unfinished_run_is_not_silently_overwritten(tmp_path, flag):
     (tmp_path / ".o.partial").mkdir()
     (tmp_path / ".o.partial" / "run.json").write_text("{}")
-    res = CliRunner().invoke(app, ["compress", "--model", "tests.conftest:tiny_net", "--recipe", "demo", "--out", str(tmp_path / "o"), *flag])
+    res = CliRunner().invoke(app, ["compress", "--model", "tests.conftest:tiny_net", "--recipe", "bf16", "--out", str(tmp_path / "o"), *flag])
     if flag:
         assert res.exit_code == 0, res.stderr
         assert (tmp_path / "o" / "report.json").is_file() and not (tmp_path / ".o.partial").exists()

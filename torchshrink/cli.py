@@ -166,6 +166,15 @@ def demo(
     compress(model=model, recipe=recipe, out_dir=out_dir, force=True, resume=False, threads=None, seed=0)
 
 
+def _register_extensions() -> None:
+    from torchshrink.search.command import register as register_search
+
+    register_search(app)
+
+
+_register_extensions()
+
+
 def main() -> None:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:

@@ -66,9 +66,13 @@ def hf_config_of(model: nn.Module) -> dict[str, Any] | None:
 
 
 def build_manifest(model: nn.Module, tensors: dict[str, Any], recipe: Any = None) -> dict[str, Any]:
+    from torch import fx
+
     import torchshrink
+    from torchshrink.export.graph import graph_to_json
 
     return {
+        "fx_graph": graph_to_json(model) if isinstance(model, fx.GraphModule) else None,
         "format": "torchshrink",
         "format_version": FORMAT_VERSION,
         "torchshrink_version": torchshrink.__version__,
@@ -266,8 +270,15 @@ def load(directory: str | os.PathLike[str], *, model: nn.Module | None = None) -
     manifest = read_manifest(d)
     flat = read_tensors(d / WEIGHTS)
     state = decode_state(flat, manifest["tensors"])
-    skeleton = model if model is not None else _skeleton(manifest)
-    net = rebuild(skeleton, manifest["modules"])
+    if manifest.get("fx_graph"):  # a torch.fx-rewritten model: rebuild modules, then the graph
+        from torch import fx
+
+        from torchshrink.export.graph import graph_from_json
+
+        net = fx.GraphModule(rebuild(nn.Module(), manifest["modules"]), graph_from_json(manifest["fx_graph"]))
+    else:
+        skeleton = model if model is not None else _skeleton(manifest)
+        net = rebuild(skeleton, manifest["modules"])
     missing, unexpected = [], []
     try:
         res = net.load_state_dict(state, strict=False, assign=True)

@@ -4,6 +4,7 @@ compressed modules that techniques register (``register_module``)."""
 from __future__ import annotations
 
 import importlib
+import inspect
 from collections.abc import Callable
 from typing import Any
 
@@ -69,6 +70,7 @@ for _cls, _fn in [
     (nn.Sequential, lambda m: {}),
     (nn.ModuleList, lambda m: {}),
     (nn.ModuleDict, lambda m: {}),
+    (nn.Module, lambda m: {}),  # plain containers, e.g. the hierarchy torch.fx rebuilds
 ]:
     _BUILDERS[type_name(_cls)] = (_cls, _fn)
 
@@ -91,11 +93,36 @@ def _lazy_entry(tname: str) -> None:
         _BUILDERS[tname] = (get_cls(), get_args)
 
 
+def _generic_torch_args(m: nn.Module) -> dict[str, Any] | None:
+    """Constructor arguments of a parameter-free torch.nn module (activations, pooling, dropout,
+    flatten, ...): every __init__ parameter must be readable as an attribute of the same name."""
+    cls = type(m)
+    if not cls.__module__.startswith("torch.nn.modules.") or any(True for _ in m.parameters(recurse=False)):
+        return None
+    out: dict[str, Any] = {}
+    for name, p in inspect.signature(cls.__init__).parameters.items():
+        if name in ("self", "device", "dtype") or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+            continue
+        if not hasattr(m, name):
+            if p.default is p.empty:
+                return None
+            continue
+        v = getattr(m, name)
+        if isinstance(v, tuple):
+            v = list(v)
+        if not (v is None or isinstance(v, bool | int | float | str | list)):
+            return None
+        out[name] = v
+    return out
+
+
 def init_args(module: nn.Module) -> dict[str, Any] | None:
     """Constructor arguments for a rebuildable module, or None if torchshrink can't rebuild it."""
     _lazy_entry(type_name(module))
     entry = _BUILDERS.get(type_name(module))
-    return entry[1](module) if entry else None
+    if entry is None:
+        return _generic_torch_args(module)
+    return entry[1](module)
 
 
 def build_module(tname: str, args: dict[str, Any]) -> nn.Module:
@@ -109,6 +136,11 @@ def build_module(tname: str, args: dict[str, Any]) -> nn.Module:
         except ImportError:
             pass
         entry = _BUILDERS.get(tname)
+    if entry is None and tname.startswith("torch.nn.modules."):
+        mod_name, _, cls_name = tname.rpartition(".")
+        cls = getattr(importlib.import_module(mod_name), cls_name, None)
+        if isinstance(cls, type) and issubclass(cls, nn.Module):
+            return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in args.items()})
     if entry is None:
         raise ModelLoadError(f"cannot rebuild a module of type {tname}: it is not a registered torchshrink module")
     cls = entry[0]

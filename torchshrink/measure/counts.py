@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
@@ -11,44 +11,29 @@ from torch.utils.flop_counter import FlopCounterMode
 from torchshrink.core.errors import InputShapeError
 
 
-def _tensors(model: nn.Module) -> list[torch.Tensor]:
-    seen: set[int] = set()
-    out = []
-    for t in list(model.parameters()) + list(model.buffers()):
-        if id(t) not in seen:
-            seen.add(id(t))
-            out.append(t)
-    return out
+def _logical_sum(model: nn.Module, method: str, plain: Callable[[torch.Tensor], int]) -> int:
+    """Sum ``plain(p)`` over parameters, except that a compressed module reporting ``method()``
+    (``logical_params`` / ``logical_nonzero``) stands for its whole subtree."""
+    total = 0
+    handled: set[int] = set()
+    for m in model.modules():
+        if hasattr(m, method) and id(m) not in handled:
+            total += int(getattr(m, method)())
+            handled.update(id(x) for x in m.modules())
+    for m in model.modules():
+        if id(m) not in handled:
+            total += sum(plain(p.detach()) for p in m.parameters(recurse=False))
+    return total
 
 
 def count_params(model: nn.Module) -> int:
     """Logical parameters: each compressed module reports the weights it stands for
     (``logical_params()``) so a packed INT4 layer still counts its 4096x4096 weights."""
-    total = 0
-    handled: set[int] = set()
-    for m in model.modules():
-        if hasattr(m, "logical_params") and id(m) not in handled:
-            total += m.logical_params()
-            handled.update(id(x) for x in m.modules())
-    for m in model.modules():
-        if id(m) in handled:
-            continue
-        total += sum(p.numel() for p in m.parameters(recurse=False))
-    return total
+    return _logical_sum(model, "logical_params", lambda p: p.numel())
 
 
 def count_nonzero(model: nn.Module) -> int:
-    total = 0
-    handled: set[int] = set()
-    for m in model.modules():
-        if hasattr(m, "logical_nonzero") and id(m) not in handled:
-            total += m.logical_nonzero()
-            handled.update(id(x) for x in m.modules())
-    for m in model.modules():
-        if id(m) in handled:
-            continue
-        total += sum(int(torch.count_nonzero(p.detach())) for p in m.parameters(recurse=False))
-    return total
+    return _logical_sum(model, "logical_nonzero", lambda p: int(torch.count_nonzero(p)))
 
 
 def run_model(model: nn.Module, inputs: Sequence[torch.Tensor]) -> object:
@@ -90,7 +75,7 @@ def count_macs(model: nn.Module, inputs: Sequence[torch.Tensor], *, per_module: 
     # flop counter keys modules as "<RootClass>.<qualified name>"; replace own-counted modules
     top_own = [n for n in own if not any(n != o and n.startswith(o + ".") for o in own)]
     for n in top_own:
-        total -= by_mod.get(f"{prefix}.{n}", 0)
+        total -= by_mod.get(f"{prefix}.{n}" if n else prefix, 0)
     macs = total // 2 + sum(own[n] for n in top_own)
     if not per_module:
         return macs

@@ -1,5 +1,21 @@
-"""Quantization: FP16/BF16 casting (more techniques arrive with the quantization issue)."""
+"""Quantization: FP16/BF16 casting, INT8 dynamic / static PTQ, weight-only INT8 / INT4, observers
+and primitives. Quantized modules hold integer tensors and run PyTorch's integer kernels."""
 
 from torchshrink.quant.cast import CastConfig, CastWrapper
+from torchshrink.quant.modules import (
+    DequantizeActivation,
+    Int8Conv2d,
+    Int8DynamicLinear,
+    Int8Linear,
+    QuantizeActivation,
+    QuantizedAdd,
+    WeightOnlyLinear,
+)
+from torchshrink.quant.ptq import Int8DynamicConfig, WeightOnlyConfig
+from torchshrink.quant.qat import QATConfig
+from torchshrink.quant.static import Int8StaticConfig
 
-__all__ = ["CastConfig", "CastWrapper"]
+__all__ = [
+    "CastConfig", "CastWrapper", "DequantizeActivation", "Int8Conv2d", "Int8DynamicConfig", "Int8DynamicLinear",
+    "Int8Linear", "Int8StaticConfig", "QATConfig", "QuantizeActivation", "QuantizedAdd", "WeightOnlyConfig", "WeightOnlyLinear",
+]

@@ -145,6 +145,30 @@ def recipe_from_yaml(text: str, *, source: str = "recipe") -> Recipe:
     return Recipe(str(data.get("name", Path(source).stem)), tuple(stages))
 
 
+# (earlier family, later family) -> why that order is a mistake
+_ORDER = {
+    ("quantize", "prune"): "pruning after quantization zeroes already-rounded weights and cannot retrain integer "
+                           "weights; prune first, then quantize (Deep Compression's order)",
+    ("quantize", "factorize"): "factorizing an already-quantized layer loses the quantization; factorize first",
+    ("binarize", "prune"): "binary weights are +-alpha, never zero: magnitude pruning after binarization "
+                           "has nothing to rank; prune first",
+    ("quantize", "binarize"): "binarization replaces the quantized weights; binarize first or drop the quantize stage",
+}
+
+
+def order_warnings(recipe: Recipe) -> list[str]:
+    """Stage orders that defeat a later stage, each with the reason."""
+    out = []
+    stages = recipe.stages
+    for i, a in enumerate(stages):
+        for b in stages[i + 1:]:
+            fa, fb = a.config.family, b.config.family
+            if a.config.kind == "cast" or (fa, fb) not in _ORDER:
+                continue
+            out.append(f"stage '{a.config.kind}' runs before '{b.config.kind}': {_ORDER[(fa, fb)]}")
+    return out
+
+
 def load_recipe(spec: str) -> Recipe:
     """A recipe file path, or the name of a built-in recipe."""
     from torchshrink.recipe.builtin import BUILTIN

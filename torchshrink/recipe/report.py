@@ -34,7 +34,9 @@ def layer_summary(model: nn.Module) -> list[dict[str, Any]]:
 
 def report_markdown(report: dict[str, Any]) -> str:
     lines = [f"# torchshrink report: {report['recipe']['name']} on {report['model']}\n", machine_markdown(report["machine"]),
-             f"\n{report['timing']}\n", "\n## Original -> final\n", compare_markdown(report["summary"])]
+             f"\n{report['timing']}\n"]
+    lines += [f"\n> warning: {w}\n" for w in report.get("warnings", [])]
+    lines += ["\n## Original -> final\n", compare_markdown(report["summary"])]
     for s in report["stages"]:
         lines += [f"\n## Stage {s['name']} ({s['seconds']:.1f} s)\n", compare_markdown(s["vs_previous"])]
     if report.get("layers"):
@@ -91,6 +93,7 @@ td,th{{border:1px solid #ccc;padding:3px 8px;text-align:right}}td:first-child{{t
 <body><h1>torchshrink report: {escape(report['recipe']['name'])} on {escape(str(report['model']))}</h1>
 <p>Machine: {escape(str(m.get('cpu')))}; SIMD: {escape(', '.join(m.get('simd', [])))}; torch {escape(str(m.get('torch')))}.
 {escape(report['timing'])}</p>
+{''.join(f'<p class="warn">warning: {escape(w)}</p>' for w in report.get('warnings', []))}
 <h2>Original &rarr; final</h2>{_html_table(report['summary'])}
 <h2>Plots</h2><div class="charts">{''.join(charts)}</div>
 <h2>Stages</h2>{stages}

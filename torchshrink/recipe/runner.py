@@ -37,7 +37,7 @@ from torchshrink.measure.latency import time_interleaved
 from torchshrink.measure.machine import machine_info
 from torchshrink.measure.report import Measurement, compare, measure
 from torchshrink.models import load_model
-from torchshrink.recipe.recipe import Recipe, Stage, recipe_from_yaml
+from torchshrink.recipe.recipe import Recipe, Stage, order_warnings, recipe_from_yaml
 from torchshrink.recipe.report import layer_summary, write_reports
 from torchshrink.recipe.task import Task, task_for
 from torchshrink.recipe.train import finetune, recovery_loss
@@ -82,6 +82,7 @@ class RunResult:
             "primary": self.primary, "original": self.original.to_dict(), "final": self.final.to_dict(),
             "summary": self.summary, "stages": [s.to_dict() for s in self.stages],
             "layers": layer_summary(self.model), "resumed_from_stage": self.resumed_from,
+            "warnings": order_warnings(recipe),
         }
 
 
@@ -101,7 +102,8 @@ def run_stage(model: nn.Module, stage: Stage, task: Task, progress: Progress | N
     """Apply one stage (prepare -> fine-tune -> finalize) to a copy of ``model``."""
     entry = get_entry(stage.config)
     _reseed(task, seed)
-    new = apply(model, stage.config, select=stage.select, data=task.calibration)
+    extra = {"train_data": task.train} if stage.config.family == "distill" else {}
+    new = apply(model, stage.config, select=stage.select, data=task.calibration, **extra)
     history: list[dict[str, float]] = []
     if stage.finetune is not None and stage.finetune.epochs > 0:
         ft = dataclasses.replace(stage.finetune, seed=stage.finetune.seed + seed)
@@ -143,6 +145,32 @@ def _prepare_work(out: Path, spec: str, recipe: Recipe, seed: int, force: bool, 
     work.mkdir(parents=True)
     (work / "run.json").write_text(json.dumps(key, indent=1))
     return work
+
+
+def _tensorboard(work: Path | None) -> Any:
+    """A SummaryWriter in OUT/tensorboard when the tensorboard package is installed, else None."""
+    if work is None:
+        return None
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:  # tensorboard is optional
+        return None
+    return SummaryWriter(str(work / "tensorboard"))
+
+
+def _log_stage(writer: Any, index: int, res: StageResult) -> None:
+    if writer is None:
+        return
+    for rec in res.history:
+        for k, v in rec.items():
+            if k != "epoch":
+                writer.add_scalar(f"stage{index + 1}-{res.kind}/finetune/{k}", v, int(rec["epoch"]))
+    m = res.measurement
+    for k, v in {"file_bytes": m.file_bytes, "macs": m.macs, "nonzero_params": m.nonzero_params,
+                 "latency_p50_ms": m.latency.p50_ms if m.latency else None, **m.quality}.items():
+        if v is not None:
+            writer.add_scalar(f"stages/{k}", v, index + 1)
+    writer.flush()
 
 
 def _checkpoint(work: Path, index: int, stage: Stage, model: nn.Module, result: StageResult) -> None:
@@ -199,8 +227,12 @@ def compress(
     original.eval()
     task = task or task_for(original)
     run_model(original, task.inputs)  # a wrong input fails here, before any work
-    for stage in recipe.stages:  # so does a misspelled layer name
+    for stage in recipe.stages:  # so does a misspelled layer name, or fine-tuning without data
         check_names(original, stage.select)
+        if stage.finetune is not None and stage.finetune.epochs > 0:
+            task.require_train()
+    for warning in order_warnings(recipe):
+        log.warning("%s", warning)
     work = _prepare_work(out_path, str(spec), recipe, seed, force, resume) if out_path is not None else None
     if work is not None:
         (work / "recipe.yaml").write_text(recipe.to_yaml())
@@ -208,6 +240,7 @@ def compress(
     current, prev_meas = original, base
     stages: list[StageResult] = []
     resumed_from = 0
+    writer = _tensorboard(work)
     for i, stage in enumerate(recipe.stages):
         label = f"{i + 1}/{len(recipe.stages)} {stage.config.kind}"
         done = _finished_stage(work, i, stage)
@@ -226,11 +259,14 @@ def compress(
         m = dataclasses.replace(m, latency=lb)
         res = StageResult(label, stage.config.kind, m, compare(dataclasses.replace(prev_meas, latency=la), m), seconds, history)
         stages.append(res)
+        _log_stage(writer, i, res)
         if work is not None:
             _checkpoint(work, i, stage, new, res)
         current, prev_meas = new, m
         if progress:
             progress(label, i + 1, len(recipe.stages))
+    if writer is not None:
+        writer.close()
     if progress:
         progress("final timing", 0, 1)
     lo, lf = _timed_pair(original, current, task, threads)

@@ -1,0 +1,60 @@
+"""Regenerate the README's performance section from benchmarks/results/*.json (never by hand).
+
+    .venv/bin/python benchmarks/readme_table.py
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
+
+
+def _normalize(t: object) -> tuple[str, str, bool]:
+    """(target, measured, passed) from the shapes benchmark scripts write: a dict with name/target,
+    value (+unit, op, bound) or figures, pass/passed; or a list [target, passed, figures]."""
+    if isinstance(t, list | tuple):
+        return str(t[0]), str(t[2]) if len(t) > 2 else "", bool(t[1])
+    assert isinstance(t, dict)
+    name = t.get("name") or t.get("target", "?")
+    value = t.get("value")
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        bound = t.get("bound")
+        req = f" (required {t.get('op', '')} {bound:g}{t.get('unit', '')})" if isinstance(bound, int | float) else ""
+        measured = f"{value:.4g}{t.get('unit', '')}{req}"
+    else:
+        measured = str(t.get("figures", value if value is not None else ""))
+    return name, measured, bool(t.get("passed", t.get("pass", False)))
+
+
+def table() -> str:
+    rows = ["| benchmark | target | measured | result |", "|---|---|---|---|"]
+    machines = set()
+    for path in sorted((ROOT / "benchmarks" / "results").glob("*.json")):
+        data = json.loads(path.read_text())
+        m = data.get("machine") or {}
+        if m:
+            machines.add(f"{m.get('cpu')} ({', '.join(m.get('simd', []))}), torch {m.get('torch')}")
+        for t in data.get("targets", []):
+            name, measured, passed = _normalize(t)
+            rows.append(f"| [{path.stem}](benchmarks/results/{path.stem}.md) | {name} | {measured} | {'PASS' if passed else 'FAIL'} |")
+    head = "Measured on: " + "; ".join(sorted(machines)) + "\n\n" if machines else ""
+    return head + "\n".join(rows) + "\n"
+
+
+def main() -> None:
+    readme = ROOT / "README.md"
+    text = readme.read_text()
+    block = f"{BEGIN}\n{table()}{END}"
+    if BEGIN in text:
+        text = re.sub(re.escape(BEGIN) + r".*?" + re.escape(END), lambda _: block, text, flags=re.S)
+    else:
+        text += f"\n## Performance (generated from benchmarks/results)\n\n{block}\n"
+    readme.write_text(text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,160 @@
+"""A global MAC budget spent across layers by their measured approximation error.
+
+Every selected Linear (SVD) and Conv2d (Tucker-2; 1x1 convs by SVD) gets a ladder of ranks; for
+each rung the MACs come from the layer's real input/output shapes (one forward pass on the
+example input) and the error is the exact relative squared error of the truncated SVD / HOSVD
+at that rank. :func:`torchshrink.lowrank.rank.allocate` then lowers, step by step, the layer
+whose next rung costs the least error per MAC saved, until the selection's MACs reach
+``macs_ratio`` of the original. Layers where no rung saves MACs are skipped and listed; with
+``check_latency`` a factorized layer that is not faster at batch 1 on this machine is reverted.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch
+from torch import nn
+
+from torchshrink.core.config import Config, check_range, register
+from torchshrink.core.errors import DataError
+from torchshrink.core.select import Select, select_modules
+from torchshrink.core.surgery import set_module
+from torchshrink.lowrank.common import (
+    check_type,
+    conv_skip_reason,
+    first_inputs,
+    io_shapes,
+    note_done,
+    note_skip,
+    report,
+    speedup,
+)
+from torchshrink.lowrank.rank import Option, allocate, fast_svd, round_rank
+from torchshrink.lowrank.svd import factorize_linear
+from torchshrink.lowrank.tucker import factorize_tucker2, unfold
+
+
+def hosvd_error_table(weight: torch.Tensor) -> torch.Tensor:
+    """``err[r_out - 1, r_in - 1]``: relative squared error of the Tucker-2 HOSVD truncation."""
+    w = weight.detach().double()
+    u0 = fast_svd(unfold(w, 0))[0]
+    u1 = fast_svd(unfold(w, 1))[0]
+    core = torch.einsum("rikl,is->rskl", torch.einsum("or,oikl->rikl", u0, w), u1)  # two steps: cheap order
+    energy = core.pow(2).sum((2, 3))
+    total = float(w.pow(2).sum()) or 1.0
+    return (1.0 - energy.cumsum(0).cumsum(1) / total).clamp_min(0.0)
+
+
+def _linear_options(lin: nn.Linear, positions: int, steps: int, multiple: int) -> list[Option]:
+    m, n = lin.out_features, lin.in_features
+    s2 = fast_svd(lin.weight)[1].pow(2)
+    rel = 1.0 - torch.cumsum(s2, 0) / float(s2.sum() or 1.0)
+    opts: dict[int, Option] = {}
+    for j in range(steps, 0, -1):
+        r = round_rank(min(m, n) * j / steps, multiple, min(m, n))
+        opts[r] = Option((r,), r * (m + n) * positions, float(rel[r - 1]))
+    return [o for o in sorted(opts.values(), key=lambda o: -o.macs) if o.macs < m * n * positions]
+
+
+def _conv_options(conv: nn.Conv2d, shapes: tuple, steps: int, multiple: int) -> list[Option]:
+    (ishape, oshape) = shapes
+    c_out, c_in, kh, kw = conv.weight.shape
+    p_in, p_out = ishape[-1] * ishape[-2], oshape[-1] * oshape[-2]
+    dense = c_out * c_in * kh * kw * p_out
+    err = hosvd_error_table(conv.weight)
+    opts: dict[tuple[int, int], Option] = {}
+    for j in range(steps, 0, -1):
+        if kh * kw == 1:
+            r = round_rank(min(c_out, c_in) * j / steps, multiple, min(c_out, c_in))
+            setting, macs = (r, r), r * c_in * p_out + r * c_out * p_out
+            e = float(err[min(r, err.shape[0]) - 1, min(r, err.shape[1]) - 1])
+        else:
+            r_out = round_rank(c_out * j / steps, multiple, c_out)
+            r_in = round_rank(c_in * j / steps, multiple, c_in)
+            setting = (r_out, r_in)
+            macs = c_in * r_in * p_in + r_in * r_out * kh * kw * p_out + r_out * c_out * p_out
+            e = float(err[min(r_out, err.shape[0]) - 1, min(r_in, err.shape[1]) - 1])
+        opts[setting] = Option(setting, macs, e)
+    return [o for o in sorted(opts.values(), key=lambda o: -o.macs) if o.macs < dense]
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class BudgetConfig(Config):
+    """Factorize Linear (SVD) and Conv2d (Tucker-2) layers so that the selected layers keep
+    ``macs_ratio`` of their MACs, spending the cut where the measured error grows least."""
+
+    kind = "lowrank-budget"
+    family = "factorize"
+    macs_ratio: float = 0.5
+    steps: int = 32
+    rank_multiple: int = 1
+    check_latency: bool = False
+
+    def validate(self) -> None:
+        check_range("lowrank-budget.macs_ratio", self.macs_ratio, 0.0, 1.0, lo_open=True)
+        check_range("lowrank-budget.steps", self.steps, 2, 1024)
+        check_range("lowrank-budget.rank_multiple", self.rank_multiple, 1, 4096)
+
+
+def apply_budget(model: nn.Module, config: BudgetConfig, *, select: Select | None = None, data: Any = None,
+                 **kwargs: Any) -> nn.Module:
+    layers = select_modules(model, select, ("Linear", "Conv2d"))
+    for name, module in layers:
+        check_type(name, module, (nn.Linear, nn.Conv2d), "lowrank-budget")
+    inputs = first_inputs(model, data)
+    if inputs is None:
+        raise DataError("lowrank-budget needs an example input to count each layer's MACs: pass data=[batch] "
+                        "or load the model with torchshrink.load_model so its input shape is known")
+    shapes = io_shapes(model, [n for n, _ in layers], inputs)
+    options: dict[str, list[Option]] = {}
+    dense: dict[str, int] = {}
+    mods = dict(layers)
+    for name, m in layers:
+        if name not in shapes:
+            note_skip(model, name, "not reached by the example input")
+            continue
+        if isinstance(m, nn.Linear):
+            positions = max(1, int(torch.tensor(shapes[name][1]).prod()) // m.out_features)
+            dense[name] = m.in_features * m.out_features * positions
+            opts = _linear_options(m, positions, config.steps, config.rank_multiple)
+        else:
+            why = conv_skip_reason(m)
+            if why is not None:
+                note_skip(model, name, why)
+                continue
+            o = shapes[name][1]
+            dense[name] = m.weight.numel() * o[-1] * o[-2]
+            opts = _conv_options(m, shapes[name], config.steps, config.rank_multiple)
+        if not opts:
+            note_skip(model, name, "factorized form is larger at every rank")
+            continue
+        options[name] = opts
+    total = sum(dense.values())
+    fixed = sum(v for k, v in dense.items() if k not in options)
+    chosen = allocate(options, {k: dense[k] for k in options}, int(config.macs_ratio * total) - fixed)
+    achieved = fixed
+    for name, opt in chosen.items():
+        if opt is None:
+            note_skip(model, name, "left dense by the budget (cheapest error elsewhere)")
+            achieved += dense[name]
+            continue
+        m = mods[name]
+        new = factorize_linear(m, opt.setting[0]) if isinstance(m, nn.Linear) else factorize_tucker2(m, *opt.setting)
+        if config.check_latency:
+            sp = speedup(m, new, shapes[name][0])
+            if sp < 1.0:
+                note_skip(model, name, f"factorized form is slower on this machine ({sp:.2f}x at batch 1)")
+                achieved += dense[name]
+                continue
+        set_module(model, name, new)
+        achieved += opt.macs
+        note_done(model, name, method=new.torchshrink_lowrank, setting=list(opt.setting),
+                  macs_ratio=round(opt.macs / dense[name], 4), rel_sq_error=round(opt.error, 5))
+    report(model)["budget"] = {"target_ratio": config.macs_ratio, "achieved_ratio": achieved / max(total, 1),
+                               "selected_macs": total}
+    return model
+
+
+register(apply_budget)(BudgetConfig)

@@ -1,0 +1,154 @@
+"""Shared pieces of the low-rank techniques: the config base, the per-model report of factorized
+and skipped layers, layer input/output shapes from a forward pass, and the per-layer latency check."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Iterator
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from torchshrink.core.config import Config, check_range
+from torchshrink.core.errors import ConfigError, DataError, UnsupportedLayerError
+from torchshrink.measure.latency import time_interleaved
+from torchshrink.measure.quality import iter_batches
+
+log = logging.getLogger(__name__)
+
+# Attribute set on every factorized nn.Sequential (a plain attribute, so save/load keeps it).
+MARK = "torchshrink_lowrank"
+REPORT = "_torchshrink_lowrank"
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class LowRankConfig(Config):
+    """Rank selection shared by ``svd``, ``tucker2`` and ``cp``.
+
+    - ``method``: ``ratio`` (keep ``ratio`` of the layer's cost: parameters for Linear, MACs for
+      Conv2d), ``energy`` (retain ``energy`` of the squared singular values), ``rank`` (explicit
+      ``rank``), ``vbmf`` (empirical variational Bayesian estimate).
+    - ``no_gain``: what to do with a layer whose factorized form is not smaller (or, with
+      ``check_latency``, not faster): ``skip`` keeps it as it is, ``fuse`` keeps one dense layer
+      holding the rank-r approximation. Either way the layer is listed in the report.
+    - ``rank_multiple``: round ranks down to a multiple of this (CPU kernels like 8/16).
+    """
+
+    family = "factorize"
+    method: Literal["ratio", "energy", "rank", "vbmf"] = "ratio"
+    ratio: float = 0.5
+    energy: float = 0.9
+    rank: int = 0
+    no_gain: Literal["skip", "fuse"] = "skip"
+    check_latency: bool = False
+    rank_multiple: int = 1
+
+    def validate(self) -> None:
+        check_range(f"{self.kind}.ratio", self.ratio, 0.0, 1.0, lo_open=True)
+        check_range(f"{self.kind}.energy", self.energy, 0.0, 1.0, lo_open=True)
+        check_range(f"{self.kind}.rank_multiple", self.rank_multiple, 1, 4096)
+        if self.rank < 0 or (self.method == "rank" and self.rank <= 0):
+            raise ConfigError(f"{self.kind}.rank={self.rank!r} is not allowed; method 'rank' needs a rank >= 1")
+
+
+def report(model: nn.Module) -> dict[str, dict[str, Any]]:
+    """``{"factorized": {layer: info}, "skipped": {layer: reason}}`` of the last low-rank stages."""
+    rep = getattr(model, REPORT, None)
+    if rep is None:
+        rep = {"factorized": {}, "skipped": {}}
+        object.__setattr__(model, REPORT, rep)
+    return rep
+
+
+def note_done(model: nn.Module, name: str, **info: Any) -> None:
+    report(model)["factorized"][name] = info
+    log.info("factorized %s: %s", name, info)
+
+
+def note_skip(model: nn.Module, name: str, reason: str) -> None:
+    report(model)["skipped"][name] = reason
+    log.info("skipped %s: %s", name, reason)
+
+
+def mark(seq: nn.Sequential, kind: str) -> nn.Sequential:
+    setattr(seq, MARK, kind)
+    return seq
+
+
+def check_type(name: str, module: nn.Module, allowed: tuple[type, ...], kind: str) -> None:
+    if type(module) not in allowed:
+        names = ", ".join(t.__name__ for t in allowed)
+        raise UnsupportedLayerError(
+            f"{kind} cannot factorize layer {name!r} of type {type(module).__name__}; supported: {names} "
+            "(narrow the selection with select.types / select.exclude)"
+        )
+
+
+def conv_skip_reason(conv: nn.Conv2d) -> str | None:
+    """Why a conv is left alone (None: it can be factorized). Dilation is handled."""
+    if conv.groups != 1:
+        return f"grouped conv (groups={conv.groups}) is already factorized along channels"
+    if isinstance(conv.padding, str):
+        return f"string padding {conv.padding!r} is not supported; use explicit padding"
+    return None
+
+
+def calibration_inputs(data: Any) -> Iterator[tuple[torch.Tensor, ...]]:
+    """Model inputs of each calibration batch: a tensor, a tuple of input tensors (all of them are
+    passed to the model), or a tokenizer dict (input_ids, attention_mask)."""
+    for batch in data:
+        if isinstance(batch, torch.Tensor):
+            yield (batch,)
+        elif isinstance(batch, tuple | list) and all(isinstance(t, torch.Tensor) for t in batch):
+            yield tuple(batch)
+        elif isinstance(batch, dict):
+            yield next(iter(iter_batches([batch])))[0]
+        else:
+            raise DataError(f"unsupported calibration batch of type {type(batch).__name__}; "
+                            "use a tensor, a tuple of input tensors, or a tokenizer dict")
+
+
+def first_inputs(model: nn.Module, data: Any) -> tuple[torch.Tensor, ...] | None:
+    """One batch of example inputs: the first calibration batch, else the model's recorded input."""
+    if data:
+        return next(calibration_inputs(data[:1] if isinstance(data, list) else [next(iter(data))]))
+    if getattr(model, "_torchshrink_input", None) is not None:
+        from torchshrink.models import example_inputs
+
+        return example_inputs(model, batch=1)
+    return None
+
+
+def io_shapes(model: nn.Module, names: list[str], inputs: tuple[torch.Tensor, ...] | None) -> dict[str, tuple]:
+    """``{name: (input shape, output shape)}`` of the named layers from one forward pass."""
+    if inputs is None:
+        return {}
+    shapes: dict[str, tuple] = {}
+    hooks = []
+    mods = dict(model.named_modules())
+    for n in names:
+        def hook(m: nn.Module, args: tuple, out: torch.Tensor, n: str = n) -> None:
+            shapes.setdefault(n, (tuple(args[0].shape), tuple(out.shape)))
+
+        hooks.append(mods[n].register_forward_hook(hook))
+    was = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            model(*inputs)
+    except Exception as e:
+        raise DataError(f"could not run the model on its example input to find layer shapes: {e}") from None
+    finally:
+        model.train(was)
+        for h in hooks:
+            h.remove()
+    return shapes
+
+
+def speedup(old: nn.Module, new: nn.Module, in_shape: tuple, runs: int = 30) -> float:
+    """Measured latency ratio old/new of one layer at batch 1 on this machine (>1: new is faster)."""
+    x = torch.randn(1, *in_shape[1:])
+    t = time_interleaved({"old": old.eval(), "new": new.eval()}, (x,), warmup=5, runs=runs)
+    return t["old"].p50_ms / max(t["new"].p50_ms, 1e-9)

@@ -1,0 +1,314 @@
+"""Real-integer modules. Each holds plain integer tensors (int8 codes, or int4 codes packed two
+per byte) plus float scales as buffers, so ``torchshrink.save`` writes them as they are; the
+kernel-specific packed weights of PyTorch's quantized ops are rebuilt lazily on first use (after a
+copy or a reload).
+
+Kernels: ``torch.ops.quantized.linear_dynamic`` (INT8 dynamic: int8 weights, activations quantized
+per call), ``quantized.conv2d[_relu]`` / ``linear[_relu]`` / ``add[_relu]`` (INT8 static, quint8
+activations), on the engine named in ``engine`` (fbgemm / x86 / onednn).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from torchshrink.export.modules import register_module
+from torchshrink.quant.packing import pack_int4, unpack_int4
+from torchshrink.quant.primitives import dequantize_weight, quantize_weight
+
+warnings.filterwarnings("ignore", message=r".*quantized tensor creation functions.*")
+
+
+@contextlib.contextmanager
+def engine(name: str) -> Iterator[None]:
+    old = torch.backends.quantized.engine
+    torch.backends.quantized.engine = name
+    try:
+        yield
+    finally:
+        torch.backends.quantized.engine = old
+
+
+def _qweight(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    zeros = torch.zeros(scale.numel(), dtype=torch.long)
+    return torch._make_per_channel_quantized_tensor(q, scale.double(), zeros, 0)
+
+
+class _Packed(nn.Module):
+    """Base: a lazily built kernel handle that is dropped on copy / pickling / state loading."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._packed: Any = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_packed"] = None
+        return state
+
+    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
+        self._packed = None
+        super()._load_from_state_dict(*args, **kwargs)
+
+    def _apply(self, fn: Any, recurse: bool = True) -> nn.Module:
+        self._packed = None
+        return super()._apply(fn, recurse)
+
+
+def _float_bias(bias: torch.Tensor | None) -> torch.Tensor | None:
+    return None if bias is None else bias.detach().float().clone()
+
+
+@register_module
+class Int8DynamicLinear(_Packed):
+    """Linear with int8 per-channel weights; activations are quantized (uint8, per tensor) at run time
+    and the GEMM runs in integers (fbgemm/onednn ``linear_dynamic``). An optional per-input-channel
+    ``smooth`` divisor (SmoothQuant) moves activation outliers into the weights."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, smooth: bool = False,
+                 engine: str = "x86", reduce_range: bool = True) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.engine, self.reduce_range = engine, reduce_range
+        self.register_buffer("qweight", torch.zeros(out_features, in_features, dtype=torch.int8))
+        self.register_buffer("w_scale", torch.ones(out_features))
+        self.register_buffer("bias", torch.zeros(out_features) if bias else None)
+        self.register_buffer("smooth", torch.ones(in_features) if smooth else None)
+
+    @classmethod
+    def from_float(cls, lin: nn.Linear, *, smooth: torch.Tensor | None = None, engine: str = "x86",
+                   reduce_range: bool = True) -> Int8DynamicLinear:
+        m = cls(lin.in_features, lin.out_features, lin.bias is not None, smooth is not None, engine, reduce_range)
+        w = lin.weight.detach().float()
+        if smooth is not None:
+            m.smooth.copy_(smooth)
+            w = w * smooth  # x / s @ (W * s)^T == x @ W^T
+        q, s, _ = quantize_weight(w, bits=8, granularity="channel")
+        m.qweight.copy_(q)
+        m.w_scale.copy_(s)
+        if lin.bias is not None:
+            m.bias.copy_(lin.bias.detach())
+        return m
+
+    def init_args(self) -> dict[str, Any]:
+        return {"in_features": self.in_features, "out_features": self.out_features, "bias": self.bias is not None,
+                "smooth": self.smooth is not None, "engine": self.engine, "reduce_range": self.reduce_range}
+
+    def _pack(self) -> Any:
+        with engine(self.engine):
+            self._packed = torch.ops.quantized.linear_prepack(_qweight(self.qweight, self.w_scale), self.bias)
+        return self._packed
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        packed = self._packed if self._packed is not None else self._pack()
+        if self.smooth is not None:
+            x = x / self.smooth
+        shape = x.shape
+        y = torch.ops.quantized.linear_dynamic(x.reshape(-1, shape[-1]).float().contiguous(), packed, self.reduce_range)
+        return y.reshape(*shape[:-1], self.out_features).to(x.dtype)
+
+    def logical_params(self) -> int:
+        return self.qweight.numel() + (self.bias.numel() if self.bias is not None else 0)
+
+    def macs(self, args: tuple, output: Any) -> int:
+        return int(args[0].numel() // self.in_features * self.in_features * self.out_features)
+
+    def dequantized_weight(self) -> torch.Tensor:
+        w = dequantize_weight(self.qweight, self.w_scale, torch.zeros_like(self.w_scale))
+        return w / self.smooth if self.smooth is not None else w
+
+
+@register_module
+class WeightOnlyLinear(nn.Module):
+    """Linear whose weight is stored as int8 per-channel or int4 per-group codes (int4 packed two per
+    byte); it is dequantized on the fly and multiplied in float (a storage / memory saving: this CPU
+    has no fast weight-only integer GEMM, measured)."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, bits: int = 4,
+                 group_size: int = 128) -> None:
+        super().__init__()
+        self.in_features, self.out_features, self.bits, self.group_size = in_features, out_features, bits, group_size
+        cols = in_features // 2 if bits == 4 else in_features
+        self.register_buffer("qweight", torch.zeros(out_features, cols, dtype=torch.uint8 if bits == 4 else torch.int8))
+        n_scales = (out_features, in_features // group_size) if group_size else (out_features,)
+        self.register_buffer("scale", torch.ones(n_scales))
+        self.register_buffer("bias", torch.zeros(out_features) if bias else None)
+
+    @classmethod
+    def from_float(cls, lin: nn.Linear, *, bits: int = 4, group_size: int = 128) -> WeightOnlyLinear:
+        m = cls(lin.in_features, lin.out_features, lin.bias is not None, bits, group_size)
+        q, s, _ = quantize_weight(lin.weight, bits=bits, granularity="group" if group_size else "channel",
+                                  group_size=group_size or 128)
+        m.qweight.copy_(pack_int4(q) if bits == 4 else q)
+        m.scale.copy_(s)
+        if lin.bias is not None:
+            m.bias.copy_(lin.bias.detach())
+        return m
+
+    def init_args(self) -> dict[str, Any]:
+        return {"in_features": self.in_features, "out_features": self.out_features, "bias": self.bias is not None,
+                "bits": self.bits, "group_size": self.group_size}
+
+    def codes(self) -> torch.Tensor:
+        return unpack_int4(self.qweight) if self.bits == 4 else self.qweight
+
+    def dequantized_weight(self) -> torch.Tensor:
+        return dequantize_weight(self.codes(), self.scale, torch.zeros_like(self.scale), self.group_size or None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.dequantized_weight().to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+
+    def logical_params(self) -> int:
+        return self.out_features * self.in_features + (self.out_features if self.bias is not None else 0)
+
+
+# --------------------------------------------------------------------------- static (quint8 activations)
+
+
+@register_module
+class QuantizeActivation(nn.Module):
+    """float -> quint8 with calibrated scale / zero point (the entry of an integer region)."""
+
+    def __init__(self, scale: float = 1.0, zero_point: int = 0) -> None:
+        super().__init__()
+        self.scale, self.zero_point = float(scale), int(zero_point)
+
+    def init_args(self) -> dict[str, Any]:
+        return {"scale": self.scale, "zero_point": self.zero_point}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.quantize_per_tensor(x.float(), self.scale, self.zero_point, torch.quint8)
+
+
+@register_module
+class DequantizeActivation(nn.Module):
+    def init_args(self) -> dict[str, Any]:
+        return {}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.dequantize() if x.is_quantized else x
+
+
+@register_module
+class Int8Conv2d(_Packed):
+    """Conv2d (BatchNorm folded, ReLU optionally fused) on quint8 activations and int8 per-channel
+    weights; returns quint8 with the calibrated output scale."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: tuple[int, int], stride: tuple[int, int] = (1, 1),
+                 padding: tuple[int, int] = (0, 0), dilation: tuple[int, int] = (1, 1), groups: int = 1,
+                 relu: bool = False, out_scale: float = 1.0, out_zero_point: int = 0, engine: str = "x86") -> None:
+        super().__init__()
+        self.in_channels, self.out_channels, self.groups = in_channels, out_channels, groups
+        self.kernel_size, self.stride = tuple(kernel_size), tuple(stride)
+        self.padding, self.dilation = tuple(padding), tuple(dilation)
+        self.relu, self.out_scale, self.out_zero_point, self.engine = relu, float(out_scale), int(out_zero_point), engine
+        self.register_buffer("qweight", torch.zeros(out_channels, in_channels // groups, *self.kernel_size, dtype=torch.int8))
+        self.register_buffer("w_scale", torch.ones(out_channels))
+        self.register_buffer("bias", torch.zeros(out_channels))
+
+    @classmethod
+    def from_float(cls, weight: torch.Tensor, bias: torch.Tensor | None, conv: nn.Conv2d, *, relu: bool,
+                   out_scale: float, out_zero_point: int, engine: str, bits: int = 8) -> Int8Conv2d:
+        m = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation,  # type: ignore[arg-type]
+                conv.groups, relu, out_scale, out_zero_point, engine)
+        q, s, _ = quantize_weight(weight, bits=bits, granularity="channel")
+        m.qweight.copy_(q)
+        m.w_scale.copy_(s)
+        if bias is not None:
+            m.bias.copy_(bias.detach())
+        return m
+
+    def init_args(self) -> dict[str, Any]:
+        return {"in_channels": self.in_channels, "out_channels": self.out_channels, "kernel_size": list(self.kernel_size),
+                "stride": list(self.stride), "padding": list(self.padding), "dilation": list(self.dilation),
+                "groups": self.groups, "relu": self.relu, "out_scale": self.out_scale,
+                "out_zero_point": self.out_zero_point, "engine": self.engine}
+
+    def _pack(self) -> Any:
+        with engine(self.engine):
+            self._packed = torch.ops.quantized.conv2d_prepack(
+                _qweight(self.qweight, self.w_scale), self.bias, list(self.stride), list(self.padding),
+                list(self.dilation), self.groups)
+        return self._packed
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        packed = self._packed if self._packed is not None else self._pack()
+        op = torch.ops.quantized.conv2d_relu if self.relu else torch.ops.quantized.conv2d
+        return op(x, packed, self.out_scale, self.out_zero_point)
+
+    def logical_params(self) -> int:
+        return self.qweight.numel() + self.bias.numel()
+
+    def macs(self, args: tuple, output: Any) -> int:
+        per_out = self.qweight[0].numel()
+        return int(output.numel() * per_out)
+
+
+@register_module
+class Int8Linear(_Packed):
+    """Linear on quint8 activations (static scales), int8 per-channel weights, quint8 output."""
+
+    def __init__(self, in_features: int, out_features: int, relu: bool = False, out_scale: float = 1.0,
+                 out_zero_point: int = 0, engine: str = "x86") -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.relu, self.out_scale, self.out_zero_point, self.engine = relu, float(out_scale), int(out_zero_point), engine
+        self.register_buffer("qweight", torch.zeros(out_features, in_features, dtype=torch.int8))
+        self.register_buffer("w_scale", torch.ones(out_features))
+        self.register_buffer("bias", torch.zeros(out_features))
+
+    @classmethod
+    def from_float(cls, weight: torch.Tensor, bias: torch.Tensor | None, *, relu: bool, out_scale: float,
+                   out_zero_point: int, engine: str, bits: int = 8) -> Int8Linear:
+        m = cls(weight.shape[1], weight.shape[0], relu, out_scale, out_zero_point, engine)
+        q, s, _ = quantize_weight(weight, bits=bits, granularity="channel")
+        m.qweight.copy_(q)
+        m.w_scale.copy_(s)
+        if bias is not None:
+            m.bias.copy_(bias.detach())
+        return m
+
+    def init_args(self) -> dict[str, Any]:
+        return {"in_features": self.in_features, "out_features": self.out_features, "relu": self.relu,
+                "out_scale": self.out_scale, "out_zero_point": self.out_zero_point, "engine": self.engine}
+
+    def _pack(self) -> Any:
+        with engine(self.engine):
+            self._packed = torch.ops.quantized.linear_prepack(_qweight(self.qweight, self.w_scale), self.bias)
+        return self._packed
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        packed = self._packed if self._packed is not None else self._pack()
+        op = torch.ops.quantized.linear_relu if self.relu else torch.ops.quantized.linear
+        shape = x.shape
+        y = op(x.reshape(-1, shape[-1]), packed, self.out_scale, self.out_zero_point)
+        return y.reshape(*shape[:-1], self.out_features)
+
+    def logical_params(self) -> int:
+        return self.qweight.numel() + self.bias.numel()
+
+    def macs(self, args: tuple, output: Any) -> int:
+        return int(output.numel() * self.in_features)
+
+
+@register_module
+class QuantizedAdd(nn.Module):
+    """a + b (optionally ReLU) on two quint8 tensors, requantized to the calibrated output scale."""
+
+    def __init__(self, relu: bool = False, out_scale: float = 1.0, out_zero_point: int = 0) -> None:
+        super().__init__()
+        self.relu, self.out_scale, self.out_zero_point = relu, float(out_scale), int(out_zero_point)
+
+    def init_args(self) -> dict[str, Any]:
+        return {"relu": self.relu, "out_scale": self.out_scale, "out_zero_point": self.out_zero_point}
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        op = torch.ops.quantized.add_relu if self.relu else torch.ops.quantized.add
+        return op(a, b, self.out_scale, self.out_zero_point)

@@ -1,0 +1,259 @@
+"""Static INT8 PTQ for CNNs on PyTorch's quantized kernels.
+
+trace (torch.fx) -> fold BatchNorm into the preceding Conv2d -> fuse ReLU into Conv/Linear/add ->
+calibrate (observers on every value that enters or leaves an integer op) -> convert: Int8Conv2d /
+Int8Linear / QuantizedAdd on quint8 activations; quantize at the entry of each integer region,
+dequantize where a float op needs its input. Pools / flatten / relu run on quantized tensors.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import operator
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+from torchshrink.core.config import Config, check_range, register
+from torchshrink.core.errors import DataError, UnsupportedLayerError
+from torchshrink.core.select import Select, config_for, select_modules
+from torchshrink.quant.modules import DequantizeActivation, Int8Conv2d, Int8Linear, QuantizeActivation, QuantizedAdd
+from torchshrink.quant.observers import Observer, make_observer
+from torchshrink.quant.ptq import Engine, calibration_batches, note_float, resolve_engine
+
+_RELU_FN = (torch.relu, F.relu)
+_ADD_FN = (operator.add, operator.iadd, torch.add)
+_PASS_MODULES = (nn.MaxPool2d, nn.AdaptiveAvgPool2d, nn.AvgPool2d, nn.Flatten, nn.ReLU, nn.Identity, nn.Dropout)
+_PASS_FN = (torch.flatten, torch.relu, F.relu, F.max_pool2d, F.adaptive_avg_pool2d, torch.nn.functional.dropout)
+_PASS_METHODS = ("view", "reshape", "flatten", "relu", "contiguous", "size", "dim")
+
+
+class _Fused(nn.Module):
+    """Float stand-in during calibration: (folded) conv/linear [+ relu], or add [+ relu]."""
+
+    def __init__(self, kind: str, layer: nn.Module | None, weight: torch.Tensor | None, bias: torch.Tensor | None,
+                 relu: bool, src: str) -> None:
+        super().__init__()
+        self.kind, self.layer, self.relu, self.src = kind, layer, relu, src
+        self.weight, self.bias = weight, bias
+
+    def forward(self, *args: torch.Tensor) -> torch.Tensor:
+        if self.kind == "add":
+            y = args[0] + args[1]
+        elif self.kind == "conv":
+            c = self.layer
+            assert isinstance(c, nn.Conv2d)
+            y = F.conv2d(args[0], self.weight, self.bias, c.stride, c.padding, c.dilation, c.groups)
+        else:
+            y = F.linear(args[0], self.weight, self.bias)
+        return torch.relu(y) if self.relu else y
+
+
+def _is_relu(gm: fx.GraphModule, n: fx.Node) -> bool:
+    if n.op == "call_module":
+        return isinstance(gm.get_submodule(str(n.target)), nn.ReLU)
+    return (n.op == "call_function" and n.target in _RELU_FN) or (n.op == "call_method" and n.target in ("relu", "relu_"))
+
+
+def _fold_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
+    w = conv.weight.detach().float()
+    b = conv.bias.detach().float() if conv.bias is not None else torch.zeros(w.shape[0])
+    inv = bn.weight.detach() / torch.sqrt(bn.running_var + bn.eps) if bn.affine else 1 / torch.sqrt(bn.running_var + bn.eps)
+    beta = bn.bias.detach() if bn.affine else torch.zeros_like(b)
+    return w * inv.reshape(-1, 1, 1, 1), (b - bn.running_mean) * inv + beta
+
+
+def fuse_graph(gm: fx.GraphModule, targets: set[str]) -> fx.GraphModule:
+    """Replace Conv2d(+BN)(+ReLU), Linear(+ReLU), add(+ReLU) by _Fused modules (in place)."""
+    g = gm.graph
+    count = 0
+    for n in list(g.nodes):
+        kind, layer, w, b = None, None, None, None
+        if n.op == "call_module" and str(n.target) in targets:
+            layer = gm.get_submodule(str(n.target))
+            kind = "conv" if isinstance(layer, nn.Conv2d) else "linear"
+            w = layer.weight.detach().float()
+            b = layer.bias.detach().float() if layer.bias is not None else None
+        elif (n.op == "call_function" and n.target in _ADD_FN) or (n.op == "call_method" and n.target in ("add", "add_")):
+            if len(n.args) == 2 and all(isinstance(a, fx.Node) for a in n.args) and not n.kwargs:
+                kind = "add"
+        if kind is None:
+            continue
+        last = n
+        users = list(last.users)
+        if kind == "conv" and len(users) == 1 and users[0].op == "call_module" and \
+                isinstance(gm.get_submodule(str(users[0].target)), nn.BatchNorm2d):
+            w, b = _fold_bn(layer, gm.get_submodule(str(users[0].target)))  # type: ignore[arg-type]
+            last = users[0]
+            users = list(last.users)
+        relu = len(users) == 1 and _is_relu(gm, users[0])
+        if relu:
+            last = users[0]
+        name = f"_ts_fused_{count}"
+        count += 1
+        gm.add_module(name, _Fused(kind, layer, w, b, relu, str(n.target) if kind != "add" else n.name))
+        with g.inserting_after(last):
+            new = g.call_module(name, tuple(n.args[:2]) if kind == "add" else (n.args[0],))
+        last.replace_all_uses_with(new)
+        # erase the replaced chain (last -> ... -> n)
+        chain = [last]
+        while chain[-1] is not n:
+            chain.append(chain[-1].args[0])  # type: ignore[arg-type]
+        for old in chain:
+            g.erase_node(old)
+    g.lint()
+    gm.recompile()
+    return gm
+
+
+class _Calibrator(fx.Interpreter):
+    def __init__(self, gm: fx.GraphModule, watch: dict[str, Observer]) -> None:
+        super().__init__(gm)
+        self.watch = watch
+
+    def run_node(self, n: fx.Node) -> Any:
+        out = super().run_node(n)
+        if n.name in self.watch and isinstance(out, torch.Tensor):
+            self.watch[n.name].update(out)
+        return out
+
+
+def _is_pass(gm: fx.GraphModule, n: fx.Node) -> bool:
+    if n.op == "call_module":
+        return isinstance(gm.get_submodule(str(n.target)), _PASS_MODULES)
+    if n.op == "call_function":
+        return n.target in _PASS_FN
+    return n.op == "call_method" and n.target in _PASS_METHODS
+
+
+def convert_graph(gm: fx.GraphModule, observers: dict[str, Observer], engine: str, bits: dict[str, int]) -> fx.GraphModule:
+    g = gm.graph
+    quantized: set[str] = set()
+    qcache: dict[str, fx.Node] = {}
+    dq_cache: dict[str, fx.Node] = {}
+    gm.add_module("_ts_dequant", DequantizeActivation())
+    k = 0
+
+    def as_q(a: fx.Node, before: fx.Node) -> fx.Node:
+        nonlocal k
+        if a.name in quantized:
+            return a
+        if a.name not in qcache:
+            s, z = observers[a.name].qparams(bits=8, signed=False, symmetric=False)
+            name = f"_ts_quant_{k}"
+            k += 1
+            gm.add_module(name, QuantizeActivation(s, z))
+            with g.inserting_after(a):
+                qcache[a.name] = g.call_module(name, (a,))
+        return qcache[a.name]
+
+    def as_f(a: fx.Node) -> fx.Node:
+        if a.name not in quantized:
+            return a
+        if a.name not in dq_cache:
+            with g.inserting_after(a):
+                dq_cache[a.name] = g.call_module("_ts_dequant", (a,))
+        return dq_cache[a.name]
+
+    for n in list(g.nodes):
+        if n.op == "call_module" and str(n.target).startswith("_ts_fused_"):
+            f = gm.get_submodule(str(n.target))
+            s, z = observers[n.name].qparams(bits=8, signed=False, symmetric=False)
+            if f.kind == "add":
+                new_mod: nn.Module = QuantizedAdd(f.relu, s, z)
+            elif f.kind == "conv":
+                new_mod = Int8Conv2d.from_float(f.weight, f.bias, f.layer, relu=f.relu, out_scale=s, out_zero_point=z,
+                                                engine=engine, bits=bits.get(f.src, 8))
+            else:
+                new_mod = Int8Linear.from_float(f.weight, f.bias, relu=f.relu, out_scale=s, out_zero_point=z,
+                                                engine=engine, bits=bits.get(f.src, 8))
+            setattr(gm, str(n.target), new_mod)
+            n.args = tuple(as_q(a, n) if isinstance(a, fx.Node) else a for a in n.args)
+            quantized.add(n.name)
+        elif n.op == "output":
+            n.args = tuple(fx.node.map_arg(n.args, as_f) for _ in [0])[0]
+        elif n.op in ("call_module", "call_function", "call_method"):
+            first = n.args[0] if n.args else None
+            if _is_pass(gm, n) and isinstance(first, fx.Node) and first.name in quantized:
+                if not (n.op == "call_method" and n.target in ("size", "dim")):
+                    quantized.add(n.name)
+                continue
+            n.args = fx.node.map_arg(n.args, as_f)
+            n.kwargs = fx.node.map_arg(n.kwargs, as_f)
+    g.eliminate_dead_code()
+    g.lint()
+    gm.recompile()
+    gm.delete_all_unused_submodules()
+    return gm
+
+
+def apply_int8_static(model: nn.Module, config: Int8StaticConfig, *, select: Select | None = None,
+                      data: Any = None, **_: Any) -> nn.Module:
+    batches = calibration_batches(data, config.calib_batches)
+    chosen = select_modules(model, select, ("Conv2d", "Linear"))
+    targets: set[str] = set()
+    bits: dict[str, int] = {}
+    floats: dict[str, str] = {}
+    for name, m in chosen:
+        if type(m) is nn.Conv2d and m.padding_mode == "zeros":
+            targets.add(name)
+        elif type(m) is nn.Linear:
+            targets.add(name)
+        else:
+            floats[name] = f"{type(m).__name__} has no static INT8 kernel here (Conv2d with zero padding and Linear only)"
+            continue
+        bits[name] = config_for(name, config, select).weight_bits
+    try:
+        gm = fx.symbolic_trace(model)
+    except Exception as e:  # fx raises many types for untraceable code
+        raise UnsupportedLayerError(
+            f"static INT8 needs a torch.fx-traceable model; tracing {type(model).__name__} failed: {str(e).splitlines()[0]}. "
+            "Use int8_dynamic or weight_only for this model"
+        ) from None
+    gm = fuse_graph(gm, targets)
+    watch: dict[str, Observer] = {}
+    for n in gm.graph.nodes:
+        if n.op == "call_module" and str(n.target).startswith("_ts_fused_"):
+            for a in [n, *[x for x in n.args if isinstance(x, fx.Node)]]:
+                watch.setdefault(a.name, make_observer(config.observer))
+    cal = _Calibrator(gm, watch)
+    gm.eval()
+    with torch.no_grad():
+        for inputs in batches:
+            try:
+                cal.run(*inputs)
+            except (RuntimeError, TypeError, ValueError, IndexError) as e:
+                raise DataError(f"calibration batch of shapes {[tuple(t.shape) for t in inputs]} does not fit the model: "
+                                f"{str(e).splitlines()[0]}") from None
+    out = convert_graph(gm, watch, resolve_engine(config.engine), bits)
+    for name, reason in floats.items():
+        note_float(out, name, reason)
+    for attr in ("_torchshrink_source", "_torchshrink_input"):
+        if hasattr(model, attr):
+            setattr(out, attr, getattr(model, attr))
+    out._torchshrink_quant_backend = f"torch.ops.quantized conv2d/linear/add ({resolve_engine(config.engine)} engine)"
+    return out.eval()
+
+
+@register(apply_int8_static)
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Int8StaticConfig(Config):
+    """Static INT8: calibrated quint8 activations, int8 per-channel weights, BN folding and ReLU fusion,
+    for torch.fx-traceable CNNs. ``weight_bits`` < 8 (also per layer via overrides) restricts the
+    int8 weight grid (mixed precision on the same kernels)."""
+
+    kind = "int8_static"
+    family = "quantize"
+    observer: Literal["minmax", "moving_average", "percentile", "mse", "entropy"] = "minmax"
+    calib_batches: int = 16
+    weight_bits: int = 8
+    engine: Engine = "auto"
+
+    def validate(self) -> None:
+        check_range("int8_static.calib_batches", self.calib_batches, 1, 100000)
+        check_range("int8_static.weight_bits", self.weight_bits, 2, 8)
+
+
+__all__ = ["Int8StaticConfig", "apply_int8_static", "convert_graph", "fuse_graph"]

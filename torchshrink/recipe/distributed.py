@@ -1,0 +1,212 @@
+"""Data-parallel fine-tuning of a recipe stage with torch.distributed (DDP, gloo on CPU).
+
+Every process applies the stage the same way (same seed), wraps the prepared model in
+DistributedDataParallel and runs the shared fine-tune loop (:func:`torchshrink.recipe.train.finetune`)
+on its slice of every batch: rank r gets the r-th contiguous part, so the averaged gradient equals
+the single-process gradient of the whole batch, and the result matches a one-process run up to
+floating-point order (and per-slice BatchNorm statistics). Rank 0 hands back the trained weights;
+``finalize`` then runs once, as in :func:`torchshrink.recipe.runner.run_stage`.
+
+Two ways in:
+- ``run_stage_ddp(model, stage, task_factory, world_size=2)`` spawns the processes itself;
+- under torchrun: ``torchrun --nproc-per-node 2 -m torchshrink.recipe.distributed --model M --recipe R --out DIR``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import os
+import socket
+import tempfile
+import warnings
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from torchshrink.core.api import apply
+from torchshrink.core.config import get_entry
+from torchshrink.core.errors import ConfigError, DataError
+from torchshrink.recipe.recipe import Stage
+from torchshrink.recipe.task import Task
+from torchshrink.recipe.train import finetune, recovery_loss
+
+log = logging.getLogger(__name__)
+TaskFactory = Callable[[], Task]
+
+
+class Shard:
+    """Iterates ``data`` and yields this rank's contiguous slice of every batch (tensors,
+    (inputs, labels) tuples or dicts of tensors)."""
+
+    def __init__(self, data: Iterable[Any], rank: int, world_size: int) -> None:
+        self.data, self.rank, self.world = data, rank, world_size
+
+    def __len__(self) -> int:
+        return len(self.data)  # type: ignore[arg-type]
+
+    def _cut(self, x: Any) -> Any:
+        if isinstance(x, torch.Tensor):
+            n = x.shape[0]
+            if n < self.world:
+                raise DataError(f"a batch of {n} sample(s) cannot be split over {self.world} processes; "
+                                "use a batch size >= the number of processes")
+            return x.tensor_split(self.world)[self.rank]
+        if isinstance(x, dict):
+            return {k: self._cut(v) for k, v in x.items()}
+        if isinstance(x, tuple | list):
+            return type(x)(self._cut(v) for v in x)
+        return x
+
+    def __iter__(self) -> Iterator[Any]:
+        for batch in self.data:
+            yield self._cut(batch)
+
+
+def _reseed(task: Task, seed: int) -> None:
+    torch.manual_seed(seed)
+    gen = getattr(task.train, "generator", None)
+    if isinstance(gen, torch.Generator):
+        gen.manual_seed(seed)
+
+
+def ddp_finetune_stage(model: nn.Module, stage: Stage, task: Task, seed: int = 0) -> nn.Module:
+    """Inside an initialized process group: apply ``stage`` and fine-tune it with DDP.
+    Returns the prepared, trained model (not finalized), identical on every rank."""
+    if not dist.is_initialized():
+        raise ConfigError("ddp_finetune_stage needs an initialized process group (torchrun, or run_stage_ddp)")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    entry = get_entry(stage.config)
+    _reseed(task, seed)
+    new = apply(model, stage.config, select=stage.select, data=task.calibration)
+    if stage.finetune is None or stage.finetune.epochs == 0:
+        return new
+    ft = dataclasses.replace(stage.finetune, seed=stage.finetune.seed + seed)
+    base_loss = recovery_loss(stage.recovery, model, ft)
+    # BatchNorm running statistics are averaged over the ranks every step (below) instead of being
+    # overwritten by rank 0's, so the evaluated model sees statistics of the whole batch
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # broadcast_buffers: still the way to keep them rank-local
+        ddp = nn.parallel.DistributedDataParallel(new, find_unused_parameters=True, broadcast_buffers=False)
+    norms = [m for m in new.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+
+    def loss(student: nn.Module, inputs: tuple, labels: torch.Tensor | None) -> torch.Tensor:
+        return base_loss(ddp, inputs, labels)
+
+    def on_step(m: nn.Module, step: int, total: int) -> None:
+        _average_norm_stats(norms, world)
+        if entry.on_step is not None:
+            entry.on_step(new, stage.config, step, total)
+
+    finetune(new, Shard(task.require_train(), rank, world), ft, loss_fn=loss, on_step=on_step)
+    return new
+
+
+def _average_norm_stats(norms: list[nn.Module], world: int) -> None:
+    with torch.no_grad():
+        for m in norms:
+            for buf in (m.running_mean, m.running_var):
+                if buf is not None:
+                    dist.all_reduce(buf, op=dist.ReduceOp.SUM)
+                    buf.div_(world)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _spawned(rank: int, world: int, port: int, model: nn.Module, stage: Stage, task_factory: TaskFactory,
+             seed: int, out: str, threads: int) -> None:
+    torch.set_num_threads(threads)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        trained = ddp_finetune_stage(model, stage, task_factory(), seed)
+        if rank == 0:  # finalize once and hand the result over in torchshrink's own save format
+            from torchshrink.export.io import save
+
+            entry = get_entry(stage.config)
+            final = entry.finalize(trained, stage.config) if entry.finalize is not None else trained
+            save(final.eval(), out)
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def run_stage_ddp(model: nn.Module, stage: Stage, task_factory: TaskFactory, *, world_size: int = 2,
+                  seed: int = 0, threads: int = 1, timeout_s: float = 600) -> nn.Module:
+    """Like :func:`torchshrink.recipe.runner.run_stage`, with the fine-tuning spread over
+    ``world_size`` local processes (gloo). ``task_factory`` (a picklable, module-level function
+    such as ``torchshrink.recipe.task.digits_task``) builds the same task in every process."""
+    import torch.multiprocessing as tmp_mp
+
+    if world_size < 1:
+        raise ConfigError(f"world_size={world_size} must be >= 1")
+    if stage.finetune is not None and stage.finetune.epochs > 0:
+        from torchshrink.export.io import load
+
+        with tempfile.TemporaryDirectory() as d:
+            out = str(Path(d) / "model")
+            ctx = tmp_mp.start_processes(_spawned, args=(world_size, _free_port(), model, stage, task_factory, seed,
+                                                         out, threads), nprocs=world_size, join=False,
+                                         start_method="spawn")
+            import time
+
+            deadline = time.monotonic() + timeout_s
+            while not ctx.join(timeout=1.0):
+                if time.monotonic() > deadline:
+                    for p in ctx.processes:
+                        p.kill()
+                    raise TimeoutError(f"DDP fine-tuning did not finish within {timeout_s:.0f} s")
+            if not Path(out).is_dir():
+                raise RuntimeError("DDP fine-tuning ended without a model from rank 0")
+            return load(out).eval()
+    task = task_factory()
+    _reseed(task, seed)
+    new = apply(model, stage.config, select=stage.select, data=task.calibration)
+    entry = get_entry(stage.config)
+    if entry.finalize is not None:
+        new = entry.finalize(new, stage.config)
+    return new.eval()
+
+
+def main(argv: list[str] | None = None) -> None:  # pragma: no cover - exercised through torchrun
+    """torchrun entry point: every stage of a recipe with DDP fine-tuning; rank 0 saves the model."""
+    from torchshrink.export.io import save
+    from torchshrink.models import load_model
+    from torchshrink.recipe.recipe import load_recipe
+    from torchshrink.recipe.task import task_for
+
+    ap = argparse.ArgumentParser(prog="python -m torchshrink.recipe.distributed")
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--recipe", required=True)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+    dist.init_process_group("gloo")
+    try:
+        model = load_model(args.model).eval()
+        recipe = load_recipe(args.recipe)
+        task = task_for(model)
+        current = model
+        for i, stage in enumerate(recipe.stages):
+            trained = ddp_finetune_stage(current, stage, task, args.seed * 1000 + i)
+            entry = get_entry(stage.config)
+            current = (entry.finalize(trained, stage.config) if entry.finalize else trained).eval()
+        if dist.get_rank() == 0:
+            save(current, args.out, recipe=recipe.to_dict(), force=True)
+            log.info("wrote %s", args.out)
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()
