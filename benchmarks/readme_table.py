@@ -38,7 +38,10 @@ def table() -> str:
         m = data.get("machine") or {}
         if m:
             machines.add(f"{m.get('cpu')} ({', '.join(m.get('simd', []))}), torch {m.get('torch')}")
-        for t in data.get("targets", []):
+        targets = data.get("targets", [])
+        if isinstance(targets, dict):  # {target: passed}
+            targets = [[k, v, ""] for k, v in targets.items()]
+        for t in targets:
             name, measured, passed = _normalize(t)
             rows.append(f"| [{path.stem}](benchmarks/results/{path.stem}.md) | {name} | {measured} | {'PASS' if passed else 'FAIL'} |")
     head = "Measured on: " + "; ".join(sorted(machines)) + "\n\n" if machines else ""

@@ -54,20 +54,23 @@ class ClusteredLayer(nn.Module):
     """A Linear or Conv2d whose weight is ``centroids[codes]``; code 0 means an exact zero."""
 
     def __init__(self, op: str = "linear", shape: tuple[int, ...] = (1, 1), k: int = 2, has_bias: bool = True,
-                 conv: dict[str, Any] | None = None, bits: int = 1) -> None:
+                 conv: dict[str, Any] | None = None, bits: int = 1, zero_code: bool = False) -> None:
         super().__init__()
         self.op, self.shape, self.k, self.bits = op, tuple(shape), int(k), int(bits)
         self.conv = dict(conv or {})
         self.centroids = nn.Parameter(torch.zeros(self.k))
         self.register_buffer("codes", torch.zeros(self.shape, dtype=torch.uint8 if self.k <= 256 else torch.int16))
-        self.register_buffer("live", torch.ones(self.k))  # 0 for the pinned zero centroid
+        self.zero_code = bool(zero_code)  # code 0 is pinned to an exact zero (pruned weights)
+        live = torch.ones(self.k)
+        live[0] = 0.0 if self.zero_code else 1.0
+        self.register_buffer("live", live, persistent=False)
         self.bias = nn.Parameter(torch.zeros(self.shape[0])) if has_bias else None
         self._torchshrink_formats = {"codes": "entropy"}
         self._cache: torch.Tensor | None = None
 
     def init_args(self) -> dict[str, Any]:
         return {"op": self.op, "shape": list(self.shape), "k": self.k, "has_bias": self.bias is not None,
-                "conv": self.conv, "bits": self.bits}
+                "conv": self.conv, "bits": self.bits, "zero_code": self.zero_code}
 
     @classmethod
     def from_layer(cls, layer: nn.Module, bits: int, init: str, keep_zeros: bool, iters: int) -> ClusteredLayer:
@@ -76,16 +79,15 @@ class ClusteredLayer(nn.Module):
         conv = {} if op == "linear" else {"stride": list(layer.stride), "padding": list(layer.padding),
                                          "dilation": list(layer.dilation), "groups": layer.groups}
         k = 2 ** bits
-        m = cls(op, tuple(w.shape), k, layer.bias is not None, conv, bits)
         flat = w.reshape(-1)
         zero = flat == 0
+        m = cls(op, tuple(w.shape), k, layer.bias is not None, conv, bits, zero_code=keep_zeros and bool(zero.any()))
         codes = torch.zeros(flat.numel(), dtype=torch.long)
         cents = torch.zeros(k)
         if keep_zeros and bool(zero.any()):
             c, idx = kmeans_1d(flat[~zero], k - 1, init=init, iters=iters)
             cents[1:1 + c.numel()] = c
             codes[~zero] = idx + 1
-            m.live[0] = 0.0
         else:
             c, idx = kmeans_1d(flat, k, init=init, iters=iters)
             cents[: c.numel()] = c

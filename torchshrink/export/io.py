@@ -43,10 +43,28 @@ def _simple_attrs(m: nn.Module) -> dict[str, Any]:
     return out
 
 
+def _changed_attrs(tname: str, init: dict[str, Any], attrs: dict[str, Any]) -> dict[str, Any]:
+    try:
+        with torch.device("meta"):
+            fresh = _simple_attrs(build_module(tname, init))
+    except Exception:  # cannot build one to compare with: keep everything
+        return attrs
+    return {k: v for k, v in attrs.items() if fresh.get(k, object()) != v}
+
+
 def module_records(model: nn.Module) -> list[dict[str, Any]]:
     recs = []
     for name, m in model.named_modules():
-        rec: dict[str, Any] = {"name": name, "type": type_name(m), "init": init_args(m), "attrs": _simple_attrs(m)}
+        tname, init = type_name(m), init_args(m)
+        rec: dict[str, Any] = {"name": name, "type": tname, "init": init}
+        # simple attributes that the constructor does not reproduce (HF attention head counts that
+        # structured pruning changed, technique tags, ...); for a rebuildable module only the ones
+        # that differ from a fresh one built on the meta device, which keeps manifests small
+        attrs = _simple_attrs(m)
+        if init is not None and attrs:
+            attrs = _changed_attrs(tname, init, attrs)
+        if attrs or init is None:
+            rec["attrs"] = attrs
         fmts = getattr(m, "_torchshrink_formats", None)
         if fmts:
             rec["formats"] = dict(fmts)

@@ -87,7 +87,7 @@ def export_twin(model: nn.Module) -> nn.Module:
         elif isinstance(m, Int8Conv2d | Int8Linear | QuantizedAdd):
             raise UnsupportedLayerError(
                 f"layer {name!r} ({type(m).__name__}) runs on quint8 tensors and cannot be exported to ONNX yet; "
-                "exportable: int8_dynamic, weight_only and float layers"
+                "exportable: int8-dynamic, weight-only and float layers"
             )
     return twin.eval()
 

@@ -142,7 +142,7 @@ class Int8DynamicConfig(Config):
     run time, integer GEMM. ``smooth_alpha`` > 0 applies SmoothQuant channel balancing from
     calibration data; ``keep_float`` (usually as a per-layer override) leaves a layer in float."""
 
-    kind = "int8_dynamic"
+    kind = "int8-dynamic"
     family = "quantize"
     smooth_alpha: float = 0.0
     calib_batches: int = 8
@@ -153,8 +153,8 @@ class Int8DynamicConfig(Config):
     reduce_range: Literal["auto", "on", "off"] = "auto"
 
     def validate(self) -> None:
-        check_range("int8_dynamic.smooth_alpha", self.smooth_alpha, 0.0, 1.0)
-        check_range("int8_dynamic.calib_batches", self.calib_batches, 1, 100000)
+        check_range("int8-dynamic.smooth_alpha", self.smooth_alpha, 0.0, 1.0)
+        check_range("int8-dynamic.calib_batches", self.calib_batches, 1, 100000)
 
 
 # --------------------------------------------------------------------------- weight-only
@@ -184,13 +184,13 @@ class WeightOnlyConfig(Config):
     packed two values per byte. ``group_size: 0`` means per output channel. Per-layer ``bits`` via
     select overrides gives mixed precision."""
 
-    kind = "weight_only"
+    kind = "weight-only"
     family = "quantize"
     bits: Literal[4, 8] = 4
     group_size: int = 128
 
     def validate(self) -> None:
         if self.group_size and self.group_size not in (16, 32, 64, 128, 256):
-            raise ConfigError(f"weight_only.group_size={self.group_size} is not allowed; allowed: 0 (per channel), 16, 32, 64, 128, 256")
+            raise ConfigError(f"weight-only.group_size={self.group_size} is not allowed; allowed: 0 (per channel), 16, 32, 64, 128, 256")
         if self.bits == 4 and self.group_size == 0:
             pass  # per-channel int4 is allowed (lower quality)

@@ -210,7 +210,7 @@ def apply_int8_static(model: nn.Module, config: Int8StaticConfig, *, select: Sel
     except Exception as e:  # fx raises many types for untraceable code
         raise UnsupportedLayerError(
             f"static INT8 needs a torch.fx-traceable model; tracing {type(model).__name__} failed: {str(e).splitlines()[0]}. "
-            "Use int8_dynamic or weight_only for this model"
+            "Use int8-dynamic or weight-only for this model"
         ) from None
     gm = fuse_graph(gm, targets)
     watch: dict[str, Observer] = {}
@@ -244,7 +244,7 @@ class Int8StaticConfig(Config):
     for torch.fx-traceable CNNs. ``weight_bits`` < 8 (also per layer via overrides) restricts the
     int8 weight grid (mixed precision on the same kernels)."""
 
-    kind = "int8_static"
+    kind = "int8-static"
     family = "quantize"
     observer: Literal["minmax", "moving_average", "percentile", "mse", "entropy"] = "minmax"
     calib_batches: int = 16
@@ -252,8 +252,8 @@ class Int8StaticConfig(Config):
     engine: Engine = "auto"
 
     def validate(self) -> None:
-        check_range("int8_static.calib_batches", self.calib_batches, 1, 100000)
-        check_range("int8_static.weight_bits", self.weight_bits, 2, 8)
+        check_range("int8-static.calib_batches", self.calib_batches, 1, 100000)
+        check_range("int8-static.weight_bits", self.weight_bits, 2, 8)
 
 
 __all__ = ["Int8StaticConfig", "apply_int8_static", "convert_graph", "fuse_graph"]

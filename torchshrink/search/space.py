@@ -59,9 +59,9 @@ CANDIDATES: tuple[Option, ...] = (
     _o("rank25", "svd", ("Linear",), ratio=0.25),
     _o("tucker50", "tucker2", ("Conv2d",), 2, ratio=0.5),
     _o("tucker25", "tucker2", ("Conv2d",), 2, ratio=0.25),
-    _o("int8", "weight_only", ("Linear",), bits=8, group_size=0),
-    _o("int4", "weight_only", ("Linear",), bits=4, group_size=32),
-    _o("int8dyn", "int8_dynamic", ("Linear",)),
+    _o("int8", "weight-only", ("Linear",), bits=8, group_size=0),
+    _o("int4", "weight-only", ("Linear",), bits=4, group_size=32),
+    _o("int8dyn", "int8-dynamic", ("Linear",)),
     _o("ternary", "twn", keep_first_last=False),
     _o("binary", "bwn", keep_first_last=False),
 )
