@@ -3,9 +3,9 @@
 Adding a technique = its own folder + one line here.
 """
 
-import torchshrink.quant  # noqa: F401  (cast, and the quantization configs)
-import torchshrink.prune  # noqa: F401
-import torchshrink.lowrank  # noqa: F401
 import torchshrink.binary  # noqa: F401
-import torchshrink.distill  # noqa: F401
 import torchshrink.cluster  # noqa: F401
+import torchshrink.distill  # noqa: F401
+import torchshrink.lowrank  # noqa: F401
+import torchshrink.prune  # noqa: F401
+import torchshrink.quant  # noqa: F401  (cast, and the quantization configs)
