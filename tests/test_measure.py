@@ -90,3 +90,11 @@ def test_accuracy_and_fidelity(tiny):
     assert f["cosine_mean"] == pytest.approx(1.0, abs=1e-6) and f["max_abs_diff"] == 0.0
     k = fidelity(tiny, tiny, [(x,)], metric="kl")
     assert k["kl_mean"] == pytest.approx(0.0, abs=1e-6)
+
+
+def test_nonzeros_of_an_integer_model_follow_its_weights(digits_cnn):
+    from torchshrink.recipe.task import digits_task
+
+    q = ts.quantize(digits_cnn, ts.config_from_dict({"kind": "int8-static"}), data=digits_task().calibration)
+    nnz, params = count_nonzero(q), count_params(q)
+    assert 0.9 * params < nnz <= params  # integer weights count, not 0 (they are buffers)

@@ -143,6 +143,9 @@ def _atomic_dir(out: Path, force: bool) -> Path:
 
 def commit_dir(tmp: Path, out: Path) -> None:
     """Move a finished temp dir into place; an existing ``out`` is replaced only at the end."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes a private (0700) folder
     if out.exists():
         old = out.with_name(f".{out.name}.old-{os.getpid()}")
         os.replace(out, old)

@@ -17,8 +17,10 @@ def _logical_sum(model: nn.Module, method: str, plain: Callable[[torch.Tensor], 
     total = 0
     handled: set[int] = set()
     for m in model.modules():
-        if hasattr(m, method) and id(m) not in handled:
-            total += int(getattr(m, method)())
+        # a compressed module that reports its size but not its nonzeros is counted as dense
+        fn = getattr(m, method, None) or getattr(m, "logical_params", None)
+        if fn is not None and id(m) not in handled:
+            total += int(fn())
             handled.update(id(x) for x in m.modules())
     for m in model.modules():
         if id(m) not in handled:

@@ -61,6 +61,11 @@ class _Packed(nn.Module):
         self._packed = None
         return super()._apply(fn, recurse)
 
+    def logical_nonzero(self) -> int:
+        """Nonzero integer weights (a zero code is an exact zero: weights are symmetric) plus bias."""
+        bias = getattr(self, "bias", None)
+        return int(torch.count_nonzero(self.qweight)) + (int(torch.count_nonzero(bias)) if bias is not None else 0)
+
 
 def _float_bias(bias: torch.Tensor | None) -> torch.Tensor | None:
     return None if bias is None else bias.detach().float().clone()

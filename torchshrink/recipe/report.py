@@ -26,7 +26,15 @@ def layer_summary(model: nn.Module) -> list[dict[str, Any]]:
             continue
         params = int(m.logical_params()) if hasattr(m, "logical_params") else int(w.numel())
         nnz = int(m.logical_nonzero()) if hasattr(m, "logical_nonzero") else int(torch.count_nonzero(w.detach())) if isinstance(w, torch.Tensor) else params
-        bits = getattr(m, "bits", None) or (torch.finfo(w.dtype).bits if isinstance(w, torch.Tensor) and w.dtype.is_floating_point else None)
+        q = getattr(m, "qweight", None)
+        if isinstance(getattr(m, "bits", None), int):
+            bits = m.bits
+        elif isinstance(q, torch.Tensor):
+            bits = 8 * q.element_size()
+        elif isinstance(w, torch.Tensor) and w.dtype.is_floating_point:
+            bits = torch.finfo(w.dtype).bits
+        else:
+            bits = None
         rows.append({"layer": name, "type": type(m).__name__, "params": params,
                      "density": nnz / params if params else 1.0, "bits": bits, "rank": getattr(m, "rank", None)})
     return rows

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from html import escape
 
-W, H, PAD = 420, 260, 48
+W, H, PAD, RIGHT = 440, 260, 48, 70  # RIGHT: room for point labels
 
 
 def _scale(vals: list[float], lo_px: float, hi_px: float) -> tuple[float, float, callable]:
@@ -21,7 +21,7 @@ def line_chart(title: str, xlabel: str, ylabel: str, points: list[tuple[float, f
     if not points:
         return ""
     xs, ys = [p[0] for p in points], [p[1] for p in points]
-    x0, x1, fx = _scale(xs, PAD, W - 12)
+    x0, x1, fx = _scale(xs, PAD, W - RIGHT)
     y0, y1, fy = _scale(ys, H - PAD, 24)
     path = " ".join(f"{'M' if i == 0 else 'L'}{fx(x):.1f},{fy(y):.1f}" for i, (x, y, _) in enumerate(points))
     dots = "".join(
@@ -50,7 +50,7 @@ def _frame(title: str, xlabel: str, ylabel: str, xr: tuple[float, float] | None,
     ticks = ""
     if xr:
         ticks += f'<text x="{PAD}" y="{H - PAD + 14}" font-size="10">{xr[0]:.4g}</text>'
-        ticks += f'<text x="{W - 12}" y="{H - PAD + 14}" font-size="10" text-anchor="end">{xr[1]:.4g}</text>'
+        ticks += f'<text x="{W - RIGHT}" y="{H - PAD + 14}" font-size="10" text-anchor="end">{xr[1]:.4g}</text>'
     ticks += f'<text x="{PAD - 4}" y="{H - PAD}" font-size="10" text-anchor="end">{yr[0]:.4g}</text>'
     ticks += f'<text x="{PAD - 4}" y="30" font-size="10" text-anchor="end">{yr[1]:.4g}</text>'
     return (
