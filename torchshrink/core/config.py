@@ -213,7 +213,11 @@ def config_to_yaml(config: Config) -> str:
 
 
 def config_from_yaml(text: str) -> Config:
-    return config_from_dict(yaml.safe_load(text))
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:  # includes tags that would construct Python objects
+        raise ConfigError(f"not a valid torchshrink config YAML: {str(e).splitlines()[0]}") from None
+    return config_from_dict(data)
 
 
 def config_to_json(config: Config) -> str:
