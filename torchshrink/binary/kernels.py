@@ -19,19 +19,15 @@ is column ``64 w + j``, 1 for +1 (value >= 0). Padding bits are 0 in both operan
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import logging
 import os
-import platform
-import shutil
-import subprocess
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from torchshrink.core.cbuild import build_shared
 from torchshrink.core.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -48,53 +44,9 @@ def words_for(k: int) -> int:
 # --------------------------------------------------------------------------- building the C piece
 
 
-def _cpu_flags() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.machine()
-
-
-def _lib_path() -> Path:
-    from torchshrink.zoo.digits import cache_dir
-
-    key = hashlib.sha256(_SRC.read_bytes() + _cpu_flags().encode()).hexdigest()[:16]
-    return cache_dir() / "binary-kernels" / f"xnor-{key}.so"
-
-
 def build_library(force: bool = False) -> Path | None:
     """Compile ``_xnor.c`` into the cache (once per source + CPU); None when no compiler works."""
-    if not _SRC.is_file():
-        log.warning("%s is missing from this install; binary layers use the numpy kernel", _SRC.name)
-        return None
-    path = _lib_path()
-    if path.is_file() and not force:
-        return path
-    cc = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc") or shutil.which("clang")
-    if cc is None:
-        log.warning("no C compiler found; binary layers use the numpy kernel (slower)")
-        return None
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".so")
-    os.close(fd)
-    cmd = [cc, "-O3", "-march=native", "-shared", "-fPIC", "-std=c99", str(_SRC), "-o", tmp]
-    try:
-        res = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
-        if res.returncode != 0:
-            log.warning("building the XNOR kernel failed (%s); using numpy: %s", " ".join(cmd), res.stderr[-500:])
-            return None
-        os.replace(tmp, path)
-        return path
-    except (OSError, subprocess.SubprocessError) as e:
-        log.warning("building the XNOR kernel failed (%s); using numpy", e)
-        return None
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    return build_shared(_SRC, "binary-kernels", ["-std=c99"], force=force, what="XNOR kernel")
 
 
 def _load() -> ctypes.CDLL | None:

@@ -5,15 +5,13 @@ in which case SparseLinear uses torch's CSR ops. Set ``TORCHSHRINK_SPARSE_BACKEN
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import logging
 import os
-import shutil
-import subprocess
-import tempfile
 from pathlib import Path
 
 import torch
+
+from torchshrink.core.cbuild import build_shared
 
 log = logging.getLogger(__name__)
 _SRC = Path(__file__).with_name("_spmm.c")
@@ -21,40 +19,8 @@ _LIB: ctypes.CDLL | None = None
 _TRIED = False
 
 
-def _lib_path() -> Path:
-    from torchshrink.zoo.digits import cache_dir
-
-    flags = ""
-    try:
-        flags = next((ln for ln in Path("/proc/cpuinfo").read_text().splitlines() if ln.startswith("flags")), "")
-    except OSError:
-        pass
-    key = hashlib.sha256(_SRC.read_bytes() + flags.encode()).hexdigest()[:16]
-    return cache_dir() / "sparse-kernels" / f"spmm-{key}.so"
-
-
 def _build() -> Path | None:
-    path = _lib_path()
-    if path.is_file():
-        return path
-    cc = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
-    if cc is None or not _SRC.is_file():
-        log.info("no C compiler (or kernel source); SparseLinear uses torch CSR ops")
-        return None
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".so")
-    os.close(fd)
-    cmd = [cc, "-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", str(_SRC), "-o", tmp]
-    try:
-        subprocess.run(cmd, check=True, capture_output=True, timeout=120)
-        os.replace(tmp, path)
-        return path
-    except (OSError, subprocess.SubprocessError) as e:
-        log.warning("building the sparse kernel failed (%s); SparseLinear uses torch CSR ops", e)
-        return None
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    return build_shared(_SRC, "sparse-kernels", ["-fopenmp"], what="sparse kernel")
 
 
 def library() -> ctypes.CDLL | None:

@@ -29,10 +29,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from torchshrink.core.api import apply
 from torchshrink.core.config import get_entry
 from torchshrink.core.errors import ConfigError, DataError
 from torchshrink.recipe.recipe import Stage
+from torchshrink.recipe.runner import prepare_stage
 from torchshrink.recipe.task import Task
 from torchshrink.recipe.train import finetune, recovery_loss
 
@@ -68,13 +68,6 @@ class Shard:
             yield self._cut(batch)
 
 
-def _reseed(task: Task, seed: int) -> None:
-    torch.manual_seed(seed)
-    gen = getattr(task.train, "generator", None)
-    if isinstance(gen, torch.Generator):
-        gen.manual_seed(seed)
-
-
 def ddp_finetune_stage(model: nn.Module, stage: Stage, task: Task, seed: int = 0) -> nn.Module:
     """Inside an initialized process group: apply ``stage`` and fine-tune it with DDP.
     Returns the prepared, trained model (not finalized), identical on every rank."""
@@ -82,8 +75,7 @@ def ddp_finetune_stage(model: nn.Module, stage: Stage, task: Task, seed: int = 0
         raise ConfigError("ddp_finetune_stage needs an initialized process group (torchrun, or run_stage_ddp)")
     rank, world = dist.get_rank(), dist.get_world_size()
     entry = get_entry(stage.config)
-    _reseed(task, seed)
-    new = apply(model, stage.config, select=stage.select, data=task.calibration)
+    new = prepare_stage(model, stage, task, seed)
     if stage.finetune is None or stage.finetune.epochs == 0:
         return new
     ft = dataclasses.replace(stage.finetune, seed=stage.finetune.seed + seed)
@@ -168,9 +160,7 @@ def run_stage_ddp(model: nn.Module, stage: Stage, task_factory: TaskFactory, *, 
             if not Path(out).is_dir():
                 raise RuntimeError("DDP fine-tuning ended without a model from rank 0")
             return load(out).eval()
-    task = task_factory()
-    _reseed(task, seed)
-    new = apply(model, stage.config, select=stage.select, data=task.calibration)
+    new = prepare_stage(model, stage, task_factory(), seed)
     entry = get_entry(stage.config)
     if entry.finalize is not None:
         new = entry.finalize(new, stage.config)

@@ -98,12 +98,17 @@ def _reseed(task: Task, seed: int) -> None:
         gen.manual_seed(seed)
 
 
+def prepare_stage(model: nn.Module, stage: Stage, task: Task, seed: int = 0) -> nn.Module:
+    """Re-seed (so a resumed run repeats this stage exactly) and apply the stage's config to a copy."""
+    _reseed(task, seed)
+    extra = {"train_data": task.train} if stage.config.family == "distill" else {}
+    return apply(model, stage.config, select=stage.select, data=task.calibration, **extra)
+
+
 def run_stage(model: nn.Module, stage: Stage, task: Task, progress: Progress | None = None, seed: int = 0) -> tuple[nn.Module, list]:
     """Apply one stage (prepare -> fine-tune -> finalize) to a copy of ``model``."""
     entry = get_entry(stage.config)
-    _reseed(task, seed)
-    extra = {"train_data": task.train} if stage.config.family == "distill" else {}
-    new = apply(model, stage.config, select=stage.select, data=task.calibration, **extra)
+    new = prepare_stage(model, stage, task, seed)
     history: list[dict[str, float]] = []
     if stage.finetune is not None and stage.finetune.epochs > 0:
         ft = dataclasses.replace(stage.finetune, seed=stage.finetune.seed + seed)
