@@ -51,3 +51,17 @@ def test_backends_agree_and_bad_backend_is_rejected():
         assert torch.equal(K.xnor_gemm(a, b, 100, be), K.xnor_gemm(a, b, 100, "numpy"))
     with pytest.raises(ConfigError, match="allowed: auto, c, numpy"):
         K.resolve_backend("cuda")
+
+
+def test_auto_backend_is_chosen_by_measurement_and_matches_numpy():
+    from torchshrink.binary.modules import PackedBinaryLinear
+
+    torch.manual_seed(0)
+    auto = PackedBinaryLinear(130, 17, bias=False, mode="bnn", backend="auto")
+    auto.weight_bits.random_(0, 256)
+    forced = PackedBinaryLinear(130, 17, bias=False, mode="bnn", backend="numpy")
+    forced.load_state_dict(auto.state_dict())
+    x = torch.randn(3, 130)
+    assert torch.equal(auto(x), forced(x))
+    (choice,) = [v for k, v in auto._cache.items() if isinstance(k, tuple) and k[0] == "backend"]
+    assert choice in ("c", "numpy")

@@ -12,7 +12,10 @@ All are inference modules (no gradients through the packed weight).
 
 from __future__ import annotations
 
+import logging
 import math
+import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -32,6 +35,7 @@ from torchshrink.binary.packing import (
 from torchshrink.export.modules import register_module
 
 BINARY_MODES = ("binaryconnect", "bwn", "bnn", "xnor")
+log = logging.getLogger(__name__)
 
 
 class _PackedBase(nn.Module):
@@ -96,11 +100,35 @@ class _PackedBinary(_PackedBase):
             w = w * self.scale.reshape(-1, *([1] * (w.dim() - 1)))
         return w
 
-    def _kernel_ready(self) -> bool:
+    def _sync_cache(self) -> None:
+        """Drop packed weights and backend choices when the weights changed (e.g. a state load)."""
         key = (self.weight_bits.data_ptr(), self.weight_bits._version)
         if self._cache.get("key") != key:
             self._cache = {"key": key}
-        return "w" in self._cache
+
+    def _run_measured(self, run: Callable[[str], torch.Tensor], shape: tuple[int, ...]) -> torch.Tensor:
+        """Run the XNOR kernel on the backend that measured fastest for this input shape on this
+        machine (``backend="auto"``); both backends give the same integers, so the choice is safe."""
+        self._sync_cache()
+        key = ("backend", shape)
+        choice = self._cache.get(key)
+        if choice is None:
+            resolved = K.resolve_backend(self.backend)
+            if self.backend != "auto" or resolved == "numpy":
+                choice = resolved
+            else:
+                times = {}
+                for b in ("c", "numpy"):
+                    run(b)  # packs the weights for b, and warms up
+                    t0 = time.perf_counter()
+                    for _ in range(3):
+                        run(b)
+                    times[b] = time.perf_counter() - t0
+                choice = min(times, key=times.__getitem__)
+                log.info("binary layer %s, input %s: %s measured fastest (%s)", type(self).__name__, shape, choice,
+                         {k: f"{v * 1000 / 3:.3f} ms" for k, v in times.items()})
+            self._cache[key] = choice
+        return run(choice)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.mode not in FULLY_BINARY:
@@ -131,9 +159,12 @@ class PackedBinaryLinear(_PackedBinary):
                 "mode": self.mode, "backend": self.backend}
 
     def _binary_dot(self, xs: torch.Tensor) -> torch.Tensor:
-        if not self._kernel_ready():
-            self._cache["w"] = K.pack_linear_weight(self.weight_signs(), self.backend)
-        return K.binary_linear(xs, self._cache["w"], self.in_features, self.backend)
+        def run(b: str) -> torch.Tensor:
+            if ("w", b) not in self._cache:
+                self._cache[("w", b)] = K.pack_linear_weight(self.weight_signs(), b)
+            return K.binary_linear(xs, self._cache[("w", b)], self.in_features, b)
+
+        return self._run_measured(run, tuple(xs.shape))
 
 
 @register_module
@@ -163,8 +194,7 @@ class PackedBinaryConv2d(_PackedBinary):
         if self.groups != 1:  # no grouped XNOR kernel: the float op on the same signs (exact)
             return F.conv2d(torch.where(xs >= 0, 1.0, -1.0), self.weight_signs(), None, self.stride, self.padding,
                             self.dilation, self.groups)
-        if not self._kernel_ready():
-            self._cache["w"] = K.pack_conv_weight(self.weight_signs(), self.backend)
+        self._sync_cache()
         h, w = xs.shape[-2:]
         corr = None
         if any(self.padding):
@@ -172,8 +202,14 @@ class PackedBinaryConv2d(_PackedBinary):
             if corr is None:
                 corr = K.padding_correction(self.weight_signs(), h, w, self.stride, self.padding, self.dilation)
                 self._cache[("corr", h, w)] = corr
-        return K.binary_conv2d(xs, self._cache["w"], self.in_channels, self.kernel_size, self.stride,
-                               self.padding, self.dilation, corr, self.backend)
+
+        def run(b: str) -> torch.Tensor:
+            if ("w", b) not in self._cache:
+                self._cache[("w", b)] = K.pack_conv_weight(self.weight_signs(), b)
+            return K.binary_conv2d(xs, self._cache[("w", b)], self.in_channels, self.kernel_size, self.stride,
+                                   self.padding, self.dilation, corr, b)
+
+        return self._run_measured(run, tuple(xs.shape))
 
 
 # --------------------------------------------------------------------------- ternary
