@@ -10,15 +10,6 @@ from torchshrink.core.errors import ConfigError, DataError
 from torchshrink.distill import losses as L
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: on a shared, loaded 2-core machine two threads spin-wait (40x slower)."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 def _manual_kd(s, t, y, T, alpha):
     ps = torch.softmax(s / T, -1)
     pt = torch.softmax(t / T, -1)

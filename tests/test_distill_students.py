@@ -19,14 +19,6 @@ from torchshrink.recipe import Finetune
 from torchshrink.zoo.digits import DigitsCNN
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 def tiny_bert(layers: int = 4):
     from transformers import BertConfig, BertModel
 

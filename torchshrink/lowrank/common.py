@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any, Literal
 
 import torch
@@ -108,6 +108,23 @@ def calibration_inputs(data: Any) -> Iterator[tuple[torch.Tensor, ...]]:
         else:
             raise DataError(f"unsupported calibration batch of type {type(batch).__name__}; "
                             "use a tensor, a tuple of input tensors, or a tokenizer dict")
+
+
+def run_calibration(model: nn.Module, data: Any, hooks: dict[str, Callable[..., None]]) -> None:
+    """Run the model in eval / inference mode over ``data`` with forward hooks on the named
+    modules, restoring the training flag and removing the hooks afterwards."""
+    mods = dict(model.named_modules())
+    handles = [mods[n].register_forward_hook(fn) for n, fn in hooks.items()]
+    was = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            for inputs in calibration_inputs(data):
+                model(*inputs)
+    finally:
+        model.train(was)
+        for h in handles:
+            h.remove()
 
 
 def first_inputs(model: nn.Module, data: Any) -> tuple[torch.Tensor, ...] | None:

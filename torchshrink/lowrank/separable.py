@@ -19,7 +19,7 @@ from torch import nn
 from torchshrink.core.config import Config, check_range, register
 from torchshrink.core.errors import DataError
 from torchshrink.core.select import Select
-from torchshrink.lowrank.common import calibration_inputs, mark
+from torchshrink.lowrank.common import mark, run_calibration
 from torchshrink.lowrank.tucker import replace_convs
 
 
@@ -71,19 +71,8 @@ def refit_pointwise(seq: nn.Sequential, conv: nn.Conv2d, inputs: list[torch.Tens
 
 
 def layer_inputs(model: nn.Module, names: list[str], data: Any) -> dict[str, list[torch.Tensor]]:
-    mods = dict(model.named_modules())
     got: dict[str, list[torch.Tensor]] = {n: [] for n in names}
-    hooks = [mods[n].register_forward_hook(lambda m, a, o, n=n: got[n].append(a[0].detach())) for n in names]
-    was = model.training
-    model.eval()
-    try:
-        with torch.inference_mode():
-            for inputs in calibration_inputs(data):
-                model(*inputs)
-    finally:
-        model.train(was)
-        for h in hooks:
-            h.remove()
+    run_calibration(model, data, {n: (lambda m, a, o, n=n: got[n].append(a[0].detach())) for n in names})
     return {n: [t.clone() for t in v] for n, v in got.items()}
 
 

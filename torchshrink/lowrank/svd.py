@@ -21,13 +21,13 @@ from torchshrink.core.select import Select, config_for, select_modules
 from torchshrink.core.surgery import set_module
 from torchshrink.lowrank.common import (
     LowRankConfig,
-    calibration_inputs,
     check_type,
     first_inputs,
     io_shapes,
     mark,
     note_done,
     note_skip,
+    run_calibration,
     speedup,
 )
 from torchshrink.lowrank.rank import check_rank, energy_rank, fast_svd, round_rank, vbmf_rank
@@ -98,27 +98,15 @@ def input_cholesky(model: nn.Module, names: list[str], data: Any, damp: float = 
     """Lower Cholesky factor of each named Linear's input second moment X^T X / N on ``data``."""
     if not data:
         raise DataError("svd with data_aware=True needs calibration batches (data=[...]); none were given")
-    mods = dict(model.named_modules())
     acc: dict[str, torch.Tensor] = {}
     count: dict[str, int] = {}
-    hooks = []
-    for n in names:
-        def hook(m: nn.Module, args: tuple, out: torch.Tensor, n: str = n) -> None:
-            x = args[0].detach().double().reshape(-1, args[0].shape[-1])
-            acc[n] = acc.get(n, 0) + x.T @ x
-            count[n] = count.get(n, 0) + x.shape[0]
 
-        hooks.append(mods[n].register_forward_hook(hook))
-    was = model.training
-    model.eval()
-    try:
-        with torch.inference_mode():
-            for inputs in calibration_inputs(data):
-                model(*inputs)
-    finally:
-        model.train(was)
-        for h in hooks:
-            h.remove()
+    def hook(m: nn.Module, args: tuple, out: torch.Tensor, n: str) -> None:
+        x = args[0].detach().double().reshape(-1, args[0].shape[-1])
+        acc[n] = acc.get(n, 0) + x.T @ x
+        count[n] = count.get(n, 0) + x.shape[0]
+
+    run_calibration(model, data, {n: (lambda m, a, o, n=n: hook(m, a, o, n)) for n in names})
     out = {}
     for n in names:
         if n not in acc:
