@@ -117,6 +117,12 @@ def test_schedules():
     its = [iterative(0.9, s, 90, rounds=3) for s in (0, 29, 30, 60, 89, 90)]
     assert its[0] == its[1] == pytest.approx(1 - 0.1 ** (1 / 3)) and its[-1] == pytest.approx(0.9)
     assert its == sorted(its)
+    # default AGP: the target is reached at half of the steps, the rest is recovery at the target
+    from torchshrink.prune.unstructured import sparsity_at
+
+    cfg = UnstructuredConfig(sparsity=0.9, schedule="agp", update_every=1)
+    assert sparsity_at(cfg, 0.9, 49, 100) < 0.9 and sparsity_at(cfg, 0.9, 50, 100) == pytest.approx(0.9)
+    assert sparsity_at(cfg, 0.9, 25, 100) == pytest.approx(0.9 - 0.9 * 0.5**3)
     with pytest.raises(ConfigError, match="end"):
         UnstructuredConfig(start=0.5, end=0.4)
     with pytest.raises(ConfigError, match="initial_sparsity"):
