@@ -26,7 +26,7 @@ logging.disable(logging.WARNING)
 torch.set_num_threads(1)  # no timing here; leave the other core to other work
 
 import torchshrink  # noqa: E402
-from torchshrink.measure.machine import machine_info, machine_markdown  # noqa: E402
+from torchshrink.measure.bench import Target, markdown_table, write_results  # noqa: E402
 from torchshrink.prune.structured import (  # noqa: E402
     ChannelPruneConfig,
     FfnPruneConfig,
@@ -125,31 +125,29 @@ def main() -> int:
     vision = vision_rows(args.limit)
     hf = hf_rows()
     rate = sum(r["pass"] for r in vision) / max(len(vision), 1)
-    targets = {
-        "torchvision pass rate >= 95%": rate >= 0.95,
-        "HF head/FFN/layer pruning + save_pretrained round trip": all(r["pass"] for r in hf),
+    hf_ok = sum(r["pass"] for r in hf) / max(len(hf), 1)
+    targets = [
+        Target("torchvision classification models pruned 30% (runs, same output shape, fewer MACs): pass rate",
+               100 * rate, ">=", 95.0, "%", f"{sum(r['pass'] for r in vision)}/{len(vision)} models"),
+        Target("HF head/FFN/layer pruning + save_pretrained round trip: pass rate", 100 * hf_ok, ">=", 100.0, "%",
+               f"{sum(r['pass'] for r in hf)}/{len(hf)} cases"),
+    ]
+    vision_rows_md = [[r["model"], "yes" if r["pass"] else "NO", f"{r.get('macs_ratio', float('nan')):.3f}",
+                       r.get("groups_pruned", ""), r.get("groups_unpruned", ""), r.get("error", "")] for r in vision]
+    hf_rows_md = [[r["model"], r["unit"], "yes" if r["pass"] else "NO", f"{r.get('params_ratio', float('nan')):.3f}",
+                   r.get("roundtrip", r.get("error", "")), r.get("native_from_pretrained", "")] for r in hf]
+    tables = {
+        "Method": "channel-prune amount=0.3 (local, l1) on every torchvision classification model, batch 1, "
+                  "64x64 input (224 for ViT/Swin/MaxViT, 96 for Inception) to fit the time.",
+        f"torchvision: {rate:.1%} pass": markdown_table(
+            ["model", "pass", "MACs ratio", "groups pruned", "groups left", "error"], vision_rows_md),
+        "Hugging Face architectures built from a config": markdown_table(
+            ["HF arch", "unit", "pass", "params ratio", "torchshrink from_pretrained", "transformers from_pretrained"],
+            hf_rows_md),
     }
-    res = {"machine": machine_info(), "vision_pass_rate": rate, "vision": vision, "hf": hf, "targets": targets}
-    OUT.mkdir(parents=True, exist_ok=True)
-    (OUT / "prune_coverage.json").write_text(json.dumps(res, indent=1, default=str))
-    md = ["# Structured pruning coverage\n", machine_markdown(),
-          "\nchannel-prune amount=0.3 (local, l1) on every torchvision classification model, batch 1, "
-          "64x64 input (224 for ViT/Swin/MaxViT, 96 for Inception) to fit the time.\n",
-          f"\n**torchvision pass rate: {rate:.1%} ({sum(r['pass'] for r in vision)}/{len(vision)})**\n",
-          "\n| target | result |\n|---|---|"]
-    md += [f"| {k} | {'PASS' if v else 'FAIL'} |" for k, v in targets.items()]
-    md += ["\n| model | pass | MACs ratio | groups pruned | groups left | error |", "|---|---|---|---|---|---|"]
-    for r in vision:
-        md.append(f"| {r['model']} | {'yes' if r['pass'] else 'NO'} | {r.get('macs_ratio', float('nan')):.3f} | "
-                  f"{r.get('groups_pruned', '')} | {r.get('groups_unpruned', '')} | {r.get('error', '')} |")
-    md += ["\n| HF arch | unit | pass | params ratio | torchshrink from_pretrained | transformers from_pretrained |",
-           "|---|---|---|---|---|---|"]
-    for r in hf:
-        md.append(f"| {r['model']} | {r['unit']} | {'yes' if r['pass'] else 'NO'} | {r.get('params_ratio', float('nan')):.3f} | "
-                  f"{r.get('roundtrip', r.get('error', ''))} | {r.get('native_from_pretrained', '')} |")
-    (OUT / "prune_coverage.md").write_text("\n".join(md) + "\n")
-    print("\n".join(f"{'PASS' if v else 'FAIL'}: {k}" for k, v in targets.items()))
-    return 1 if args.check and not all(targets.values()) else 0
+    ok = write_results("prune_coverage", targets, tables, {"vision_pass_rate": rate, "vision": vision, "hf": hf}, OUT)
+    print("\n".join(f"{'PASS' if t.passed else 'FAIL'}: {t.name} ({t.value:.1f})" for t in targets))
+    return 1 if args.check and not ok else 0
 
 
 if __name__ == "__main__":

@@ -3,14 +3,35 @@ the machine at the top, and ``--check`` exiting non-zero on a FAIL (see BENCHMAR
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import json
 import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from torchshrink.measure.machine import machine_info, machine_markdown
+
+BENCH_LOCK = "/tmp/torchshrink-bench.lock"
+
+
+@contextlib.contextmanager
+def bench_lock(path: str | None = BENCH_LOCK) -> Iterator[None]:
+    """Hold the machine-wide benchmark lock (the one ``flock /tmp/torchshrink-bench.lock`` takes) around
+    timed work so no two timing runs overlap. ``path=None`` or TORCHSHRINK_BENCH_LOCKED=1 (the process
+    already runs under ``flock``) make it a no-op; taking it twice would wait on ourselves."""
+    if path is None or os.environ.get("TORCHSHRINK_BENCH_LOCKED") == "1":
+        yield
+        return
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 @dataclasses.dataclass

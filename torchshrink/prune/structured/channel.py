@@ -18,6 +18,7 @@ from torchshrink.core.errors import ConfigError, DataError, UnsupportedLayerErro
 from torchshrink.core.select import Select, config_for, name_matches, select_modules
 from torchshrink.prune.structured.groups import Group, build_groups, prune_groups
 from torchshrink.prune.structured.importance import CRITERIA, group_scores, taylor_grads
+from torchshrink.prune.structured.latency import group_time_per_mac
 from torchshrink.prune.structured.trace import Graph, call_model, trace
 
 log = logging.getLogger(__name__)
@@ -35,6 +36,11 @@ class ChannelPruneConfig(Config):
       size-normalised scores across groups; no group loses more than ``max_ratio``).
     - ``round_to``: kept channel counts are multiples of this (kernel-friendly shapes).
     - ``ignore``: layer name patterns (glob or ``re:``) whose tensors are never touched.
+    - ``allocation``: how the cut is spread over groups. ``importance``: by scores alone.
+      ``latency``: groups whose channels cost more *measured* time per MAC on this machine (see
+      ``latency.py``) are cut harder: local ratios are multiplied by that relative cost to the power
+      ``latency_power`` (capped by ``max_ratio``), global scores are divided by it. Importance still
+      picks the channels inside each group; a MACs / params target is still met (at or under it).
     - ``exact_only``: skip groups normalised by a LayerNorm / GroupNorm(1) (pruning those changes
       the normalisation statistics, so the result is not output-exact).
     """
@@ -51,12 +57,15 @@ class ChannelPruneConfig(Config):
     max_ratio: float = 0.9
     ignore: tuple[str, ...] = ()
     exact_only: bool = False
+    allocation: Literal["importance", "latency"] = "importance"
+    latency_power: float = 1.0
     seed: int = 0
 
     def validate(self) -> None:
         check_range("channel-prune.amount", self.amount, 0.0, 1.0, hi_open=True)
         check_range("channel-prune.max_ratio", self.max_ratio, 0.0, 1.0, hi_open=True)
         check_range("channel-prune.round_to", self.round_to, 1, 4096)
+        check_range("channel-prune.latency_power", self.latency_power, 0.0, 8.0)
         if self.importance not in CRITERIA:
             raise ConfigError(f"channel-prune.importance={self.importance!r}; allowed: {', '.join(CRITERIA)}")
 
@@ -96,13 +105,17 @@ class Plan:
     scores: dict[int, torch.Tensor]
     skipped: list[tuple[list[str], str]]
     ratios: dict[int, float]
+    weights: dict[int, float] = dataclasses.field(default_factory=dict)  # latency allocation, 1.0 = neutral
+
+    def weight(self, root: int, cfg: ChannelPruneConfig) -> float:
+        return self.weights.get(root, 1.0) ** cfg.latency_power
 
     def keep(self, ratio: float, cfg: ChannelPruneConfig) -> dict[int, torch.Tensor]:
         if cfg.scope == "global":
             return _global_keep(self, ratio, cfg)
         out = {}
         for gr in self.groups:
-            r = self.ratios.get(gr.root, ratio) if ratio > 0 else 0.0
+            r = min(cfg.max_ratio, self.ratios.get(gr.root, ratio) * self.weight(gr.root, cfg)) if ratio > 0 else 0.0
             n_keep = _rounded(gr.size, gr.size - math.floor(gr.size * r), cfg.round_to)
             if n_keep < gr.size:
                 out[gr.root] = torch.sort(torch.topk(self.scores[gr.root], n_keep).indices).values
@@ -120,7 +133,7 @@ def _rounded(n: int, n_keep: int, round_to: int) -> int:
 
 
 def _global_keep(plan: Plan, ratio: float, cfg: ChannelPruneConfig) -> dict[int, torch.Tensor]:
-    normed = {r: s / s.mean().clamp_min(1e-12) for r, s in plan.scores.items()}
+    normed = {r: s / s.mean().clamp_min(1e-12) / plan.weight(r, cfg) for r, s in plan.scores.items()}
     allv = torch.cat(list(normed.values()))
     if allv.numel() == 0 or ratio <= 0:
         return {}
@@ -165,7 +178,12 @@ def make_plan(model: nn.Module, cfg: ChannelPruneConfig, select: Select | None, 
     gen = torch.Generator().manual_seed(cfg.seed)
     scores = {gr.root: group_scores(model, g, gr, cfg.importance, cfg.reduction, grads=grads, generator=gen)
               for gr in eligible}
-    return Plan(g, eligible, scores, skipped, ratios)
+    weights: dict[int, float] = {}
+    if cfg.allocation == "latency":
+        raw = group_time_per_mac(model, g, eligible, batch)
+        gmean = math.exp(sum(math.log(max(v, 1e-9)) for v in raw.values()) / max(len(raw), 1))
+        weights = {r: v / gmean for r, v in raw.items()}
+    return Plan(g, eligible, scores, skipped, ratios, weights)
 
 
 def _size_of(model: nn.Module, batch: Any, target: str) -> int:
@@ -207,6 +225,8 @@ def prune_channels(model: nn.Module, config: ChannelPruneConfig, *, select: Sele
         "ratio": ratio,
         "changed_modules": changed,
         "unpruned": [{"layers": p, "reason": r} for p, r in plan.skipped],
+        "latency_weights": {",".join(gr.producers): round(plan.weights[gr.root], 3)
+                            for gr in plan.groups if gr.root in plan.weights},
     }
     for p, r in plan.skipped:
         log.info("channel-prune: left unpruned %s (%s)", ", ".join(p) or "?", r)
