@@ -1,10 +1,12 @@
 """Regenerate the README's performance section from benchmarks/results/*.json (never by hand).
 
-    .venv/bin/python benchmarks/readme_table.py
+    .venv/bin/python benchmarks/readme_table.py          # rewrite the README block
+    .venv/bin/python benchmarks/readme_table.py --print  # print the table, touch nothing
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import re
 from pathlib import Path
@@ -49,6 +51,11 @@ def table() -> str:
 
 
 def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--print", action="store_true", help="print the generated table instead of rewriting README.md")
+    if ap.parse_args().print:
+        print(table(), end="")
+        return
     readme = ROOT / "README.md"
     text = readme.read_text()
     block = f"{BEGIN}\n{table()}{END}"
