@@ -15,11 +15,16 @@ ROOT = Path(__file__).resolve().parent.parent
 BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
 
 
+def _passed(v: object) -> bool:
+    """True/False, or the strings "PASS"/"FAIL" some scripts write (a non-empty "FAIL" is not a pass)."""
+    return v.strip().upper() == "PASS" if isinstance(v, str) else bool(v)
+
+
 def _normalize(t: object) -> tuple[str, str, bool]:
     """(target, measured, passed) from the shapes benchmark scripts write: a dict with name/target,
     value (+unit, op, bound) or figures, pass/passed; or a list [target, passed, figures]."""
     if isinstance(t, list | tuple):
-        return str(t[0]), str(t[2]) if len(t) > 2 else "", bool(t[1])
+        return str(t[0]), str(t[2]) if len(t) > 2 else "", _passed(t[1])
     assert isinstance(t, dict)
     name = t.get("name") or t.get("target", "?")
     value = t.get("value")
@@ -29,7 +34,7 @@ def _normalize(t: object) -> tuple[str, str, bool]:
         measured = f"{value:.4g}{t.get('unit', '')}{req}"
     else:
         measured = str(t.get("figures", value if value is not None else ""))
-    return name, measured, bool(t.get("passed", t.get("pass", False)))
+    return name, measured, _passed(t.get("passed", t.get("pass", False)))
 
 
 def table() -> str:
