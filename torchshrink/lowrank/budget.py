@@ -5,8 +5,16 @@ each rung the MACs come from the layer's real input/output shapes (one forward p
 example input) and the error is the exact relative squared error of the truncated SVD / HOSVD
 at that rank. :func:`torchshrink.lowrank.rank.allocate` then lowers, step by step, the layer
 whose next rung costs the least error per MAC saved, until the selection's MACs reach
-``macs_ratio`` of the original. Layers where no rung saves MACs are skipped and listed; with
-``check_latency`` a factorized layer that is not faster at batch 1 on this machine is reverted.
+``macs_ratio`` of the original (no layer below ``min_layer_ratio`` of its own MACs, so that the
+cut is not bought by crushing a few layers to rank 1 or 2). Layers where no rung saves MACs are
+skipped and listed.
+
+With ``check_latency`` every chosen layer is timed at batch 1 on this machine (in ``channels_last``
+layout when the model will run that way). A layer measured ``sp`` times faster, below
+``min_speedup``, keeps only the rungs with at most ``sp / min_speedup`` of the tried rung's MACs
+(those that could pay if time followed MACs), and the budget is allocated again, so the MAC cut
+moves to deeper cuts and to the layers where factorization measurably pays; a layer with no rung
+left is skipped and listed with its measured speed-up.
 """
 
 from __future__ import annotations
@@ -80,6 +88,10 @@ def _conv_options(conv: nn.Conv2d, shapes: tuple, steps: int, multiple: int) -> 
     return [o for o in sorted(opts.values(), key=lambda o: -o.macs) if o.macs < dense]
 
 
+def _build(m: nn.Module, opt: Option) -> nn.Module:
+    return factorize_linear(m, opt.setting[0]) if isinstance(m, nn.Linear) else factorize_tucker2(m, *opt.setting)
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class BudgetConfig(Config):
     """Factorize Linear (SVD) and Conv2d (Tucker-2) layers so that the selected layers keep
@@ -91,11 +103,18 @@ class BudgetConfig(Config):
     steps: int = 32
     rank_multiple: int = 1
     check_latency: bool = False
+    min_speedup: float = 1.0
+    channels_last: bool = False
+    timing_runs: int = 20
+    min_layer_ratio: float = 0.0
 
     def validate(self) -> None:
         check_range("lowrank-budget.macs_ratio", self.macs_ratio, 0.0, 1.0, lo_open=True)
         check_range("lowrank-budget.steps", self.steps, 2, 1024)
         check_range("lowrank-budget.rank_multiple", self.rank_multiple, 1, 4096)
+        check_range("lowrank-budget.min_speedup", self.min_speedup, 0.0, 100.0)
+        check_range("lowrank-budget.timing_runs", self.timing_runs, 3, 10_000)
+        check_range("lowrank-budget.min_layer_ratio", self.min_layer_ratio, 0.0, 1.0)
 
 
 def apply_budget(model: nn.Module, config: BudgetConfig, *, select: Select | None = None, data: Any = None,
@@ -127,31 +146,58 @@ def apply_budget(model: nn.Module, config: BudgetConfig, *, select: Select | Non
             o = shapes[name][1]
             dense[name] = m.weight.numel() * o[-1] * o[-2]
             opts = _conv_options(m, shapes[name], config.steps, config.rank_multiple)
+        opts = [o for o in opts if o.macs >= config.min_layer_ratio * dense[name]]  # no layer cut deeper than this
         if not opts:
             note_skip(model, name, "factorized form is larger at every rank")
             continue
         options[name] = opts
     total = sum(dense.values())
-    fixed = sum(v for k, v in dense.items() if k not in options)
-    chosen = allocate(options, {k: dense[k] for k in options}, int(config.macs_ratio * total) - fixed)
-    achieved = fixed
+    budget = int(config.macs_ratio * total)
+    timed: dict[tuple[str, tuple[int, ...]], tuple[float, nn.Module]] = {}
+    slow: dict[str, float] = {}
+    while True:
+        fixed = sum(v for k, v in dense.items() if k not in options)
+        chosen = allocate(options, {k: dense[k] for k in options}, budget - fixed)
+        if not config.check_latency:
+            break
+        failed = False
+        for name, opt in chosen.items():
+            if opt is None:
+                continue
+            if (name, opt.setting) not in timed:
+                new = _build(mods[name], opt)
+                sp = speedup(mods[name], new, shapes[name][0], config.timing_runs, config.channels_last)
+                timed[name, opt.setting] = (sp, new)
+            sp = timed[name, opt.setting][0]
+            if sp < config.min_speedup:  # drop this rung and the rungs that, even if time followed MACs, could not pay
+                failed = True
+                options[name] = [o for o in options[name] if o.macs <= opt.macs * sp / config.min_speedup]
+                slow[name] = sp
+                if not options[name]:
+                    del options[name]
+        if not failed:
+            break
+    for name in dense:
+        if name in slow and chosen.get(name) is None:
+            note_skip(model, name, f"factorized form not {config.min_speedup:g}x faster on this machine "
+                      f"(measured {slow[name]:.2f}x at batch 1); the MAC cut went to other layers")
+    achieved = sum(v for k, v in dense.items() if k not in options)
     for name, opt in chosen.items():
+        if name not in options:
+            continue
         if opt is None:
-            note_skip(model, name, "left dense by the budget (cheapest error elsewhere)")
+            if name not in slow:
+                note_skip(model, name, "left dense by the budget (cheapest error elsewhere)")
             achieved += dense[name]
             continue
-        m = mods[name]
-        new = factorize_linear(m, opt.setting[0]) if isinstance(m, nn.Linear) else factorize_tucker2(m, *opt.setting)
-        if config.check_latency:
-            sp = speedup(m, new, shapes[name][0])
-            if sp < 1.0:
-                note_skip(model, name, f"factorized form is slower on this machine ({sp:.2f}x at batch 1)")
-                achieved += dense[name]
-                continue
-        set_module(model, name, new)
+        sp, new = timed.get((name, opt.setting), (None, None))
+        set_module(model, name, new if new is not None else _build(mods[name], opt))
         achieved += opt.macs
-        note_done(model, name, method=new.torchshrink_lowrank, setting=list(opt.setting),
-                  macs_ratio=round(opt.macs / dense[name], 4), rel_sq_error=round(opt.error, 5))
+        info = dict(method=getattr(model.get_submodule(name), "torchshrink_lowrank", ""), setting=list(opt.setting),
+                    macs_ratio=round(opt.macs / dense[name], 4), rel_sq_error=round(opt.error, 5))
+        if sp is not None:
+            info["measured_speedup"] = round(sp, 3)
+        note_done(model, name, **info)
     report(model)["budget"] = {"target_ratio": config.macs_ratio, "achieved_ratio": achieved / max(total, 1),
                                "selected_macs": total}
     return model

@@ -110,16 +110,36 @@ def calibration_inputs(data: Any) -> Iterator[tuple[torch.Tensor, ...]]:
                             "use a tensor, a tuple of input tensors, or a tokenizer dict")
 
 
-def run_calibration(model: nn.Module, data: Any, hooks: dict[str, Callable[..., None]]) -> None:
+def token_mask(inputs: tuple[torch.Tensor, ...]) -> torch.Tensor | None:
+    """The attention mask of a tokenized batch: a later input of shape ``[batch, tokens]`` holding
+    only 0/1 (the ``(input_ids, attention_mask)`` convention), as a bool tensor; else None."""
+    for t in inputs[1:]:
+        if t.dim() == 2 and t.shape == inputs[0].shape and not t.is_floating_point() and bool(((t == 0) | (t == 1)).all()):
+            return t.bool()
+    return None
+
+
+def real_rows(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """``x [..., d]`` as ``[rows, d]``, without the padded token positions when ``mask`` fits."""
+    if mask is not None and x.dim() == 3 and tuple(x.shape[:2]) == tuple(mask.shape):
+        return x[mask]
+    return x.reshape(-1, x.shape[-1])
+
+
+def run_calibration(model: nn.Module, data: Any, hooks: dict[str, Callable[..., None]],
+                    state: dict[str, Any] | None = None) -> None:
     """Run the model in eval / inference mode over ``data`` with forward hooks on the named
-    modules, restoring the training flag and removing the hooks afterwards."""
+    modules, restoring the training flag and removing the hooks afterwards. ``state["mask"]``
+    holds the current batch's :func:`token_mask` while its hooks run."""
     mods = dict(model.named_modules())
     handles = [mods[n].register_forward_hook(fn) for n, fn in hooks.items()]
     was = model.training
     model.eval()
+    state = {} if state is None else state
     try:
         with torch.inference_mode():
             for inputs in calibration_inputs(data):
+                state["mask"] = token_mask(inputs)
                 model(*inputs)
     finally:
         model.train(was)
@@ -164,8 +184,18 @@ def io_shapes(model: nn.Module, names: list[str], inputs: tuple[torch.Tensor, ..
     return shapes
 
 
-def speedup(old: nn.Module, new: nn.Module, in_shape: tuple, runs: int = 30) -> float:
-    """Measured latency ratio old/new of one layer at batch 1 on this machine (>1: new is faster)."""
+def speedup(old: nn.Module, new: nn.Module, in_shape: tuple, runs: int = 30, channels_last: bool = False) -> float:
+    """Measured latency ratio old/new of one layer at batch 1 on this machine (>1: new is faster),
+    with 4-D activations in ``channels_last`` layout when asked (the layout the model will run in)."""
     x = torch.randn(1, *in_shape[1:])
-    t = time_interleaved({"old": old.eval(), "new": new.eval()}, (x,), warmup=5, runs=runs)
+    fmt = torch.channels_last if channels_last and x.dim() == 4 else torch.contiguous_format
+    x = x.contiguous(memory_format=fmt)
+    was = old.training, new.training
+    mods = {"old": old.eval().to(memory_format=fmt), "new": new.eval().to(memory_format=fmt)}
+    try:
+        with torch.inference_mode():
+            t = time_interleaved(mods, (x,), warmup=5, runs=runs)
+    finally:
+        old.train(was[0]).to(memory_format=torch.contiguous_format)
+        new.train(was[1]).to(memory_format=torch.contiguous_format)
     return t["old"].p50_ms / max(t["new"].p50_ms, 1e-9)

@@ -27,6 +27,7 @@ from torchshrink.lowrank.common import (
     mark,
     note_done,
     note_skip,
+    real_rows,
     run_calibration,
     speedup,
 )
@@ -95,18 +96,21 @@ def fused_linear(linear: nn.Linear, rank: int, chol: torch.Tensor | None = None)
 
 
 def input_cholesky(model: nn.Module, names: list[str], data: Any, damp: float = 1e-4) -> dict[str, torch.Tensor]:
-    """Lower Cholesky factor of each named Linear's input second moment X^T X / N on ``data``."""
+    """Lower Cholesky factor of each named Linear's input second moment X^T X / N on ``data``
+    (padded token positions of tokenized batches left out: they are not real inputs)."""
     if not data:
         raise DataError("svd with data_aware=True needs calibration batches (data=[...]); none were given")
     acc: dict[str, torch.Tensor] = {}
     count: dict[str, int] = {}
 
+    state: dict[str, Any] = {}
+
     def hook(m: nn.Module, args: tuple, out: torch.Tensor, n: str) -> None:
-        x = args[0].detach().double().reshape(-1, args[0].shape[-1])
+        x = real_rows(args[0].detach(), state.get("mask")).double()
         acc[n] = acc.get(n, 0) + x.T @ x
         count[n] = count.get(n, 0) + x.shape[0]
 
-    run_calibration(model, data, {n: (lambda m, a, o, n=n: hook(m, a, o, n)) for n in names})
+    run_calibration(model, data, {n: (lambda m, a, o, n=n: hook(m, a, o, n)) for n in names}, state)
     out = {}
     for n in names:
         if n not in acc:
