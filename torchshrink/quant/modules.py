@@ -4,7 +4,7 @@ kernel-specific packed weights of PyTorch's quantized ops are rebuilt lazily on 
 copy or a reload).
 
 Kernels: ``torch.ops.quantized.linear_dynamic`` (INT8 dynamic: int8 weights, activations quantized
-per call), ``quantized.conv2d[_relu]`` / ``linear[_relu]`` / ``add[_relu]`` (INT8 static, quint8
+per call, per tensor or per token), ``quantized.conv2d[_relu]`` / ``linear[_relu]`` / ``add[_relu]`` (INT8 static, quint8
 activations), on the engine named in ``engine`` (fbgemm / x86 / onednn).
 """
 
@@ -19,11 +19,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from torchshrink.core.errors import ConfigError
 from torchshrink.export.modules import register_module
 from torchshrink.quant.packing import pack_int4, unpack_int4
 from torchshrink.quant.primitives import dequantize_weight, quantize_weight
 
 warnings.filterwarnings("ignore", message=r".*quantized tensor creation functions.*")
+ACTIVATION_GRANULARITIES = ("tensor", "token")
 
 
 @contextlib.contextmanager
@@ -61,6 +63,19 @@ class _Packed(nn.Module):
         self._packed = None
         return super()._apply(fn, recurse)
 
+    def _set_int8_weight(self, weight: torch.Tensor, bias: torch.Tensor | None, bits: int = 8) -> None:
+        """Quantize ``weight`` symmetric per output channel into ``qweight`` / ``w_scale``; copy ``bias``."""
+        q, s, _ = quantize_weight(weight.detach().float(), bits=bits, granularity="channel")
+        self.qweight.copy_(q)
+        self.w_scale.copy_(s)
+        if bias is not None:
+            self.bias.copy_(bias.detach())
+
+    def _pack_linear(self, bias: torch.Tensor | None) -> Any:
+        with engine(self.engine):
+            self._packed = torch.ops.quantized.linear_prepack(_qweight(self.qweight, self.w_scale), bias)
+        return self._packed
+
     def logical_nonzero(self) -> int:
         """Nonzero integer weights (a zero code is an exact zero: weights are symmetric) plus bias."""
         bias = getattr(self, "bias", None)
@@ -73,15 +88,20 @@ def _float_bias(bias: torch.Tensor | None) -> torch.Tensor | None:
 
 @register_module
 class Int8DynamicLinear(_Packed):
-    """Linear with int8 per-channel weights; activations are quantized (uint8, per tensor) at run time
-    and the GEMM runs in integers (fbgemm/onednn ``linear_dynamic``). An optional per-input-channel
-    ``smooth`` divisor (SmoothQuant) moves activation outliers into the weights."""
+    """Linear with int8 per-channel weights; activations are quantized to uint8 at run time and the
+    GEMM runs in integers (fbgemm/onednn ``linear_dynamic``). ``activation="token"`` gives every row
+    (token) its own scale: rows are divided by their max |x| before the kernel's per-tensor
+    quantization and the int32 -> float result is multiplied back (``linear_dynamic`` is row-wise
+    linear), so one outlier token no longer coarsens the grid of all the others. An optional
+    per-input-channel ``smooth`` divisor (SmoothQuant) moves channel outliers into the weights."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, smooth: bool = False,
-                 engine: str = "x86", reduce_range: bool = True) -> None:
+                 engine: str = "x86", reduce_range: bool = True, activation: str = "tensor") -> None:
         super().__init__()
+        if activation not in ACTIVATION_GRANULARITIES:
+            raise ConfigError(f"activation={activation!r}; allowed: {', '.join(ACTIVATION_GRANULARITIES)}")
         self.in_features, self.out_features = in_features, out_features
-        self.engine, self.reduce_range = engine, reduce_range
+        self.engine, self.reduce_range, self.activation = engine, reduce_range, activation
         self.register_buffer("qweight", torch.zeros(out_features, in_features, dtype=torch.int8))
         self.register_buffer("w_scale", torch.ones(out_features))
         self.register_buffer("bias", torch.zeros(out_features) if bias else None)
@@ -89,34 +109,38 @@ class Int8DynamicLinear(_Packed):
 
     @classmethod
     def from_float(cls, lin: nn.Linear, *, smooth: torch.Tensor | None = None, engine: str = "x86",
-                   reduce_range: bool = True) -> Int8DynamicLinear:
-        m = cls(lin.in_features, lin.out_features, lin.bias is not None, smooth is not None, engine, reduce_range)
+                   reduce_range: bool = True, activation: str = "tensor") -> Int8DynamicLinear:
+        m = cls(lin.in_features, lin.out_features, lin.bias is not None, smooth is not None, engine, reduce_range,
+                activation)
         w = lin.weight.detach().float()
         if smooth is not None:
             m.smooth.copy_(smooth)
             w = w * smooth  # x / s @ (W * s)^T == x @ W^T
-        q, s, _ = quantize_weight(w, bits=8, granularity="channel")
-        m.qweight.copy_(q)
-        m.w_scale.copy_(s)
-        if lin.bias is not None:
-            m.bias.copy_(lin.bias.detach())
+        m._set_int8_weight(w, lin.bias)
         return m
 
     def init_args(self) -> dict[str, Any]:
         return {"in_features": self.in_features, "out_features": self.out_features, "bias": self.bias is not None,
-                "smooth": self.smooth is not None, "engine": self.engine, "reduce_range": self.reduce_range}
+                "smooth": self.smooth is not None, "engine": self.engine, "reduce_range": self.reduce_range,
+                "activation": self.activation}
 
     def _pack(self) -> Any:
-        with engine(self.engine):
-            self._packed = torch.ops.quantized.linear_prepack(_qweight(self.qweight, self.w_scale), self.bias)
-        return self._packed
+        # per-token: the bias is added after the rows are scaled back, so the kernel gets none
+        return self._pack_linear(None if self.activation == "token" else self.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         packed = self._packed if self._packed is not None else self._pack()
-        if self.smooth is not None:
-            x = x / self.smooth
         shape = x.shape
-        y = torch.ops.quantized.linear_dynamic(x.reshape(-1, shape[-1]).float().contiguous(), packed, self.reduce_range)
+        x2 = x.reshape(-1, shape[-1]).float()
+        if self.smooth is not None:
+            x2 = x2 / self.smooth
+        if self.activation == "token":
+            row_max = torch.linalg.vector_norm(x2, ord=float("inf"), dim=-1, keepdim=True).clamp_min_(1e-12)
+            x2 = x2.div_(row_max) if self.smooth is not None else x2 / row_max  # never write into the caller's x
+            y = torch.ops.quantized.linear_dynamic(x2, packed, self.reduce_range)
+            y = torch.addcmul(self.bias, y, row_max) if self.bias is not None else y.mul_(row_max)
+        else:
+            y = torch.ops.quantized.linear_dynamic(x2.contiguous(), packed, self.reduce_range)
         return y.reshape(*shape[:-1], self.out_features).to(x.dtype)
 
     def logical_params(self) -> int:
@@ -223,11 +247,7 @@ class Int8Conv2d(_Packed):
                    out_scale: float, out_zero_point: int, engine: str, bits: int = 8) -> Int8Conv2d:
         m = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation,  # type: ignore[arg-type]
                 conv.groups, relu, out_scale, out_zero_point, engine)
-        q, s, _ = quantize_weight(weight, bits=bits, granularity="channel")
-        m.qweight.copy_(q)
-        m.w_scale.copy_(s)
-        if bias is not None:
-            m.bias.copy_(bias.detach())
+        m._set_int8_weight(weight, bias, bits)
         return m
 
     def init_args(self) -> dict[str, Any]:
@@ -273,11 +293,7 @@ class Int8Linear(_Packed):
     def from_float(cls, weight: torch.Tensor, bias: torch.Tensor | None, *, relu: bool, out_scale: float,
                    out_zero_point: int, engine: str, bits: int = 8) -> Int8Linear:
         m = cls(weight.shape[1], weight.shape[0], relu, out_scale, out_zero_point, engine)
-        q, s, _ = quantize_weight(weight, bits=bits, granularity="channel")
-        m.qweight.copy_(q)
-        m.w_scale.copy_(s)
-        if bias is not None:
-            m.bias.copy_(bias.detach())
+        m._set_int8_weight(weight, bias, bits)
         return m
 
     def init_args(self) -> dict[str, Any]:
@@ -285,9 +301,7 @@ class Int8Linear(_Packed):
                 "out_scale": self.out_scale, "out_zero_point": self.out_zero_point, "engine": self.engine}
 
     def _pack(self) -> Any:
-        with engine(self.engine):
-            self._packed = torch.ops.quantized.linear_prepack(_qweight(self.qweight, self.w_scale), self.bias)
-        return self._packed
+        return self._pack_linear(self.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         packed = self._packed if self._packed is not None else self._pack()

@@ -130,8 +130,11 @@ def apply_int8_dynamic(model: nn.Module, config: Int8DynamicConfig, *, select: S
             note_float(model, name, "kept in float by config (keep_float)")
             continue
         smooth = smooth_factors(stats[name], lin.weight, cfg.smooth_alpha) if cfg.smooth_alpha > 0 and name in stats else None
-        set_module(model, name, Int8DynamicLinear.from_float(lin, smooth=smooth, engine=eng, reduce_range=reduce_range))
-    model._torchshrink_quant_backend = f"torch.ops.quantized.linear_dynamic ({eng} engine, reduce_range={reduce_range})"
+        set_module(model, name, Int8DynamicLinear.from_float(lin, smooth=smooth, engine=eng, reduce_range=reduce_range,
+                                                             activation=cfg.activation))
+    acts = sorted({m.activation for m in model.modules() if isinstance(m, Int8DynamicLinear)}) or [config.activation]
+    model._torchshrink_quant_backend = (f"torch.ops.quantized.linear_dynamic ({eng} engine, reduce_range={reduce_range}, "
+                                        f"{' + '.join('per-' + a for a in acts)} activation scales)")
     return model
 
 
@@ -139,14 +142,18 @@ def apply_int8_dynamic(model: nn.Module, config: Int8DynamicConfig, *, select: S
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class Int8DynamicConfig(Config):
     """INT8 dynamic quantization of Linear layers: int8 per-channel weights, activations quantized at
-    run time, integer GEMM. ``smooth_alpha`` > 0 applies SmoothQuant channel balancing from
-    calibration data; ``keep_float`` (usually as a per-layer override) leaves a layer in float."""
+    run time, integer GEMM. ``activation``: one scale per tensor, or one per token (row) -- per-token
+    costs two cheap elementwise passes and keeps outlier tokens (e.g. GELU outputs) from coarsening
+    every other token's grid (MiniLM, all Linears INT8: cosine mean 0.9968 vs 0.9925 per tensor).
+    ``smooth_alpha`` > 0 applies SmoothQuant channel balancing from calibration data; ``keep_float``
+    (usually as a per-layer override) leaves a layer in float."""
 
     kind = "int8-dynamic"
     family = "quantize"
     smooth_alpha: float = 0.0
     calib_batches: int = 8
     keep_float: bool = False
+    activation: Literal["tensor", "token"] = "token"
     engine: Engine = "auto"
     # auto = on without VNNI: fbgemm's u8*s8 pairs saturate int16 otherwise (measured: 0.988 vs 0.9998 cosine on a
     # random MLP); "off" can still win on a given model (MiniLM: 0.9925 vs 0.9746) -- check fidelity.
