@@ -10,7 +10,9 @@ from torchshrink.binary.configs import (
     TWNConfig,
     XNORConfig,
     convert,
+    store_kept_layers,
 )
+from torchshrink.binary.fold import fold_into_neighbours
 from torchshrink.binary.layers import BinaryConv2d, BinaryLinear
 from torchshrink.binary.modules import (
     PackedBinaryConv2d,
@@ -24,6 +26,6 @@ from torchshrink.binary.packing import pack_binary, pack_ternary, unpack_binary,
 __all__ = [
     "BNNConfig", "BWNConfig", "BinarizeConfig", "BinaryConnectConfig", "BinaryConv2d", "BinaryLinear",
     "PackedBinaryConv2d", "PackedBinaryLinear", "PackedTernaryConv2d", "PackedTernaryLinear", "TTQConfig",
-    "TWNConfig", "XNORConfig", "convert", "pack_binary", "pack_ternary", "to_packed", "unpack_binary",
-    "unpack_ternary",
+    "TWNConfig", "XNORConfig", "convert", "fold_into_neighbours", "pack_binary", "pack_ternary", "store_kept_layers",
+    "to_packed", "unpack_binary", "unpack_ternary",
 ]

@@ -7,6 +7,7 @@
  *   dot(a, w) over k real columns = k - 2 * popcount(a XOR w)
  */
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 #ifdef __AVX2__
 #include <immintrin.h>
@@ -20,31 +21,32 @@ int ts_has_avx2(void) {
 #endif
 }
 
+/* Pack the signs of (x[r, c] - tau[c]) (tau may be NULL: 0) for one row of `cols` floats. */
+static void pack_row(const float *xr, const float *tau, int64_t cols, uint64_t *o, int64_t words) {
+    for (int64_t w = 0; w < words; w++) {
+        int64_t c = w * 64;
+        uint64_t v = 0;
+        if (c + 64 <= cols) {
+#ifdef __AVX2__
+            for (int b = 0; b < 8; b++) {
+                __m256 f = _mm256_loadu_ps(xr + c + 8 * b);
+                __m256 t = tau ? _mm256_loadu_ps(tau + c + 8 * b) : _mm256_setzero_ps();
+                uint64_t m = (uint32_t)_mm256_movemask_ps(_mm256_cmp_ps(f, t, _CMP_GE_OQ));
+                v |= m << (8 * b);
+            }
+#else
+            for (int j = 0; j < 64; j++) v |= (uint64_t)(xr[c + j] - (tau ? tau[c + j] : 0.0f) >= 0.0f) << j;
+#endif
+        } else {
+            for (int64_t j = 0; c + j < cols; j++) v |= (uint64_t)(xr[c + j] - (tau ? tau[c + j] : 0.0f) >= 0.0f) << j;
+        }
+        o[w] = v;
+    }
+}
+
 /* Pack the signs of a rows x cols float matrix (row stride ld floats) into rows x words uint64. */
 void ts_pack_signs(const float *x, int64_t rows, int64_t cols, int64_t ld, uint64_t *out, int64_t words) {
-    for (int64_t r = 0; r < rows; r++) {
-        const float *xr = x + r * ld;
-        uint64_t *o = out + r * words;
-        for (int64_t w = 0; w < words; w++) {
-            int64_t c = w * 64;
-            uint64_t v = 0;
-            if (c + 64 <= cols) {
-#ifdef __AVX2__
-                const __m256 zero = _mm256_setzero_ps();
-                for (int b = 0; b < 8; b++) {
-                    __m256 f = _mm256_loadu_ps(xr + c + 8 * b);
-                    uint64_t m = (uint32_t)_mm256_movemask_ps(_mm256_cmp_ps(f, zero, _CMP_GE_OQ));
-                    v |= m << (8 * b);
-                }
-#else
-                for (int j = 0; j < 64; j++) v |= (uint64_t)(xr[c + j] >= 0.0f) << j;
-#endif
-            } else {
-                for (int64_t j = 0; c + j < cols; j++) v |= (uint64_t)(xr[c + j] >= 0.0f) << j;
-            }
-            o[w] = v;
-        }
-    }
+    for (int64_t r = 0; r < rows; r++) pack_row(x + r * ld, NULL, cols, out + r * words, words);
 }
 
 #ifdef __AVX2__
@@ -104,23 +106,46 @@ static inline int64_t xor_pop_1x1(const uint64_t *a, const uint64_t *b, int64_t 
     return s;
 }
 
-/* out[m * N + n] = kbits - 2 * popcount(a[m] XOR b[n]);  a: M x words, b: N x words. */
-void ts_xnor_gemm(const uint64_t *a, const uint64_t *b, int32_t *out, int64_t M, int64_t N, int64_t words,
-                  int64_t kbits, int use_simd) {
-    /* n outer in blocks of 4 (those 4 weight rows stay in L1), m inner */
+/* Where results go: int32 dot products, or floats dot * scale[n] * beta[m] + bias[n] (any NULL: skipped). */
+typedef struct {
+    int32_t *i32;
+    float *f32;
+    const float *scale, *beta, *bias;
+} sink_t;
+
+static inline void emit(const sink_t *s, int64_t m, int64_t n, int64_t N, int64_t dot) {
+    if (s->i32) {
+        s->i32[m * N + n] = (int32_t)dot;
+        return;
+    }
+    float v = (float)dot;
+    if (s->scale) v = v * s->scale[n];
+    if (s->beta) v = v * s->beta[m];
+    if (s->bias) v = v + s->bias[n];
+    s->f32[m * N + n] = v;
+}
+
+#ifndef TS_PREFETCH_BYTES
+#define TS_PREFETCH_BYTES 4096
+#endif
+
+/* All M x N dot products kbits - 2 * popcount(a[m] XOR b[n]); a: M x words, b: N x words.
+ * n outer in blocks of 4 (those 4 weight rows stay in L1 while every a row passes), m inner; the
+ * weight stream is prefetched TS_PREFETCH_BYTES ahead, which matters when it comes from DRAM. */
+static void xnor_gemm(const uint64_t *a, const uint64_t *b, int64_t M, int64_t N, int64_t words, int64_t kbits,
+                      int use_simd, const sink_t *s) {
     int64_t n = 0;
 #ifdef __AVX2__
     if (use_simd && words >= 4) {
+        const char *end = (const char *)(b + N * words);
         for (; n + 4 <= N; n += 4) {
             const uint64_t *b0 = b + n * words, *b1 = b0 + words, *b2 = b1 + words, *b3 = b2 + words;
+            const char *pf = (const char *)b0 + TS_PREFETCH_BYTES, *pf_end = pf + 4 * words * 8;
+            for (; pf < pf_end && pf < end; pf += 64) _mm_prefetch(pf, _MM_HINT_T0);
             for (int64_t m = 0; m < M; m++) {
                 int64_t r[4];
                 xor_pop_1x4(a + m * words, b0, b1, b2, b3, words, r);
-                int32_t *o = out + m * N + n;
-                o[0] = (int32_t)(kbits - 2 * r[0]);
-                o[1] = (int32_t)(kbits - 2 * r[1]);
-                o[2] = (int32_t)(kbits - 2 * r[2]);
-                o[3] = (int32_t)(kbits - 2 * r[3]);
+                for (int j = 0; j < 4; j++) emit(s, m, n + j, N, kbits - 2 * r[j]);
             }
         }
     }
@@ -135,11 +160,32 @@ void ts_xnor_gemm(const uint64_t *a, const uint64_t *b, int32_t *out, int64_t M,
                 s0 += __builtin_popcountll(av ^ b0[w]);
                 s1 += __builtin_popcountll(av ^ b1[w]);
             }
-            out[m * N + n] = (int32_t)(kbits - 2 * s0);
-            out[m * N + n + 1] = (int32_t)(kbits - 2 * s1);
+            emit(s, m, n, N, kbits - 2 * s0);
+            emit(s, m, n + 1, N, kbits - 2 * s1);
         }
     }
     for (; n < N; n++) {
-        for (int64_t m = 0; m < M; m++) out[m * N + n] = (int32_t)(kbits - 2 * xor_pop_1x1(a + m * words, b + n * words, words));
+        for (int64_t m = 0; m < M; m++) emit(s, m, n, N, kbits - 2 * xor_pop_1x1(a + m * words, b + n * words, words));
     }
+}
+
+/* out[m * N + n] = kbits - 2 * popcount(a[m] XOR b[n]) as int32. */
+void ts_xnor_gemm(const uint64_t *a, const uint64_t *b, int32_t *out, int64_t M, int64_t N, int64_t words,
+                  int64_t kbits, int use_simd) {
+    sink_t s = {out, NULL, NULL, NULL, NULL};
+    xnor_gemm(a, b, M, N, words, kbits, use_simd, &s);
+}
+
+/* A whole fully binary Linear in one call: x is M x K floats, tau K thresholds (NULL: 0), w N x words
+ * packed weight signs. out[m, n] = dot(sign(x[m] - tau), w[n]) (* scale[n]) (* beta[m]) (+ bias[n]);
+ * scale, beta, bias may be NULL. Returns 0, or -1 when out of memory. */
+int ts_binary_linear(const float *x, const float *tau, int64_t M, int64_t K, const uint64_t *w, int64_t N,
+                     int64_t words, const float *scale, const float *beta, const float *bias, float *out) {
+    uint64_t *a = (uint64_t *)malloc((size_t)(M * words) * sizeof(uint64_t));
+    if (!a) return -1;
+    for (int64_t m = 0; m < M; m++) pack_row(x + m * K, tau, K, a + m * words, words);
+    sink_t s = {NULL, out, scale, beta, bias};
+    xnor_gemm(a, w, M, N, words, K, 1, &s);
+    free(a);
+    return 0;
 }

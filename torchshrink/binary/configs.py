@@ -2,8 +2,11 @@
 
 ``torchshrink.binarize(model, BWNConfig())`` returns the model with training layers (latent float
 weights) in place of the selected Linear / Conv2d layers; fine-tune it (a recipe stage does), then
-``finalize`` (or :func:`convert`) swaps them for bit-packed inference modules. First and last
-Linear/Conv2d layers (in module order) stay float unless ``keep_first_last: false``.
+``finalize`` (or :func:`convert`) swaps them for bit-packed inference modules, folds their
+per-channel scales / biases into a following BatchNorm or float layer where exact (``fold``, see
+``fold.py``) and stores the first and last Linear/Conv2d layers, which stay unbinarized unless
+``keep_first_last: false``, at ``keep_dtype``. The packed layers' float parameters are stored as
+``param_dtype``.
 """
 
 from __future__ import annotations
@@ -11,17 +14,18 @@ from __future__ import annotations
 import copy
 import dataclasses
 import logging
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal, TypeVar, dataclass_transform
 
 import torch
 from torch import nn
 
+from torchshrink.binary.fold import fold_into_neighbours
 from torchshrink.binary.layers import FULLY_BINARY, TRAINING_LAYERS, BinaryConv2d, BinaryLinear
 from torchshrink.binary.modules import to_packed
 from torchshrink.core.config import Config, check_range, register
 from torchshrink.core.errors import UnsupportedLayerError
 from torchshrink.core.select import Select, config_for, select_modules
-from torchshrink.core.surgery import set_module
+from torchshrink.core.surgery import get_module, set_module
 from torchshrink.measure.quality import iter_batches
 
 log = logging.getLogger(__name__)
@@ -132,112 +136,146 @@ def apply_binarize(model: nn.Module, config: BinarizeConfig, *, select: Select |
     return model
 
 
-def convert(model: nn.Module, backend: str = "auto", *, inplace: bool = False) -> nn.Module:
-    """Replace every binary / ternary training layer with its packed inference module.
-
-    Works on a copy unless ``inplace=True``."""
+def convert(model: nn.Module, backend: str = "auto", *, inplace: bool = False, param_dtype: str = "float32",
+            fold: bool = False) -> nn.Module:
+    """Replace every binary / ternary training layer with its packed inference module (float
+    parameters stored as ``param_dtype``); with ``fold=True`` also fold scales / biases into
+    neighbours (:func:`torchshrink.binary.fold.fold_into_neighbours`). Works on a copy unless
+    ``inplace=True``."""
     if not inplace:
         model = copy.deepcopy(model)
     for name, m in list(model.named_modules()):
         if isinstance(m, TRAINING_LAYERS):
-            if name:
-                set_module(model, name, to_packed(m, backend))
-            else:
-                model = to_packed(m, backend)
+            packed = to_packed(m, backend, param_dtype)
+            if not name:
+                return packed
+            set_module(model, name, packed)
+    if fold:
+        fold_into_neighbours(model)
     return model
 
 
+def store_kept_layers(model: nn.Module, names: list[str], keep_dtype: str) -> dict[str, str]:
+    """Store the layers kept out of binarization at ``keep_dtype``: ``float16`` (weights in half
+    precision, run in it) or ``int8`` (Linear: per-channel int8 weight-only; Conv2d: float16, as
+    torchshrink has no int8 weight-only conv). Returns {layer: what it became}."""
+    from torchshrink.quant.cast import CastWrapper
+    from torchshrink.quant.modules import WeightOnlyLinear
+
+    done = {}
+    if keep_dtype == "float32":
+        return done
+    for name in names:
+        m = get_module(model, name)
+        if type(m) is nn.Linear and keep_dtype == "int8":
+            new: nn.Module = WeightOnlyLinear.from_float(m, bits=8, group_size=0)
+        elif type(m) in (nn.Linear, nn.Conv2d):
+            new = CastWrapper(m, "float16")
+        else:
+            continue
+        set_module(model, name, new.to(m.weight.device))
+        done[name] = type(new).__name__
+    return done
+
+
 def finalize_binarize(model: nn.Module, config: BinarizeConfig) -> nn.Module:
-    return convert(model, getattr(config, "backend", "auto"), inplace=True)
+    model = convert(model, getattr(config, "backend", "auto"), inplace=True, param_dtype=config.param_dtype,
+                    fold=config.fold)
+    report = getattr(model, "_torchshrink_binary_report", None)
+    if report is not None:
+        report["kept_stored_as"] = store_kept_layers(model, report["kept_float"], config.keep_dtype)
+    return model
 
 
 # --------------------------------------------------------------------------- configs
 
+C = TypeVar("C", bound=type)
+
+
+@dataclass_transform(frozen_default=True, kw_only_default=True)
+def _binarize_kind(cls: C) -> C:
+    """Make ``cls`` a frozen keyword-only config dataclass registered with the binarize handler."""
+    return register(apply_binarize, finalize=finalize_binarize)(dataclasses.dataclass(frozen=True, kw_only=True)(cls))
+
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class BinarizeConfig(Config):
-    """Fields every binarize kind has."""
+    """Fields every binarize kind has; the layer mode is the kind. ``ranges``: {field: (lo, hi,
+    lo_open, hi_open)} checked by :meth:`validate`."""
 
     family = "binarize"
-    mode = ""
+    ranges: ClassVar[dict[str, tuple[float, float, bool, bool]]] = {}
     keep_first_last: bool = True
+    keep_dtype: Literal["float32", "float16", "int8"] = "int8"
+    param_dtype: Literal["float16", "float32"] = "float16"
+    fold: bool = True
+
+    @property
+    def mode(self) -> str:
+        return self.kind
+
+    def validate(self) -> None:
+        for name, (lo, hi, lo_open, hi_open) in self.ranges.items():
+            check_range(f"{self.kind}.{name}", getattr(self, name), lo, hi, lo_open=lo_open, hi_open=hi_open)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class _ScaledFields(BinarizeConfig):
+    weight_estimator: Literal["ste", "magnitude_aware"] = "ste"
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class _ActivationFields(BinarizeConfig):
+    ranges = {"clip": (0, 1e6, True, False)}
     act_estimator: Literal["ste", "approx_sign"] = "ste"
     clip: float = 1.0
     threshold_init: Literal["median", "zero"] = "median"
     learn_threshold: bool = True
     backend: Literal["auto", "c", "numpy"] = "auto"
 
-    def validate(self) -> None:
-        check_range(f"{self.kind}.clip", self.clip, 0, 1e6, lo_open=True)
 
-
-_reg = lambda: register(apply_binarize, finalize=finalize_binarize)  # noqa: E731
-
-
-@_reg()
-@dataclasses.dataclass(frozen=True, kw_only=True)
+@_binarize_kind
 class BinaryConnectConfig(BinarizeConfig):
     """BinaryConnect: weights sign(W), activations float."""
 
     kind = "binaryconnect"
-    mode = "binaryconnect"
 
 
-@_reg()
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class BWNConfig(BinarizeConfig):
+@_binarize_kind
+class BWNConfig(_ScaledFields):
     """Binary-weight network: alpha * sign(W), alpha = mean|W| per output channel."""
 
     kind = "bwn"
-    mode = "bwn"
-    weight_estimator: Literal["ste", "magnitude_aware"] = "ste"
 
 
-@_reg()
-@dataclasses.dataclass(frozen=True, kw_only=True)
+@_binarize_kind
 class BNNConfig(_ActivationFields):
     """Fully binary (BNN): sign(W) (*) sign(x - tau), run by the XNOR-popcount kernel."""
 
     kind = "bnn"
-    mode = "bnn"
 
 
-@_reg()
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class XNORConfig(_ActivationFields):
+@_binarize_kind
+class XNORConfig(_ActivationFields, _ScaledFields):
     """XNOR-Net: alpha * (sign(W) (*) sign(x - tau)) * beta, run by the XNOR-popcount kernel."""
 
     kind = "xnor"
-    mode = "xnor"
-    weight_estimator: Literal["ste", "magnitude_aware"] = "ste"
 
 
-@_reg()
-@dataclasses.dataclass(frozen=True, kw_only=True)
+@_binarize_kind
 class TWNConfig(BinarizeConfig):
     """Ternary weight network: alpha * {-1, 0, 1}, threshold threshold_factor * mean|W|."""
 
     kind = "twn"
-    mode = "twn"
+    ranges = {"threshold_factor": (0, 10, True, False)}
     threshold_factor: float = 0.7
     per_channel: bool = False
 
-    def validate(self) -> None:
-        check_range("twn.threshold_factor", self.threshold_factor, 0, 10, lo_open=True)
 
-
-@_reg()
-@dataclasses.dataclass(frozen=True, kw_only=True)
+@_binarize_kind
 class TTQConfig(BinarizeConfig):
     """Trained ternary quantization: {-Wn, 0, Wp} with learned scales, threshold t * max|W|."""
 
     kind = "ttq"
-    mode = "ttq"
+    ranges = {"threshold": (0, 1, True, True)}
     threshold: float = 0.05
-
-    def validate(self) -> None:
-        check_range("ttq.threshold", self.threshold, 0, 1, lo_open=True, hi_open=True)

@@ -8,6 +8,11 @@ Two backends compute the same integers:
 - ``numpy``: ``np.packbits`` + ``np.bitwise_count`` on uint64 words, chunked. Always available;
   used when no compiler is found or the build fails (logged once).
 
+For a fully binary Linear the C backend runs the whole layer in one call
+(:func:`binary_linear_fused`: sign + pack of the input, GEMM, float epilogue), so a batch-1 call
+costs one ctypes crossing instead of a dozen torch ops (in a network those ops, like the weights,
+come back from DRAM on every call: they were most of the old batch-1 time).
+
 ``benchmarks/binary.py`` times both against fp32 torch; the C backend is the default because it
 measured faster (see benchmarks/results/binary.md).
 
@@ -46,7 +51,7 @@ def words_for(k: int) -> int:
 
 def build_library(force: bool = False) -> Path | None:
     """Compile ``_xnor.c`` into the cache (once per source + CPU); None when no compiler works."""
-    return build_shared(_SRC, "binary-kernels", ["-std=c99"], force=force, what="XNOR kernel")
+    return build_shared(_SRC, "binary-kernels", ["-std=c99", "-ffp-contract=off"], force=force, what="XNOR kernel")
 
 
 def _load() -> ctypes.CDLL | None:
@@ -68,6 +73,8 @@ def _load() -> ctypes.CDLL | None:
     lib.ts_xnor_gemm.argtypes = [vp, vp, vp, i64, i64, i64, i64, ctypes.c_int]
     lib.ts_xnor_gemm.restype = None
     lib.ts_has_avx2.restype = ctypes.c_int
+    lib.ts_binary_linear.argtypes = [vp, vp, i64, i64, vp, i64, i64, vp, vp, vp, vp]
+    lib.ts_binary_linear.restype = ctypes.c_int
     _LIB = lib
     return lib
 
@@ -155,6 +162,32 @@ def binary_linear(x: torch.Tensor, w_packed: torch.Tensor, in_features: int, bac
     lead = x.shape[:-1]
     a = pack_signs(x.reshape(-1, in_features), backend)
     return xnor_gemm(a, w_packed, in_features, backend).reshape(*lead, w_packed.shape[0])
+
+
+def _ptr(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+def binary_linear_fused(
+    x: torch.Tensor, tau: torch.Tensor | None, w_packed: torch.Tensor, scale: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None, beta: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """A whole fully binary Linear in one C call (C backend only), float32 ``[..., out]``:
+    ``(sign(x - tau) . sign(W)) * scale * beta + bias``, in that order of float operations (the
+    same as the torch path, so both give the same floats). The dot products are exact integers;
+    ``tau``, ``scale``, ``bias`` are float32 vectors, ``beta`` float32 ``[..., 1]``, or None."""
+    if _LIB is None:
+        raise ConfigError("binary_linear_fused needs the C kernel; call resolve_backend('c') first")
+    x = x.to(torch.float32).contiguous()
+    k, n = x.shape[-1], w_packed.shape[0]
+    if w_packed.shape[1] != words_for(k):
+        raise ValueError(f"packed weight of {w_packed.shape[1]} words does not fit {k} input features")
+    out = torch.empty(*x.shape[:-1], n, dtype=torch.float32)
+    rc = _LIB.ts_binary_linear(x.data_ptr(), _ptr(tau), x.numel() // max(k, 1), k, w_packed.data_ptr(), n,
+                               w_packed.shape[1], _ptr(scale), _ptr(beta), _ptr(bias), out.data_ptr())
+    if rc != 0:
+        raise MemoryError("binary_linear_fused: out of memory for the packed input")
+    return out
 
 
 def pack_conv_weight(w_sign: torch.Tensor, backend: str = "auto") -> torch.Tensor:

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from torchshrink.core.errors import DataError
+from torchshrink.export.formats import Format, register_format
 
 
 def _numel(shape: Sequence[int]) -> int:
@@ -116,3 +117,24 @@ def unpack_ternary(packed: torch.Tensor, shape: Sequence[int], dtype: torch.dtyp
     """Inverse of :func:`pack_ternary`: a tensor of ``shape`` holding -1 / 0 / +1."""
     codes = unpack_ternary_codes(packed, _numel(shape))
     return _TERNARY_LUT.to(dtype)[codes.long()].reshape(tuple(shape))
+
+
+# --------------------------------------------------------------------------- file format
+
+BITS_FORMAT = "packed-bits"
+
+
+def _bits_encode(t: torch.Tensor) -> dict[str, torch.Tensor] | None:
+    return {"bits": t.reshape(-1).contiguous()} if t.dtype == torch.uint8 else None
+
+
+def _bits_decode(parts: dict[str, torch.Tensor], meta: dict) -> torch.Tensor:
+    return parts["bits"].reshape(meta["shape"])
+
+
+# Packed 1- / 2-bit weights are stored as they are, inside the compact container (one LZMA stream
+# for manifest + tensors, export/container.py): for a small binarized model the safetensors header
+# and the JSON manifest would otherwise cost as much as the bits themselves.
+# (Without a container-aware export, the bits are written to safetensors unchanged.)
+_IN_CONTAINER = {"container": True} if "container" in Format.__dataclass_fields__ else {}
+register_format(Format(BITS_FORMAT, _bits_encode, _bits_decode, auto=False, **_IN_CONTAINER))
