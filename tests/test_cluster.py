@@ -74,3 +74,113 @@ def test_bad_bits_is_a_clear_error():
 
     with pytest.raises(ConfigError, match=r"kmeans.bits=9 is outside the allowed range \[1, 8\]"):
         KMeansConfig(bits=9)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(1, 60), st.integers(1, 70), st.floats(0.0, 1.0), st.sampled_from([torch.uint8, torch.int16]))
+def test_relative_index_round_trip_is_exact_with_long_gaps(rows, cols, density, dtype):
+    from torchshrink.cluster.entropy import decode_relidx, encode_relidx
+
+    g = torch.Generator().manual_seed(rows * 100 + cols)
+    codes = torch.randint(1, 16, (rows, cols * 5), generator=g).to(dtype)
+    codes[torch.rand(rows, cols * 5, generator=g) > density * 0.05] = 0  # gaps far beyond 255
+    parts = encode_relidx(codes)
+    assert parts["gaps"].dtype == torch.uint8
+    back = decode_relidx(parts, {"shape": list(codes.shape), "dtype": str(dtype).removeprefix("torch.")})
+    assert torch.equal(back, codes)
+
+
+def test_relative_index_pads_gaps_over_255_like_the_paper():
+    import numpy as np
+
+    from torchshrink.cluster.entropy import from_relative_index, relative_index
+
+    flat = np.zeros(1000, dtype=np.uint8)
+    flat[[3, 600, 999]] = [5, 6, 7]
+    gaps, vals = relative_index(flat)
+    # 3 | 596 = 2 pads of 256 + 84 | 398 = 1 pad + 142
+    assert gaps.tolist() == [3, 255, 255, 84, 255, 142]
+    assert vals.tolist() == [5, 0, 0, 6, 0, 7]
+    assert np.array_equal(from_relative_index(gaps, vals, 1000), flat)
+
+
+def test_batchnorm_is_folded_into_the_clustered_conv(digits_cnn):
+    small = ts.quantize(digits_cnn, KMeansConfig(bits=8))
+    assert isinstance(small.features[1], torch.nn.Identity)
+    assert isinstance(small.features[0], ClusteredLayer) and small.features[0].bias is not None
+    x = torch.randn(16, 1, 8, 8)
+    ref = digits_cnn(x)
+    # 8-bit shared weights of the folded conv: outputs stay close to the BN model's
+    assert (small(x) - ref).abs().max() < 0.05 * ref.abs().max()
+    kept = ts.quantize(digits_cnn, KMeansConfig(bits=8, fold_bn=False))
+    assert isinstance(kept.features[1], torch.nn.BatchNorm2d)
+
+
+def test_deep_compressed_model_uses_the_compact_container_and_reloads_exactly(tmp_path, digits_mlp):
+    from torchshrink.cluster.kmeans import finalize_kmeans
+    from torchshrink.export.io import saved_bytes
+
+    cfg = KMeansConfig(bits=4)
+    sparse = ts.load_model("zoo:digits-mlp")
+    with torch.no_grad():
+        for p in sparse.parameters():
+            if p.dim() == 2:
+                p[p.abs() < p.abs().flatten().kthvalue(int(0.92 * p.numel())).values] = 0
+    small = finalize_kmeans(ts.quantize(sparse, cfg), cfg)
+    ts.save(small, tmp_path / "k")
+    assert sorted(p.name for p in (tmp_path / "k").iterdir()) == ["manifest.json", "model.tsz"]
+    assert saved_bytes(small) == sum(p.stat().st_size for p in (tmp_path / "k").iterdir())
+    assert saved_bytes(digits_mlp) / saved_bytes(small) > 25  # 8% density, 4-bit codes, fp16 biases
+    back = ts.load(tmp_path / "k")
+    assert back.net[1]._torchshrink_formats["codes"] == "relidx"
+    x = torch.randn(7, 1, 8, 8)
+    assert torch.equal(back(x), small(x))
+    assert torch.equal(ts.load_model(str(tmp_path / "k"))(x), small(x))  # a folder spec finds it too
+
+
+def test_corrupt_container_is_a_clear_error(tmp_path, digits_mlp):
+    import pytest
+
+    from torchshrink.core.errors import ModelLoadError
+
+    ts.save(ts.quantize(digits_mlp, KMeansConfig(bits=3)), tmp_path / "k")
+    blob = (tmp_path / "k" / "model.tsz").read_bytes()
+    (tmp_path / "k" / "model.tsz").write_bytes(blob[:40])
+    with pytest.raises(ModelLoadError, match="model.tsz is (corrupt|truncated)"):
+        ts.load(tmp_path / "k")
+    (tmp_path / "k" / "model.tsz").write_bytes(b"PK\x03\x04" + blob[4:])
+    with pytest.raises(ModelLoadError, match="not a torchshrink container"):
+        ts.load(tmp_path / "k")
+
+
+def test_dead_units_lose_their_incoming_weights_and_outputs_stay_identical():
+    from torchshrink.cluster.dead import zero_dead_units
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(12, 20), torch.nn.ReLU(), torch.nn.Linear(20, 6), torch.nn.Tanh(), torch.nn.Linear(6, 3))
+    with torch.no_grad():
+        net[0].weight[net[0].weight.abs() < 0.05] = 0
+        net[2].weight[:, [1, 4, 7]] = 0  # hidden units 1, 4, 7 feed nothing
+        net[4].weight[:, 2] = 0  # second hidden unit 2 feeds nothing
+    small = ts.quantize(net, KMeansConfig(bits=3, half_params=False, drop_dead=False))
+    x = torch.randn(32, 12)
+    with torch.inference_mode():
+        ref = small(x)
+    assert zero_dead_units(small) == 4
+    assert torch.equal(small[0].codes[[1, 4, 7]], torch.zeros(3, 12, dtype=torch.uint8))
+    assert small[0].bias[[1, 4, 7]].abs().sum() == 0 and small[2].bias[2] == 0
+    assert int((small[0].codes[0] != 0).sum()) > 0  # live units untouched
+    with torch.inference_mode():
+        assert torch.equal(small(x), ref)
+
+
+def test_models_saved_with_the_older_entropy_format_still_load(tmp_path, digits_mlp):
+    small = ts.quantize(digits_mlp, KMeansConfig(bits=4))
+    for m in small.modules():
+        if isinstance(m, ClusteredLayer):
+            m._torchshrink_formats = {"codes": "entropy"}  # what files written before relidx hold
+    ts.save(small, tmp_path / "old")
+    assert sorted(p.name for p in (tmp_path / "old").iterdir()) == ["manifest.json", "model.safetensors"]
+    back = ts.load(tmp_path / "old")
+    x = torch.randn(5, 1, 8, 8)
+    assert torch.equal(back(x), small(x))

@@ -153,3 +153,13 @@ def test_all_zero_tensor_round_trips(tmp_path):
     back = ts.load(tmp_path / "z", model=torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.BatchNorm1d(64)))
     for k, v in net.state_dict().items():
         assert torch.equal(back.state_dict()[k], v), k
+
+
+def test_half_exact_format_is_used_only_when_lossless():
+    exact = torch.tensor([0.5, -1.25, 3.0, 0.0] * 20)
+    fmt, parts = encode_tensor(exact, "half-exact")
+    assert fmt == "half-exact" and parts["values"].dtype == torch.float16
+    assert torch.equal(decode_tensor(fmt, parts, {"shape": [80]}), exact)
+    lossy = exact + 1e-4
+    fmt, parts = encode_tensor(lossy, "half-exact")  # falls back to an automatic, exact format
+    assert fmt == "dense" and torch.equal(parts[""], lossy)

@@ -1,12 +1,19 @@
 """Weight sharing by k-means (Deep Compression, Han et al. 2016): each selected layer's weights
 are replaced by ``2**bits`` shared centroids and a code per weight. Pruned zeros stay exactly zero
 (code 0 is pinned to 0.0). Centroids are trainable: the gather's backward sums the gradients of
-all weights in a cluster, which is the paper's centroid fine-tuning. Codes are saved entropy-coded.
+all weights in a cluster, which is the paper's centroid fine-tuning. Codes are saved entropy-coded
+(relative-index streams in the compact container, see ``cluster/entropy.py``).
+
+Before clustering, a BatchNorm that directly follows a selected conv in a ``Sequential`` is folded
+into it (``fold_bn``), so its four vectors do not cost bytes of their own; after fine-tuning,
+centroids and biases are rounded to float16 (``half_params``) and stored in 2 bytes each, and
+units that no later layer reads lose their incoming weights (``drop_dead``, see ``dead.py``).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from typing import Any, Literal
 
 import torch
@@ -15,7 +22,7 @@ from torch import nn
 
 from torchshrink.core.config import Config, check_range, register
 from torchshrink.core.select import Select, config_for, select_modules
-from torchshrink.core.surgery import set_module
+from torchshrink.core.surgery import get_module, set_module
 from torchshrink.export.modules import register_module
 
 
@@ -65,7 +72,7 @@ class ClusteredLayer(nn.Module):
         live[0] = 0.0 if self.zero_code else 1.0
         self.register_buffer("live", live, persistent=False)
         self.bias = nn.Parameter(torch.zeros(self.shape[0])) if has_bias else None
-        self._torchshrink_formats = {"codes": "entropy"}
+        self._torchshrink_formats = {"codes": "relidx", "centroids": "half-exact", "bias": "half-exact"}
         self._cache: torch.Tensor | None = None
 
     def init_args(self) -> dict[str, Any]:
@@ -130,8 +137,30 @@ class ClusteredLayer(nn.Module):
         return int(torch.count_nonzero(w)) + (int(torch.count_nonzero(self.bias)) if self.bias is not None else 0)
 
 
+def fold_batchnorms(model: nn.Module, conv_names: set[str]) -> list[str]:
+    """Fold each eval-mode BatchNorm2d that directly follows one of ``conv_names`` inside a
+    ``Sequential`` into that conv (replacing the BN by Identity). Returns the folded conv names."""
+    from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+    folded = []
+    for parent_name, parent in list(model.named_modules()):
+        if not isinstance(parent, nn.Sequential):
+            continue
+        kids = list(parent._modules.items())
+        for (cname, conv), (bname, bn) in itertools.pairwise(kids):
+            full = f"{parent_name}.{cname}" if parent_name else cname
+            if (full in conv_names and type(conv) is nn.Conv2d and type(bn) is nn.BatchNorm2d
+                    and bn.track_running_stats and bn.running_mean is not None):
+                parent._modules[cname] = fuse_conv_bn_eval(conv.eval(), bn.eval())
+                parent._modules[bname] = nn.Identity()
+                folded.append(full)
+    return folded
+
+
 def apply_kmeans(model: nn.Module, config: KMeansConfig, *, select: Select | None = None, data: Any = None, **_: Any) -> nn.Module:
     chosen = select_modules(model, select, ("Linear", "Conv2d"))
+    if config.fold_bn and fold_batchnorms(model, {n for n, m in chosen if isinstance(m, nn.Conv2d)}):
+        chosen = [(n, get_module(model, n)) for n, _ in chosen]
     for name, layer in chosen:
         cfg = config_for(name, config, select)
         bits = cfg.bits if isinstance(layer, nn.Linear) else (cfg.conv_bits or cfg.bits)
@@ -140,9 +169,18 @@ def apply_kmeans(model: nn.Module, config: KMeansConfig, *, select: Select | Non
 
 
 def finalize_kmeans(model: nn.Module, config: KMeansConfig) -> nn.Module:
+    if config.drop_dead:
+        from torchshrink.cluster.dead import zero_dead_units
+
+        zero_dead_units(model)
     for m in model.modules():
         if isinstance(m, ClusteredLayer):
             m._cache = None
+            if config.half_params:  # values float16 holds exactly, so the file stores 2 bytes each
+                with torch.no_grad():
+                    for p in (m.centroids, m.bias):
+                        if p is not None:
+                            p.copy_(p.half().float())
     return model
 
 
@@ -150,7 +188,10 @@ def finalize_kmeans(model: nn.Module, config: KMeansConfig) -> nn.Module:
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class KMeansConfig(Config):
     """k-means weight sharing: ``bits`` per code for Linear (Deep Compression used 5 for FC layers),
-    ``conv_bits`` for Conv2d (8 in the paper; default: same as ``bits``)."""
+    ``conv_bits`` for Conv2d (8 in the paper; default: same as ``bits``). ``fold_bn`` folds a
+    BatchNorm that follows a clustered conv into it first; ``half_params`` rounds centroids and
+    biases to float16 values at the end (stored in 2 bytes each); ``drop_dead`` then zeroes the
+    incoming weights of units whose outgoing weights are all zero (outputs unchanged)."""
 
     kind = "kmeans"
     family = "quantize"
@@ -159,6 +200,9 @@ class KMeansConfig(Config):
     init: Literal["linear", "density", "random"] = "linear"
     keep_zeros: bool = True
     iters: int = 30
+    fold_bn: bool = True
+    half_params: bool = True
+    drop_dead: bool = True
 
     def validate(self) -> None:
         check_range("kmeans.bits", self.bits, 1, 8)

@@ -12,15 +12,21 @@ import numpy as np
 import torch
 
 Encoded = dict[str, torch.Tensor]
+# An encoder may return None: "this tensor cannot be stored exactly in my format" (the tensor is
+# then written in the best automatic format instead).
+Encoder = Callable[[torch.Tensor], Encoded | None]
 
 
 @dataclasses.dataclass(frozen=True)
 class Format:
     name: str
-    encode: Callable[[torch.Tensor], Encoded]
+    encode: Encoder
     decode: Callable[[Encoded, dict[str, Any]], torch.Tensor]
     # Picked automatically when it is smaller than the dense tensor (else only on request).
     auto: bool = True
+    # Its parts are left raw for an entropy coder: a model with such a tensor is saved in the
+    # compact container (one LZMA stream for the whole payload, see export/io.py).
+    container: bool = False
 
 
 _FORMATS: dict[str, Format] = {}
@@ -76,12 +82,31 @@ def _bitmask_decode(parts: Encoded, meta: dict[str, Any]) -> torch.Tensor:
 register_format(Format("bitmask", _bitmask_encode, _bitmask_decode))
 
 
+def _half_exact_encode(t: torch.Tensor) -> Encoded | None:
+    """float32 values that float16 represents exactly (e.g. rounded on purpose) in half the bytes."""
+    if t.dtype != torch.float32:
+        return None
+    h = t.half()
+    if not torch.equal(h.float(), t):  # also false for NaN: kept as it is
+        return None
+    return {"values": h}
+
+
+def _half_exact_decode(parts: Encoded, meta: dict[str, Any]) -> torch.Tensor:
+    return parts["values"].float().reshape(meta["shape"])
+
+
+register_format(Format("half-exact", _half_exact_encode, _half_exact_decode, auto=False))
+
+
 def encode_tensor(t: torch.Tensor, preferred: str | None = None) -> tuple[str, Encoded]:
     """Return (format name, parts). ``dense`` means the tensor is stored as it is."""
     t = t.detach().cpu()
     dense_bytes = t.numel() * t.element_size()
     if preferred and preferred != "dense":
-        return preferred, get_format(preferred).encode(t)
+        forced = get_format(preferred).encode(t)
+        if forced is not None:
+            return preferred, forced
     best: tuple[str, Encoded] = ("dense", {"": t.contiguous()})
     best_bytes = dense_bytes
     if t.numel() >= 64 and not t.dtype.is_complex:
@@ -89,7 +114,7 @@ def encode_tensor(t: torch.Tensor, preferred: str | None = None) -> tuple[str, E
             if not fmt.auto:
                 continue
             parts = fmt.encode(t)
-            if nbytes(parts) < best_bytes * 0.98:
+            if parts is not None and nbytes(parts) < best_bytes * 0.98:
                 best, best_bytes = (fmt.name, parts), nbytes(parts)
     return best
 

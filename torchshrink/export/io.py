@@ -22,7 +22,8 @@ from torch import nn
 
 from torchshrink.core.errors import ModelLoadError, OutputExistsError
 from torchshrink.core.surgery import get_module
-from torchshrink.export.formats import decode_tensor, encode_tensor
+from torchshrink.export.container import CONTAINER, read_container, write_container
+from torchshrink.export.formats import decode_tensor, encode_tensor, get_format
 from torchshrink.export.modules import build_module, init_args, type_name
 
 log = logging.getLogger(__name__)
@@ -155,10 +156,21 @@ def commit_dir(tmp: Path, out: Path) -> None:
         os.replace(tmp, out)
 
 
+def _entropy_coded(meta: dict[str, Any]) -> bool:
+    return any(info["format"] not in ("dense", "alias") and get_format(info["format"]).container for info in meta.values())
+
+
 def write_model_files(model: nn.Module, directory: Path, recipe: Any = None) -> None:
+    """An entropy-coded model goes into the compact container (``model.tsz`` + a stub manifest);
+    any other into ``model.safetensors`` + ``manifest.json``."""
     flat, meta = _encode_state(model)
-    safetensors.torch.save_file(flat, str(directory / WEIGHTS), metadata={"format": "torchshrink"})
     manifest = build_manifest(model, meta, recipe)
+    if _entropy_coded(meta):
+        write_container(directory / CONTAINER, flat, manifest)
+        stub = {"format": "torchshrink", "format_version": 2, "container": CONTAINER}
+        (directory / MANIFEST).write_text(json.dumps(stub, separators=(",", ":")))
+        return
+    safetensors.torch.save_file(flat, str(directory / WEIGHTS), metadata={"format": "torchshrink"})
     (directory / MANIFEST).write_text(json.dumps(manifest, separators=(",", ":"), default=str))
 
 
@@ -289,7 +301,12 @@ def load(directory: str | os.PathLike[str], *, model: nn.Module | None = None) -
     if not d.exists():
         raise ModelLoadError(f"{d} does not exist")
     manifest = read_manifest(d)
-    flat = read_tensors(d / WEIGHTS)
+    if manifest.get("container") is not None:
+        if manifest["container"] != CONTAINER:
+            raise ModelLoadError(f"{d / MANIFEST} names container {manifest['container']!r}; this version reads {CONTAINER!r}")
+        manifest, flat = read_container(d / CONTAINER)
+    else:
+        flat = read_tensors(d / WEIGHTS)
     state = decode_state(flat, manifest["tensors"])
     if manifest.get("fx_graph"):  # a torch.fx-rewritten model: rebuild modules, then the graph
         from torch import fx
