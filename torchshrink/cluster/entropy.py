@@ -24,16 +24,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from torchshrink.export.container import lzma_pack, lzma_unpack
 from torchshrink.export.formats import Encoded, Format, register_format
 
 _CODECS = {0: "zlib", 1: "lzma"}
 _DTYPES = {"uint8": np.uint8, "int16": np.int16, "int32": np.int32}
 _MAX_GAP = 255
-
-
-def _lzma_raw(raw: bytes, lc: int = 3) -> bytes:
-    return lzma.compress(raw, format=lzma.FORMAT_RAW,
-                         filters=[{"id": lzma.FILTER_LZMA2, "preset": 9 | lzma.PRESET_EXTREME, "lc": lc, "lp": 0, "pb": 0}])
 
 
 def _compress(raw: bytes) -> tuple[int, bytes]:
@@ -47,7 +43,7 @@ def _compress(raw: bytes) -> tuple[int, bytes]:
 def _decompress(codec: int, blob: bytes) -> bytes:
     if codec == 0:
         return zlib.decompress(blob)
-    return lzma.decompress(blob, format=lzma.FORMAT_RAW, filters=[{"id": lzma.FILTER_LZMA2}])
+    return lzma_unpack(blob)
 
 
 def _check_codes(t: torch.Tensor) -> None:
@@ -101,7 +97,7 @@ def encode_relidx(t: torch.Tensor) -> Encoded:
     best: tuple[int, Encoded] | None = None
     for order, m in ((0, mat), (1, mat.T)):
         gaps, vals = relative_index(np.ascontiguousarray(m).reshape(-1))
-        size = len(_lzma_raw(gaps.tobytes(), lc=0)) + len(_lzma_raw(vals.tobytes(), lc=0))
+        size = len(lzma_pack(gaps.tobytes(), lc=0)) + len(lzma_pack(vals.tobytes(), lc=0))
         if best is None or size < best[0]:
             best = (size, {"gaps": torch.from_numpy(gaps), "codes": torch.from_numpy(vals),
                            "order": torch.tensor([order], dtype=torch.uint8)})

@@ -37,12 +37,13 @@ _TEXT_LC, _DATA_LC = 3, 0
 _RAW_FILTER = [{"id": lzma.FILTER_LZMA2}]
 
 
-def _pack(raw: bytes, lc: int) -> bytes:
+def lzma_pack(raw: bytes, lc: int) -> bytes:
+    """Raw LZMA2 stream at the strongest preset; ``lc`` literal-context bits (0 suits binary data)."""
     flt = {"id": lzma.FILTER_LZMA2, "preset": 9 | lzma.PRESET_EXTREME, "lc": lc, "lp": 0, "pb": 0}
     return lzma.compress(raw, format=lzma.FORMAT_RAW, filters=[flt])
 
 
-def _unpack(blob: bytes) -> bytes:
+def lzma_unpack(blob: bytes) -> bytes:
     return lzma.decompress(blob, format=lzma.FORMAT_RAW, filters=_RAW_FILTER)
 
 
@@ -62,8 +63,8 @@ def write_container(path: Path, flat: dict[str, torch.Tensor], manifest: dict[st
             raise TypeError(f"the compact container cannot store {t.dtype} tensors ({n}); allowed: {', '.join(_DTYPES)}")
         parts.append([n, dtype, list(t.shape)])
         chunks.append(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    head = _pack(json.dumps({**manifest, "parts": parts}, separators=(",", ":"), default=str).encode(), _TEXT_LC)
-    body = _pack(b"".join(chunks), _DATA_LC)
+    head = lzma_pack(json.dumps({**manifest, "parts": parts}, separators=(",", ":"), default=str).encode(), _TEXT_LC)
+    body = lzma_pack(b"".join(chunks), _DATA_LC)
     path.write_bytes(MAGIC + struct.pack("<I", len(head)) + head + body)
 
 
@@ -76,8 +77,8 @@ def read_container(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]
         raise ModelLoadError(f"{path} is not a torchshrink container (bad magic)")
     (n_head,) = struct.unpack("<I", data[4:8])
     try:
-        manifest = json.loads(_unpack(data[8:8 + n_head]))
-        body = _unpack(data[8 + n_head:])
+        manifest = json.loads(lzma_unpack(data[8:8 + n_head]))
+        body = lzma_unpack(data[8 + n_head:])
     except (lzma.LZMAError, EOFError, json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ModelLoadError(f"{path} is corrupt ({type(e).__name__}: {e})") from None
     flat: dict[str, torch.Tensor] = {}

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -38,18 +38,20 @@ def count_nonzero(model: nn.Module) -> int:
     return _logical_sum(model, "logical_nonzero", lambda p: int(torch.count_nonzero(p)))
 
 
-def run_model(model: nn.Module, inputs: Sequence[torch.Tensor]) -> object:
-    """Forward with a clear error when the example input does not fit."""
+def run_model(model: nn.Module, inputs: Sequence[torch.Tensor] | Mapping[str, torch.Tensor]) -> object:
+    """Forward with a clear error when the example input does not fit. A mapping is passed as
+    keyword arguments (e.g. a tokenizer's ``input_ids`` / ``attention_mask``)."""
     try:
         with torch.inference_mode():
-            return model(*inputs)
+            return model(**inputs) if isinstance(inputs, Mapping) else model(*inputs)
     except (RuntimeError, ValueError, IndexError, TypeError) as e:
-        shapes = ", ".join(f"{tuple(t.shape)}:{str(t.dtype).removeprefix('torch.')}" for t in inputs)
+        tensors = inputs.values() if isinstance(inputs, Mapping) else inputs
+        shapes = ", ".join(f"{tuple(t.shape)}:{str(t.dtype).removeprefix('torch.')}" for t in tensors)
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise InputShapeError(f"{type(model).__name__} cannot run on input {shapes}: {first}") from None
 
 
-def count_macs(model: nn.Module, inputs: Sequence[torch.Tensor], *, per_module: bool = False) -> int | dict[str, int]:
+def count_macs(model: nn.Module, inputs: Sequence[torch.Tensor] | Mapping[str, torch.Tensor], *, per_module: bool = False) -> int | dict[str, int]:
     """Multiply-accumulates of one forward pass, from torch.utils.flop_counter (FLOPs / 2).
 
     Modules whose kernels the counter cannot see (integer or bit-packed ops) report their own
@@ -85,7 +87,7 @@ def count_macs(model: nn.Module, inputs: Sequence[torch.Tensor], *, per_module: 
     for k, v in by_mod.items():
         if k == "Global":
             continue
-        name = k[len(prefix) + 1:] if k.startswith(prefix + ".") else k
+        name = "" if k == prefix else k[len(prefix) + 1:] if k.startswith(prefix + ".") else k  # root: "" as in named_modules
         out[name] = own.get(name, v // 2)
     for n, v in own.items():
         out.setdefault(n, v)

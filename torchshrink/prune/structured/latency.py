@@ -11,7 +11,7 @@ group is cut, importance still picks the channels inside a group.
 The cost model times every leaf module of the model on the example batch (forward hooks, median
 over runs) and pools the times of modules with the same signature (type, tensor shapes, stride,
 input shape) so that repeated blocks share one, less noisy, figure. MACs per module come from
-``torch.utils.flop_counter``.
+``torchshrink.measure.count_macs`` (torch.utils.flop_counter).
 """
 
 from __future__ import annotations
@@ -24,8 +24,8 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
 
+from torchshrink.measure.counts import count_macs
 from torchshrink.prune.structured.groups import Group
 from torchshrink.prune.structured.trace import Graph, call_model
 
@@ -79,16 +79,11 @@ def module_times(model: nn.Module, batch: Any, *, runs: int = 8, warmup: int = 2
 
 
 def module_macs(model: nn.Module, batch: Any) -> dict[str, int]:
-    """MACs per module (by qualified name) from the flop counter."""
-    counter = FlopCounterMode(display=False)
-    with counter, torch.no_grad():
-        call_model(model, batch)
-    root = type(model).__name__
-    out = {}
-    for key, ops in counter.get_flop_counts().items():
-        if key.startswith(root + "."):
-            out[key[len(root) + 1:]] = int(sum(ops.values())) // 2
-    return out
+    """MACs per module (by qualified name), from the shared counter in :mod:`torchshrink.measure`."""
+    inputs = batch if isinstance(batch, dict | list | tuple) else (batch,)
+    per = count_macs(model, inputs, per_module=True)
+    assert isinstance(per, dict)
+    return {n: v for n, v in per.items() if n}  # submodules only, not the root's total
 
 
 def group_time_per_mac(
