@@ -17,6 +17,7 @@ import contextlib
 import copy
 import dataclasses
 import fcntl
+import itertools
 import os
 import statistics
 import sys
@@ -39,6 +40,7 @@ from torchshrink.recipe.recipe import Finetune, Stage
 from torchshrink.recipe.runner import prepare_stage
 from torchshrink.recipe.task import digits_task
 from torchshrink.recipe.train import finetune, recovery_loss
+from torchshrink.zoo import digits_loaders
 from torchshrink.zoo.digits import train_digits
 
 OUT = Path(__file__).parent / "results"
@@ -101,23 +103,27 @@ def _layer_tensor_bytes(model: nn.Module, names: list[str]) -> int:
     return total
 
 
-def storage_section(teacher: nn.Module) -> list[dict]:
+def storage_section(teacher: nn.Module, calib: list[torch.Tensor]) -> list[dict]:
+    """Sizes of finalized models; fully binary ones are calibrated (``calib``: digits training
+    batches; random inputs for the single layers) so their activation thresholds are real, not 0."""
     rows = []
     torch.manual_seed(0)
-    for label, layer in (("linear 4096x4096", nn.Linear(4096, 4096)), ("conv3x3 256->256", nn.Conv2d(256, 256, 3, padding=1))):
+    for label, layer, x in (("linear 4096x4096", nn.Linear(4096, 4096), torch.randn(16, 4096)),
+                            ("conv3x3 256->256", nn.Conv2d(256, 256, 3, padding=1), torch.randn(2, 256, 14, 14))):
         fp = saved_bytes(nn.Sequential(layer))
         for cfg in (BWNConfig(keep_first_last=False), XNORConfig(keep_first_last=False), TWNConfig(keep_first_last=False)):
-            b = saved_bytes(finalized(nn.Sequential(layer), cfg))
+            b = saved_bytes(finalized(nn.Sequential(layer), cfg, [x]))
             rows.append({"what": f"{label} (file)", "kind": cfg.kind, "fp32_bytes": fp, "bytes": b, "ratio": round(fp / b, 2)})
     fp_file = saved_bytes(teacher)
     variants = [("", BWNConfig()), ("", XNORConfig()), ("", TWNConfig()), ("", TTQConfig()),
+                (" (ReLUs kept, thresholds stored: fold_threshold false)", XNORConfig(fold_threshold=False)),
                 (" (first/last binarized too)", BWNConfig(keep_first_last=False)),
                 (" (kept layers float16)", BWNConfig(keep_dtype="float16")),
                 (" (kept layers float32)", BWNConfig(keep_dtype="float32")),
                 (" (all float32, no folding: the previous storage)",
                  BWNConfig(keep_dtype="float32", param_dtype="float32", fold=False))]
     for tag, cfg in variants:
-        m = finalized(teacher, cfg)
+        m = finalized(teacher, cfg, calib)
         names = m._torchshrink_binary_report["binarized"]
         fp_t, b_t = _layer_tensor_bytes(teacher, names), _layer_tensor_bytes(m, names)
         rows.append({"what": "digits-cnn binarized layers (tensors)", "kind": cfg.kind + tag, "fp32_bytes": fp_t,
@@ -136,16 +142,17 @@ def accuracy_section(teachers: list[nn.Module], epochs: int) -> dict[str, list[f
     extra = {"bwn": [("bwn, kept layers float32", {"keep_dtype": "float32"}),
                      ("bwn, kept layers float16", {"keep_dtype": "float16"}),
                      ("bwn, all float32, no folding", {"keep_dtype": "float32", "param_dtype": "float32", "fold": False})]}
-    for cfg in (BWNConfig(), XNORConfig(), TWNConfig(), TTQConfig()):
+    for cfg in (BWNConfig(), XNORConfig(), XNORConfig(fold_threshold=False), TWNConfig(), TTQConfig()):
+        kind = cfg.kind + ("" if getattr(cfg, "fold_threshold", True) else ", ReLUs kept, thresholds stored")
         for seed, t in enumerate(teachers):
             t0 = time.perf_counter()
             stage = Stage(cfg, None, Finetune(epochs=epochs, lr=1e-3, seed=seed))
             trained = prepare_stage(t, stage, task)
             finetune(trained, task.require_train(), stage.finetune, loss_fn=recovery_loss(stage.recovery, t, stage.finetune))
-            for label, change in [(cfg.kind, {})] + extra.get(cfg.kind, []):
+            for label, change in [(kind, {})] + extra.get(kind, []):
                 m = finalize_binarize(copy.deepcopy(trained), dataclasses.replace(cfg, **change)).eval()
                 out.setdefault(label, []).append(float(task.evaluate(m, t)["accuracy"]))
-            print(f"  {cfg.kind} seed {seed}: {out[cfg.kind][-1]:.4f} ({time.perf_counter() - t0:.0f} s)", flush=True)
+            print(f"  {kind} seed {seed}: {out[kind][-1]:.4f} ({time.perf_counter() - t0:.0f} s)", flush=True)
     return out
 
 
@@ -159,7 +166,8 @@ def main() -> int:
     torch.set_num_threads(1)
     print("backend:", K.describe_backend(), flush=True)
     teachers = [train_digits("digits-cnn", seed=s) for s in range(args.seeds)]
-    storage = storage_section(teachers[0])
+    calib = [x for x, _ in itertools.islice(digits_loaders(64, 0)[0], 8)]
+    storage = storage_section(teachers[0], calib)
     print("storage done", flush=True)
     acc = accuracy_section(teachers, args.epochs)
     with open(args.lock, "a") if args.lock else contextlib.nullcontext() as lock:
@@ -181,8 +189,9 @@ def main() -> int:
     drop = {k: round(100 * (mean["fp32"] - mean[k]), 2) for k in mean}
     layers = "digits-cnn binarized layers (tensors)"
     digits_layers = {k: ratio(layers, k) for k in ("bwn", "xnor")}
-    xnor_note = ("xnor keeps 352 per-input-channel activation thresholds (float16) that nothing can absorb; "
-                 "31x leaves 388 bytes beside 11008 bytes of bits" if digits_layers["xnor"] < 31 else "")
+    stored = ratio(layers, "xnor (ReLUs kept, thresholds stored: fold_threshold false)")
+    xnor_note = (f"xnor's 352 activation thresholds fold into the BatchNorms before its layers (with them stored: "
+                 f"{stored}x)")
     targets = [
         Target("storage: binarized layers >= 31x (4096x4096 Linear file, bwn)", ratio("linear 4096x4096 (file)", "bwn"), ">=", 31, "x"),
         Target("storage: binarized layers >= 31x (256ch 3x3 conv file, bwn)", ratio("conv3x3 256->256 (file)", "bwn"), ">=", 31, "x"),
@@ -212,7 +221,12 @@ def main() -> int:
                   "scales, biases and thresholds are float16; a binary layer's scale and bias fold into a following "
                   "BatchNorm, or its scale through ReLU into the next float layer; the first / last layers are kept "
                   "unbinarized and stored at keep_dtype (default int8: Linear int8 per-channel weight-only, Conv2d "
-                  "float16), chosen by the digits accuracy below."),
+                  "float16), chosen by the digits accuracy below. For xnor / bnn the binarize stage replaces a ReLU "
+                  "between a BatchNorm and a fully binary layer by Identity (XNOR-Net's BN -> sign -> binary layer "
+                  "order), so finalize folds each layer's activation threshold into that BatchNorm's bias exactly "
+                  "and stores none (the Linear after Flatten shares one threshold per channel); 'ReLUs kept, "
+                  "thresholds stored' rows show the previous layout. Storage rows of fully binary models are "
+                  "calibrated (digits training batches), so their thresholds are not 0."),
         "Kernel timing": markdown_table(
             ["layer", "batch", "threads", "path", "p50 ms", "p90 ms", "runs", "speed-up vs fp32"],
             [[r["layer"], r["batch"], r["threads"], r["path"], r["p50_ms"], r["p90_ms"], r["runs"], f"{r['speedup_vs_fp32']}x"]

@@ -6,7 +6,10 @@ weights) in place of the selected Linear / Conv2d layers; fine-tune it (a recipe
 per-channel scales / biases into a following BatchNorm or float layer where exact (``fold``, see
 ``fold.py``) and stores the first and last Linear/Conv2d layers, which stay unbinarized unless
 ``keep_first_last: false``, at ``keep_dtype``. The packed layers' float parameters are stored as
-``param_dtype``.
+``param_dtype``. For the fully binary kinds (bnn, xnor) with ``fold_threshold`` (default), a ReLU
+between a BatchNorm and a binarized layer is replaced by Identity when binarizing, so that finalize
+folds the layer's activation threshold into the BatchNorm (``fold.fold_thresholds``); the report
+``model._torchshrink_binary_report["threshold_into"]`` lists {layer: BatchNorm}.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from typing import Any, ClassVar, Literal, TypeVar, dataclass_transform
 import torch
 from torch import nn
 
-from torchshrink.binary.fold import fold_into_neighbours
+from torchshrink.binary.fold import fold_into_neighbours, fold_thresholds, sign_sources
 from torchshrink.binary.layers import FULLY_BINARY, TRAINING_LAYERS, BinaryConv2d, BinaryLinear
 from torchshrink.binary.modules import to_packed
 from torchshrink.core.config import Config, check_range, register
@@ -56,12 +59,20 @@ def _layer_kwargs(cfg: BinarizeConfig) -> dict[str, Any]:
 
 
 def _gap_median(vals: torch.Tensor) -> torch.Tensor:
-    """Per-row median moved half-way to the next larger value seen. Inputs of a layer after a binary
-    layer take few distinct values; a threshold that sits on one of them would let rounding noise
-    (float vs integer kernel) flip signs, so it is put in the gap instead."""
-    med = vals.median(1).values
-    above = torch.where(vals > med[:, None], vals, torch.full_like(vals, float("inf"))).min(1).values
-    return torch.where(torch.isfinite(above), (med + above) / 2, med)
+    """Per-row median moved into the gap above its cluster (values within 1e-4 of the row's largest
+    magnitude of it), or, where nothing lies above, into the gap below, which gives the same signs.
+    Inputs of a layer after a binary layer take few distinct values (up to rounding); a threshold
+    on one of them would let rounding noise (float vs integer kernel, a threshold folded into a
+    BatchNorm) flip signs, so it is put in the gap instead."""
+    med = vals.median(1, keepdim=True).values
+    eps = 1e-4 * vals.abs().amax(1, keepdim=True)
+    inf = torch.full_like(vals, float("inf"))
+    near = (vals - med).abs() <= eps  # holds the median itself
+    top, bottom = torch.where(near, vals, -inf).amax(1), torch.where(near, vals, inf).amin(1)
+    above = torch.where(vals > med + eps, vals, inf).amin(1)
+    below = torch.where(vals < med - eps, vals, -inf).amax(1)
+    down = torch.where(torch.isfinite(below), (below + bottom) / 2, med[:, 0])
+    return torch.where(torch.isfinite(above), (top + above) / 2, down)
 
 
 @torch.no_grad()
@@ -71,7 +82,11 @@ def calibrate_thresholds(model: nn.Module, layers: list[nn.Module], data: Any, m
 
     def hook(mod: nn.Module, args: tuple) -> None:
         x = args[0].detach().float()
-        ch = x.transpose(0, 1).reshape(x.shape[1], -1) if isinstance(mod, BinaryConv2d) else x.reshape(-1, x.shape[-1]).T
+        if isinstance(mod, BinaryConv2d):
+            ch = x.transpose(0, 1).reshape(x.shape[1], -1)
+        else:  # [features, samples]; thresholds shared by groups of features pool their samples
+            n = mod.act_threshold.numel()
+            ch = x.reshape(-1, n, x.shape[-1] // n).transpose(0, 1).reshape(n, -1)
         seen[id(mod)].append(ch[:, :4096])
 
     hooks = [m.register_forward_pre_hook(hook) for m in layers]
@@ -127,6 +142,8 @@ def apply_binarize(model: nn.Module, config: BinarizeConfig, *, select: Select |
         log.warning("%s: no layer was binarized (kept float: %s; skipped: %s)", config.kind,
                     report["kept_float"], list(report["skipped"]))
     fully = [m for m in new_layers if m.mode in FULLY_BINARY]
+    if fully:
+        report["threshold_into"] = prepare_sign_inputs(model, fully) if getattr(config, "fold_threshold", False) else {}
     if fully and data is not None and getattr(config, "threshold_init", "zero") == "median":
         for m in fully:  # in order, so each layer sees the inputs its calibrated predecessors give
             calibrate_thresholds(model, [m], data)
@@ -134,6 +151,31 @@ def apply_binarize(model: nn.Module, config: BinarizeConfig, *, select: Select |
         m.act_threshold.requires_grad_(getattr(config, "learn_threshold", True))
     model._torchshrink_binary_report = report
     return model
+
+
+def prepare_sign_inputs(model: nn.Module, layers: list[nn.Module]) -> dict[str, str]:
+    """For each fully binary layer in ``layers`` fed by a BatchNorm through ReLU / MaxPool / Flatten
+    / Dropout / Identity only (each output used once), replace the ReLUs on that path by Identity
+    (XNOR-Net's BN -> sign -> binary layer order: the sign is the nonlinearity) and let a Linear
+    after a Flatten share one threshold per channel, so that finalize folds the thresholds into the
+    BatchNorm exactly (``fold.fold_thresholds``). Returns {layer: BatchNorm}; other layers keep
+    their ReLU and a stored threshold."""
+    ids = {id(m) for m in layers}
+    done = {}
+    for name, src in sign_sources(model, allow_relu=True).items():
+        layer = get_module(model, name)
+        if id(layer) not in ids:
+            continue
+        for relu in src.relus:
+            set_module(model, relu, nn.Identity())
+            log.info("binary layer %r: ReLU %r before it replaced by Identity (sign is the nonlinearity)", name, relu)
+        if src.flattened and not layer.is_conv:
+            layer.share_threshold(src.channels)
+        done[name] = src.bn
+    kept = [n for n, m in model.named_modules() if id(m) in ids and n not in done]
+    if kept:
+        log.info("binary layers whose input thresholds cannot fold into a BatchNorm (stored): %s", kept)
+    return done
 
 
 def convert(model: nn.Module, backend: str = "auto", *, inplace: bool = False, param_dtype: str = "float32",
@@ -144,6 +186,8 @@ def convert(model: nn.Module, backend: str = "auto", *, inplace: bool = False, p
     ``inplace=True``."""
     if not inplace:
         model = copy.deepcopy(model)
+    if fold:  # thresholds first, while they are float32
+        fold_thresholds(model)
     for name, m in list(model.named_modules()):
         if isinstance(m, TRAINING_LAYERS):
             packed = to_packed(m, backend, param_dtype)
@@ -231,6 +275,9 @@ class _ActivationFields(BinarizeConfig):
     clip: float = 1.0
     threshold_init: Literal["median", "zero"] = "median"
     learn_threshold: bool = True
+    # a ReLU between a BatchNorm and a fully binary layer becomes Identity (XNOR-Net's BN -> sign ->
+    # binary layer order), so the layer's threshold folds into the BatchNorm bias and is not stored
+    fold_threshold: bool = True
     backend: Literal["auto", "c", "numpy"] = "auto"
 
 

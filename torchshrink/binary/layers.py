@@ -8,7 +8,9 @@ Modes (``mode=``):
 - ``bnn``: weights and activations binary, ``sign(W) (*) sign(x - tau)``, no scales (Hubara et al.,
   2016). ``tau`` is a per-input-channel threshold (ReActNet's RSign, Liu et al. 2020), calibrated
   to the channel median and trained; it keeps a ReLU in front of the layer from making every
-  activation +1.
+  activation +1. With ``act_channels=C`` a Linear shares one threshold among each of ``C`` groups
+  of ``in_features // C`` consecutive inputs (the flattened positions of one channel), so it can
+  fold into that channel's BatchNorm (``fold.py``).
 - ``xnor``: ``alpha * (sign(W) (*) sign(x - tau)) * beta``, ``beta`` = mean |x - tau| over the
   input channels (and, for convolutions, averaged over the kernel window) (XNOR-Net).
 - ``twn``: ternary ``alpha * {-1, 0, 1}`` with threshold ``0.7 * mean|W|`` (Ternary Weight Networks).
@@ -27,6 +29,7 @@ from torch import nn
 
 from torchshrink.binary import ste
 from torchshrink.binary.geometry import ConvGeometry, LinearGeometry, _Geometry, float_geometry
+from torchshrink.core.errors import ConfigError
 from torchshrink.export.modules import register_module
 
 MODES = ("binaryconnect", "bwn", "bnn", "xnor", "twn", "ttq")
@@ -55,6 +58,7 @@ class _BinaryMixin(_Geometry):
         twn_factor: float = 0.7,
         per_channel: bool = False,
         ttq_threshold: float = 0.05,
+        act_channels: int = 0,
     ) -> None:
         _check_mode(mode)
         self.weight = nn.Parameter(torch.empty(self.weight_shape))
@@ -62,8 +66,11 @@ class _BinaryMixin(_Geometry):
         self.bias = nn.Parameter(torch.zeros(self.n_out)) if bias else None
         self.mode, self.act_estimator, self.weight_estimator = mode, act_estimator, weight_estimator
         self.clip, self.twn_factor, self.per_channel, self.ttq_threshold = clip, twn_factor, per_channel, ttq_threshold
+        self.act_channels = 0
         if mode in FULLY_BINARY:
             self.act_threshold = nn.Parameter(torch.zeros(self.n_in))
+            if act_channels:
+                self.share_threshold(act_channels)
         if mode == "ttq":
             self.wp = nn.Parameter(torch.ones(1))
             self.wn = nn.Parameter(torch.ones(1))
@@ -72,8 +79,25 @@ class _BinaryMixin(_Geometry):
         return {
             "mode": self.mode, "act_estimator": self.act_estimator, "weight_estimator": self.weight_estimator,
             "clip": self.clip, "twn_factor": self.twn_factor, "per_channel": self.per_channel,
-            "ttq_threshold": self.ttq_threshold,
+            "ttq_threshold": self.ttq_threshold, "act_channels": self.act_channels,
         }
+
+    def share_threshold(self, channels: int) -> None:
+        """Use one activation threshold per group of ``n_in // channels`` consecutive inputs (Linear
+        after a Flatten of ``channels`` feature maps); resets the thresholds to 0."""
+        if self.mode not in FULLY_BINARY:
+            raise ConfigError(f"mode={self.mode!r} has no activation threshold; allowed: {', '.join(FULLY_BINARY)}")
+        if channels <= 0 or self.n_in % channels or (self.is_conv and channels != self.n_in):
+            allowed = f"{self.n_in}" if self.is_conv else f"a divisor of {self.n_in}"
+            raise ConfigError(f"act_channels={channels} does not fit {self.n_in} inputs; allowed: {allowed}")
+        self.act_channels = 0 if channels == self.n_in else channels
+        dev = self.act_threshold.device
+        self.act_threshold = nn.Parameter(torch.zeros(channels, device=dev))
+
+    def threshold_vector(self) -> torch.Tensor:
+        """The activation threshold per input feature / channel (shared ones repeated), ``[n_in]``."""
+        tau = self.act_threshold
+        return tau.repeat_interleave(self.n_in // tau.numel()) if tau.numel() != self.n_in else tau
 
     @classmethod
     def from_float(cls, m: nn.Linear | nn.Conv2d, **quant: Any) -> _BinaryMixin:
@@ -118,7 +142,7 @@ class _BinaryMixin(_Geometry):
 
     def binarize_input(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(sign(x - tau), x - tau)`` with the configured straight-through estimator."""
-        xs = x - self.act_threshold.reshape(self.channel_shape)
+        xs = x - self.threshold_vector().reshape(self.channel_shape)
         return ste.binary_estimator(self.act_estimator, xs, self.clip), xs
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

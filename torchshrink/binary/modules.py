@@ -2,7 +2,8 @@
 
 - :class:`PackedBinaryLinear` / :class:`PackedBinaryConv2d`: 1 bit per weight (``weight_bits``,
   uint8), float per-channel ``scale`` (bwn / xnor; absent once folded into a following layer,
-  see ``fold.py``) and ``act_threshold`` (bnn / xnor).
+  see ``fold.py``) and ``act_threshold`` (bnn / xnor; absent once folded into the BatchNorm that
+  feeds the layer, then the threshold is 0).
   Fully binary modes (bnn, xnor) run the XNOR-popcount kernel (``kernels.py``); binary-weight
   modes unpack the bits on the fly and call the float op.
 - :class:`PackedTernaryLinear` / :class:`PackedTernaryConv2d`: 2 bits per weight (``weight_codes``),
@@ -99,22 +100,24 @@ class _PackedBinary(_PackedBase):
 
     def _setup(  # type: ignore[override]
         self, bias: bool = True, mode: str = "bwn", backend: str = "auto", scaled: bool = True,
-        param_dtype: str = "float32",
+        param_dtype: str = "float32", thresholded: bool = True,
     ) -> None:
         if mode not in BINARY_MODES:
             raise ValueError(f"mode={mode!r}; allowed: {', '.join(BINARY_MODES)}")
         K.check_backend_name(backend)  # availability is checked when the kernel first runs
         self.mode, self.backend, self.scaled = mode, backend, scaled and mode in SCALED
         self.register_buffer("weight_bits", torch.zeros(packed_binary_bytes(math.prod(self.weight_shape)), dtype=torch.uint8))
+        self.thresholded = thresholded and mode in FULLY_BINARY
         params = {"scale": self.n_out} if self.scaled else {}
-        if mode in FULLY_BINARY:
+        if self.thresholded:
             params["act_threshold"] = self.n_in
         if bias:
             params["bias"] = self.n_out
         self._init_params(params, param_dtype)
 
     def option_args(self) -> dict[str, Any]:
-        return {"mode": self.mode, "backend": self.backend, "scaled": self.scaled, "param_dtype": self.param_dtype}
+        return {"mode": self.mode, "backend": self.backend, "scaled": self.scaled, "param_dtype": self.param_dtype,
+                "thresholded": self.thresholded}
 
     def weight_signs(self) -> torch.Tensor:
         """The +-1 weight, unpacked."""
@@ -170,7 +173,8 @@ class _PackedBinary(_PackedBase):
 
     def _xnor_forward(self, x: torch.Tensor, backend: str) -> torch.Tensor:
         """Fully binary forward on ``backend``: integer XNOR-popcount, then scale, beta and bias in float."""
-        xs = x - self._f32("act_threshold").reshape(self.channel_shape)  # type: ignore[union-attr]
+        tau = self._f32("act_threshold")
+        xs = x if tau is None else x - tau.reshape(self.channel_shape)
         out = self._binary_dot(xs, backend).to(torch.float32)
         scale = self._f32("scale")
         if scale is not None:
@@ -190,7 +194,7 @@ class PackedBinaryLinear(_PackedBinary, LinearGeometry):
             return super()._xnor_forward(x, backend)
         # one C call: sign + pack of the input, XNOR-popcount GEMM, scale, beta and bias
         tau = self._f32("act_threshold")
-        beta = self.xnor_beta(x - tau).contiguous() if self.mode == "xnor" else None  # type: ignore[operator]
+        beta = self.xnor_beta(x if tau is None else x - tau).contiguous() if self.mode == "xnor" else None
         return K.binary_linear_fused(x, tau, self._packed_weight("c"), self._f32("scale"), self._f32("bias"), beta)
 
     def _binary_dot(self, xs: torch.Tensor, backend: str) -> torch.Tensor:
@@ -285,12 +289,14 @@ def to_packed(layer: BinaryLinear | BinaryConv2d, backend: str = "auto", param_d
         packed.pos_scale.copy_(pos)
         packed.neg_scale.copy_(neg)
     else:
-        packed = (PackedBinaryConv2d if layer.is_conv else PackedBinaryLinear)(**geo, mode=layer.mode, backend=backend)
+        tau = layer.threshold_vector().detach() if layer.mode in FULLY_BINARY else None
+        packed = (PackedBinaryConv2d if layer.is_conv else PackedBinaryLinear)(
+            **geo, mode=layer.mode, backend=backend, thresholded=tau is not None and bool(tau.any()))
         packed.weight_bits.copy_(pack_binary(layer.weight_signs()))
         if layer.mode in SCALED:
             packed.scale.copy_(w.abs().reshape(w.shape[0], -1).mean(1))
-        if layer.mode in FULLY_BINARY:
-            packed.act_threshold.copy_(layer.act_threshold.detach())
+        if packed.thresholded:  # an all-zero threshold (e.g. folded into a BatchNorm) is not stored
+            packed.act_threshold.copy_(tau)
     if layer.bias is not None:
         packed.bias.copy_(layer.bias.detach())  # type: ignore[union-attr]
     return packed.to(layer.weight.device).eval()

@@ -90,13 +90,15 @@ class DigitsMLP(nn.Module):
 
 _ARCH = {"digits-cnn": DigitsCNN, "digits-mlp": DigitsMLP}
 # (epochs, lr, weight decay, shift augmentation) per teacher; bump _TRAIN_VERSION when changing
-# training. Shifts help the CNN; they cost the MLP (no translation invariance) ~2 pp, measured.
-_TRAIN = {"digits-cnn": (30, 3e-3, 1e-4, True), "digits-mlp": (60, 2e-3, 1e-4, False)}
-_TRAIN_VERSION = 1
+# training. Measured on the validation split (5 seeds, 30 epochs, OneCycle AdamW): one-pixel shifts
+# cost the CNN ~1 pp (val mean 0.9851 with shifts on every epoch, 0.9916 on the first half only,
+# 0.9950 without) and the MLP ~2 pp, so neither teacher is trained with them.
+_TRAIN = {"digits-cnn": (30, 3e-3, 1e-4, False), "digits-mlp": (60, 2e-3, 1e-4, False)}
+_TRAIN_VERSION = 2
 
 
 def _augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
-    """Random shifts of up to one pixel: cheap, and worth ~1 pp on 8x8 digits."""
+    """Random shifts of up to one pixel (off for the zoo teachers: they cost validation accuracy, measured)."""
     dx, dy = torch.randint(-1, 2, (2,), generator=g).tolist()
     return torch.roll(x, shifts=(dy, dx), dims=(2, 3))
 
