@@ -10,6 +10,7 @@ import argparse
 import os
 import random
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -167,12 +168,25 @@ def ddp_check() -> tuple[Target, dict]:
 
     model = load_model("zoo:digits-cnn")
     stage = recipe_from_yaml("stages:\n- kind: unstructured\n  sparsity: 0.8\n  finetune: {epochs: 3, lr: 0.002}\n").stages[0]
-    single, _ = run_stage(model, stage, digits_task(), seed=1)
-    ddp = run_stage_ddp(model, stage, digits_task, world_size=2, seed=1, timeout_s=500)
     _, _, test = digits_loaders()
-    a, b = 100 * accuracy(single, test), 100 * accuracy(ddp, test)
-    return (Target("DDP 2-process fine-tune vs single process (digits-cnn, test acc)", abs(a - b), "<=", 0.5, " pp",
-                   f"single {a:.2f} %, DDP {b:.2f} % (gloo, 2 processes)"), {"single": a, "ddp": b})
+    singles, ddps = [], []
+    # BatchNorm statistics are synced over the ranks, so the math equals one process; what remains is
+    # float order, which AdamW amplifies (a plain 17-step loop on the digits CNN: relative weight
+    # difference DDP vs one process 5e-7 with SGD, 0.12 with AdamW), so several seeds are averaged
+    for seed in DDP_SEEDS:
+        single, _ = run_stage(model, stage, digits_task(), seed=seed)
+        ddp = run_stage_ddp(model, stage, digits_task, world_size=2, seed=seed, timeout_s=500)
+        singles.append(100 * accuracy(single, test))
+        ddps.append(100 * accuracy(ddp, test))
+    a, b = statistics.fmean(singles), statistics.fmean(ddps)
+    return (Target(f"DDP 2-process fine-tune vs single process (digits-cnn, test acc, mean of {len(DDP_SEEDS)} seeds)",
+                   abs(a - b), "<=", 0.5, " pp",
+                   f"single {a:.2f} %, DDP {b:.2f} % (gloo, 2 processes, BatchNorm statistics synced over the ranks); "
+                   f"per seed single {', '.join(f'{x:.2f}' for x in singles)} / DDP {', '.join(f'{x:.2f}' for x in ddps)}"),
+            {"single": a, "ddp": b, "single_per_seed": singles, "ddp_per_seed": ddps, "seeds": list(DDP_SEEDS)})
+
+
+DDP_SEEDS = (1, 2, 3)
 
 
 def main() -> int:

@@ -35,3 +35,56 @@ stages:
     wd = dict(ddp.named_parameters())
     rel = max(float((ws[k] - wd[k]).detach().norm() / (ws[k].norm() + 1e-12)) for k in ws)
     assert rel < 0.1, rel
+
+
+def _sync_norm_worker(rank: int, port: int, out: str) -> None:
+    import os
+
+    import torch.distributed as dist
+    from torch import nn
+
+    from torchshrink.recipe.distributed import sync_norms
+
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        torch.manual_seed(0)
+        x, c = torch.randn(8, 4, 5, 5) * 3 + 1, torch.randn(8, 4, 5, 5)
+        bn = nn.BatchNorm2d(4).train()
+        xs = x[rank * 4:(rank + 1) * 4].clone().requires_grad_()
+        with sync_norms(bn) as n:
+            y = bn(xs)
+        (y * c[rank * 4:(rank + 1) * 4]).mean().backward()
+        grads = torch.cat([bn.weight.grad, bn.bias.grad])
+        dist.all_reduce(grads)  # what DDP does: average the parameter gradients
+        if rank == 0:
+            torch.save({"n": n, "y": y.detach(), "xgrad": xs.grad / 2, "grads": grads / 2, "mean": bn.running_mean,
+                        "var": bn.running_var, "forward_restored": "forward" not in vars(bn)}, out)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_sync_norms_two_slices_equal_the_whole_batch(tmp_path):
+    """Two ranks each holding half a batch normalize, update running stats and back-propagate
+    exactly as one BatchNorm on the whole batch (what SyncBatchNorm does on GPUs)."""
+    import torch.multiprocessing as mp
+    from torch import nn
+
+    from torchshrink.recipe.distributed import _free_port
+
+    out = str(tmp_path / "r0.pt")
+    mp.spawn(_sync_norm_worker, args=(_free_port(), out), nprocs=2)
+    r = torch.load(out)
+    torch.manual_seed(0)
+    x, c = torch.randn(8, 4, 5, 5) * 3 + 1, torch.randn(8, 4, 5, 5)
+    x.requires_grad_()
+    ref = nn.BatchNorm2d(4).train()
+    y = ref(x)
+    (y * c).mean().backward()
+    assert r["n"] == 1 and r["forward_restored"]
+    assert torch.allclose(r["y"], y[:4].detach(), atol=1e-5)
+    assert torch.allclose(r["xgrad"], x.grad[:4], atol=1e-7)
+    assert torch.allclose(r["grads"], torch.cat([ref.weight.grad, ref.bias.grad]), atol=1e-6)
+    assert torch.allclose(r["mean"], ref.running_mean, atol=1e-6)
+    assert torch.allclose(r["var"], ref.running_var, atol=1e-5)

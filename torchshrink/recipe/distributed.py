@@ -4,7 +4,9 @@ Every process applies the stage the same way (same seed), wraps the prepared mod
 DistributedDataParallel and runs the shared fine-tune loop (:func:`torchshrink.recipe.train.finetune`)
 on its slice of every batch: rank r gets the r-th contiguous part, so the averaged gradient equals
 the single-process gradient of the whole batch, and the result matches a one-process run up to
-floating-point order (and per-slice BatchNorm statistics). Rank 0 hands back the trained weights;
+floating-point order. BatchNorm layers normalize training batches with statistics reduced over
+all ranks (:func:`sync_norms`: PyTorch's ``SyncBatchNorm`` runs on GPUs only), so a slice is
+normalized as it would be in the whole batch. Rank 0 hands back the trained weights;
 ``finalize`` then runs once, as in :func:`torchshrink.recipe.runner.run_stage`.
 
 Two ways in:
@@ -15,6 +17,7 @@ Two ways in:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import logging
 import os
@@ -80,32 +83,69 @@ def ddp_finetune_stage(model: nn.Module, stage: Stage, task: Task, seed: int = 0
         return new
     ft = dataclasses.replace(stage.finetune, seed=stage.finetune.seed + seed)
     base_loss = recovery_loss(stage.recovery, model, ft)
-    # BatchNorm running statistics are averaged over the ranks every step (below) instead of being
-    # overwritten by rank 0's, so the evaluated model sees statistics of the whole batch
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)  # broadcast_buffers: still the way to keep them rank-local
+        warnings.simplefilter("ignore", FutureWarning)  # broadcast_buffers: running stats are synced by sync_norms
         ddp = nn.parallel.DistributedDataParallel(new, find_unused_parameters=True, broadcast_buffers=False)
-    norms = [m for m in new.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
 
     def loss(student: nn.Module, inputs: tuple, labels: torch.Tensor | None) -> torch.Tensor:
         return base_loss(ddp, inputs, labels)
 
     def on_step(m: nn.Module, step: int, total: int) -> None:
-        _average_norm_stats(norms, world)
         if entry.on_step is not None:
             entry.on_step(new, stage.config, step, total)
 
-    finetune(new, Shard(task.require_train(), rank, world), ft, loss_fn=loss, on_step=on_step)
+    with sync_norms(new):
+        finetune(new, Shard(task.require_train(), rank, world), ft, loss_fn=loss, on_step=on_step)
     return new
 
 
-def _average_norm_stats(norms: list[nn.Module], world: int) -> None:
-    with torch.no_grad():
+def _synced_norm(m: nn.modules.batchnorm._BatchNorm, x: torch.Tensor) -> torch.Tensor:
+    """``m``'s training-mode forward with batch statistics summed over all ranks (autograd flows
+    through the reduction, as in SyncBatchNorm); running statistics are updated with the global
+    batch's mean and unbiased variance, so they stay identical on every rank."""
+    from torch.distributed.nn.functional import all_reduce
+
+    c = x.shape[1]
+    dims = [0, *range(2, x.dim())]
+    count = x.new_tensor([x.numel() / c])
+    with warnings.catch_warnings():  # deprecated for a private replacement; still the public autograd all-reduce
+        warnings.simplefilter("ignore", FutureWarning)
+        stats = all_reduce(torch.cat([x.sum(dims), (x * x).sum(dims), count]))
+    n = stats[-1]
+    mean = stats[:c] / n
+    var = (stats[c:2 * c] / n - mean * mean).clamp_min(0)
+    if m.track_running_stats and m.running_mean is not None and m.running_var is not None:
+        with torch.no_grad():
+            m.num_batches_tracked.add_(1)  # type: ignore[union-attr,operator]
+            f = 1.0 / float(m.num_batches_tracked) if m.momentum is None else m.momentum
+            m.running_mean.mul_(1 - f).add_(mean.detach(), alpha=f)
+            m.running_var.mul_(1 - f).add_(var.detach() * n / (n - 1).clamp_min(1), alpha=f)
+    shape = [1, c] + [1] * (x.dim() - 2)
+    y = (x - mean.view(shape)) * torch.rsqrt(var.view(shape) + m.eps)
+    if m.affine:
+        y = y * m.weight.view(shape) + m.bias.view(shape)
+    return y
+
+
+@contextlib.contextmanager
+def sync_norms(model: nn.Module) -> Iterator[int]:
+    """While active, every BatchNorm of ``model`` in training mode normalizes with statistics
+    of the whole distributed batch (CPU / gloo). Yields the number of synced layers."""
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    plain = {id(m): m.forward for m in norms}
+
+    def synced(m: nn.modules.batchnorm._BatchNorm) -> Callable[[torch.Tensor], torch.Tensor]:
+        def forward(x: torch.Tensor) -> torch.Tensor:
+            return _synced_norm(m, x) if m.training else plain[id(m)](x)
+        return forward
+
+    for m in norms:
+        m.forward = synced(m)  # type: ignore[method-assign]
+    try:
+        yield len(norms)
+    finally:
         for m in norms:
-            for buf in (m.running_mean, m.running_var):
-                if buf is not None:
-                    dist.all_reduce(buf, op=dist.ReduceOp.SUM)
-                    buf.div_(world)
+            del m.forward
 
 
 def _free_port() -> int:
