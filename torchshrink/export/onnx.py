@@ -76,12 +76,19 @@ def export_twin(model: nn.Module) -> nn.Module:
     import copy
 
     from torchshrink.core.surgery import set_module
+    from torchshrink.quant.fused import FusedQKV, QKVPart
     from torchshrink.quant.modules import Int8Conv2d, Int8DynamicLinear, Int8Linear, QuantizedAdd, WeightOnlyLinear
 
     twin = copy.deepcopy(model)
     for name, m in list(twin.named_modules()):
-        if isinstance(m, Int8DynamicLinear):
-            set_module(twin, name, _ExportDyn(m))
+        if isinstance(m, FusedQKV | QKVPart):
+            raise UnsupportedLayerError(
+                f"layer {name!r} ({type(m).__name__}) is a fused query/key/value GEMM, which has no ONNX export yet; "
+                "quantize with fuse_qkv=False to export"
+            )
+        if isinstance(m, Int8DynamicLinear):  # a GELU fused into the GEMM's epilogue is emitted after it
+            exp = _ExportDyn(m)
+            set_module(twin, name, nn.Sequential(exp, nn.GELU()) if m.post_op == "gelu" else exp)
         elif isinstance(m, WeightOnlyLinear):
             set_module(twin, name, _ExportWeightOnly(m))
         elif isinstance(m, Int8Conv2d | Int8Linear | QuantizedAdd):

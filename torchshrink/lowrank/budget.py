@@ -40,7 +40,7 @@ from torchshrink.lowrank.common import (
     speedup,
 )
 from torchshrink.lowrank.rank import Option, allocate, fast_svd, round_rank
-from torchshrink.lowrank.svd import factorize_linear
+from torchshrink.lowrank.svd import factorize_linear, linear_options
 from torchshrink.lowrank.tucker import factorize_tucker2, unfold
 
 
@@ -53,17 +53,6 @@ def hosvd_error_table(weight: torch.Tensor) -> torch.Tensor:
     energy = core.pow(2).sum((2, 3))
     total = float(w.pow(2).sum()) or 1.0
     return (1.0 - energy.cumsum(0).cumsum(1) / total).clamp_min(0.0)
-
-
-def _linear_options(lin: nn.Linear, positions: int, steps: int, multiple: int) -> list[Option]:
-    m, n = lin.out_features, lin.in_features
-    s2 = fast_svd(lin.weight)[1].pow(2)
-    rel = 1.0 - torch.cumsum(s2, 0) / float(s2.sum() or 1.0)
-    opts: dict[int, Option] = {}
-    for j in range(steps, 0, -1):
-        r = round_rank(min(m, n) * j / steps, multiple, min(m, n))
-        opts[r] = Option((r,), r * (m + n) * positions, float(rel[r - 1]))
-    return [o for o in sorted(opts.values(), key=lambda o: -o.macs) if o.macs < m * n * positions]
 
 
 def _conv_options(conv: nn.Conv2d, shapes: tuple, steps: int, multiple: int) -> list[Option]:
@@ -137,7 +126,7 @@ def apply_budget(model: nn.Module, config: BudgetConfig, *, select: Select | Non
         if isinstance(m, nn.Linear):
             positions = max(1, int(torch.tensor(shapes[name][1]).prod()) // m.out_features)
             dense[name] = m.in_features * m.out_features * positions
-            opts = _linear_options(m, positions, config.steps, config.rank_multiple)
+            opts = linear_options(m.weight, positions, config.steps, config.rank_multiple)
         else:
             why = conv_skip_reason(m)
             if why is not None:

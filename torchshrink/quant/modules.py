@@ -3,8 +3,8 @@ per byte) plus float scales as buffers, so ``torchshrink.save`` writes them as t
 kernel-specific packed weights of PyTorch's quantized ops are rebuilt lazily on first use (after a
 copy or a reload).
 
-Kernels: ``torch.ops.quantized.linear_dynamic`` (INT8 dynamic: int8 weights, activations quantized
-per call, per tensor or per token), ``quantized.conv2d[_relu]`` / ``linear[_relu]`` / ``add[_relu]`` (INT8 static, quint8
+Kernels: ``torch.ops.quantized.linear_dynamic`` or oneDNN's ``qlinear_pointwise`` fed by our activation
+quantization kernel (INT8 dynamic: int8 weights, activations quantized per call, per tensor or per token), ``quantized.conv2d[_relu]`` / ``linear[_relu]`` / ``add[_relu]`` (INT8 static, quint8
 activations), on the engine named in ``engine`` (fbgemm / x86 / onednn).
 """
 
@@ -21,11 +21,14 @@ from torch import nn
 
 from torchshrink.core.errors import ConfigError
 from torchshrink.export.modules import register_module
+from torchshrink.quant import kernels
 from torchshrink.quant.packing import pack_int4, unpack_int4
 from torchshrink.quant.primitives import dequantize_weight, quantize_weight
 
 warnings.filterwarnings("ignore", message=r".*quantized tensor creation functions.*")
 ACTIVATION_GRANULARITIES = ("tensor", "token")
+DYNAMIC_KERNELS = ("linear_dynamic", "onednn")
+POST_OPS = ("none", "gelu")
 
 
 @contextlib.contextmanager
@@ -89,19 +92,27 @@ def _float_bias(bias: torch.Tensor | None) -> torch.Tensor | None:
 @register_module
 class Int8DynamicLinear(_Packed):
     """Linear with int8 per-channel weights; activations are quantized to uint8 at run time and the
-    GEMM runs in integers (fbgemm/onednn ``linear_dynamic``). ``activation="token"`` gives every row
-    (token) its own scale: rows are divided by their max |x| before the kernel's per-tensor
-    quantization and the int32 -> float result is multiplied back (``linear_dynamic`` is row-wise
-    linear), so one outlier token no longer coarsens the grid of all the others. An optional
-    per-input-channel ``smooth`` divisor (SmoothQuant) moves channel outliers into the weights."""
+    GEMM runs in integers. ``activation="token"`` gives every row (token) its own grid, so one
+    outlier token no longer coarsens the grid of all the others. An optional per-input-channel
+    ``smooth`` divisor (SmoothQuant) moves channel outliers into the weights.
+
+    ``kernel``: ``linear_dynamic`` -- PyTorch's ``quantized.linear_dynamic`` (quantizes per tensor inside;
+    per-token rows are divided by their max |x| first and multiplied back after, which is exact
+    because the op is row-wise linear); ``onednn`` -- our C kernel writes the uint8 codes (per tensor,
+    or per row in one sweep) and oneDNN's ``qlinear_pointwise`` runs the GEMM with ``post_op="gelu"``
+    fused into its epilogue; per-row zero points are removed after the GEMM (``kernels.rows_epilogue``)."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, smooth: bool = False,
-                 engine: str = "x86", reduce_range: bool = True, activation: str = "tensor") -> None:
+                 engine: str = "x86", reduce_range: bool = True, activation: str = "tensor",
+                 kernel: str = "linear_dynamic", post_op: str = "none") -> None:
         super().__init__()
-        if activation not in ACTIVATION_GRANULARITIES:
-            raise ConfigError(f"activation={activation!r}; allowed: {', '.join(ACTIVATION_GRANULARITIES)}")
+        for what, value, allowed in (("activation", activation, ACTIVATION_GRANULARITIES),
+                                     ("kernel", kernel, DYNAMIC_KERNELS), ("post_op", post_op, POST_OPS)):
+            if value not in allowed:
+                raise ConfigError(f"{what}={value!r}; allowed: {', '.join(allowed)}")
         self.in_features, self.out_features = in_features, out_features
         self.engine, self.reduce_range, self.activation = engine, reduce_range, activation
+        self.kernel, self.post_op = kernel, post_op
         self.register_buffer("qweight", torch.zeros(out_features, in_features, dtype=torch.int8))
         self.register_buffer("w_scale", torch.ones(out_features))
         self.register_buffer("bias", torch.zeros(out_features) if bias else None)
@@ -109,9 +120,10 @@ class Int8DynamicLinear(_Packed):
 
     @classmethod
     def from_float(cls, lin: nn.Linear, *, smooth: torch.Tensor | None = None, engine: str = "x86",
-                   reduce_range: bool = True, activation: str = "tensor") -> Int8DynamicLinear:
+                   reduce_range: bool = True, activation: str = "tensor", kernel: str = "linear_dynamic",
+                   post_op: str = "none") -> Int8DynamicLinear:
         m = cls(lin.in_features, lin.out_features, lin.bias is not None, smooth is not None, engine, reduce_range,
-                activation)
+                activation, kernel, post_op)
         w = lin.weight.detach().float()
         if smooth is not None:
             m.smooth.copy_(smooth)
@@ -122,11 +134,27 @@ class Int8DynamicLinear(_Packed):
     def init_args(self) -> dict[str, Any]:
         return {"in_features": self.in_features, "out_features": self.out_features, "bias": self.bias is not None,
                 "smooth": self.smooth is not None, "engine": self.engine, "reduce_range": self.reduce_range,
-                "activation": self.activation}
+                "activation": self.activation, "kernel": self.kernel, "post_op": self.post_op}
 
     def _pack(self) -> Any:
+        if self.kernel == "onednn":
+            colsum = self.w_scale * self.qweight.sum(1, dtype=torch.int32).float()  # zero-point correction
+            self._packed = (torch.ops.onednn.qlinear_prepack(self.qweight, None), colsum,
+                            torch.zeros(self.out_features, dtype=torch.long), self.w_scale.float().contiguous())
+            return self._packed
         # per-token: the bias is added after the rows are scaled back, so the kernel gets none
         return self._pack_linear(None if self.activation == "token" else self.bias)
+
+    def _onednn(self, x2: torch.Tensor, packed: Any) -> torch.Tensor:
+        wp, colsum, wzp, ws = packed
+        bias = None if self.bias is None else self.bias.float()
+        if self.activation == "token":
+            q, s, z = kernels.quant_rows(x2, 127 if self.reduce_range else 255)
+            y = torch.ops.onednn.qlinear_pointwise(q, 1.0, 0, wp, ws, wzp, None, 1.0, 0, torch.float32, "none", [], "")
+            return kernels.rows_epilogue(y, s, z, colsum, bias, gelu=self.post_op == "gelu")
+        q, s, z = kernels.quant_tensor(x2, 127 if self.reduce_range else 255)
+        return torch.ops.onednn.qlinear_pointwise(q, s, z, wp, ws, wzp, bias, 1.0, 0, torch.float32, self.post_op, [],
+                                                  "none" if self.post_op == "gelu" else "")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         packed = self._packed if self._packed is not None else self._pack()
@@ -134,13 +162,17 @@ class Int8DynamicLinear(_Packed):
         x2 = x.reshape(-1, shape[-1]).float()
         if self.smooth is not None:
             x2 = x2 / self.smooth
-        if self.activation == "token":
+        if self.kernel == "onednn":
+            y = self._onednn(x2.contiguous(), packed)
+        elif self.activation == "token":
             row_max = torch.linalg.vector_norm(x2, ord=float("inf"), dim=-1, keepdim=True).clamp_min_(1e-12)
             x2 = x2.div_(row_max) if self.smooth is not None else x2 / row_max  # never write into the caller's x
             y = torch.ops.quantized.linear_dynamic(x2, packed, self.reduce_range)
             y = torch.addcmul(self.bias, y, row_max) if self.bias is not None else y.mul_(row_max)
         else:
             y = torch.ops.quantized.linear_dynamic(x2.contiguous(), packed, self.reduce_range)
+        if self.post_op == "gelu" and self.kernel != "onednn":
+            y = F.gelu(y)
         return y.reshape(*shape[:-1], self.out_features).to(x.dtype)
 
     def logical_params(self) -> int:

@@ -1,0 +1,99 @@
+"""INT8 dynamic helpers: which Linears feed an exact (erf) GELU that the oneDNN kernel can fuse,
+which kernel is faster for a layer shape on this machine (timed, not assumed), and the backend
+line that reports what ran."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from torchshrink.quant.modules import Int8DynamicLinear
+
+log = logging.getLogger(__name__)
+_MEASURED: dict[tuple, str] = {}  # (in, out, activation, reduce_range, threads) -> kernel, per process
+
+
+def _is_exact_gelu(m: Any) -> bool:
+    if isinstance(m, nn.GELU):
+        return m.approximate == "none"
+    # transformers' GELUActivation (ACT2FN["gelu"]) calls F.gelu, the erf form
+    return type(m).__name__ == "GELUActivation" and getattr(m, "act", None) is F.gelu
+
+
+def gelu_followers(model: nn.Module) -> dict[str, str]:
+    """Linear name -> name of the GELU module applied right after it, for the two structures where
+    that order is certain: ``nn.Sequential(..., Linear, GELU, ...)`` and a block holding ``dense``
+    plus ``intermediate_act_fn`` (BERT-style feed-forward input, whose forward is act(dense(x)))."""
+    out: dict[str, str] = {}
+    for name, mod in model.named_modules():
+        prefix = f"{name}." if name else ""
+        if isinstance(mod, nn.Sequential):
+            kids = list(mod.named_children())
+            for (a, ma), (b, mb) in zip(kids, kids[1:], strict=False):
+                if type(ma) is nn.Linear and _is_exact_gelu(mb):
+                    out[prefix + a] = prefix + b
+        dense, act = getattr(mod, "dense", None), mod._modules.get("intermediate_act_fn")
+        if type(dense) is nn.Linear and act is not None and _is_exact_gelu(act):
+            out[prefix + "dense"] = prefix + "intermediate_act_fn"
+    return out
+
+
+def _time(fn: Any, x: torch.Tensor, reps: int) -> float:
+    best = float("inf")
+    with torch.inference_mode():
+        fn(x)
+        for _ in range(reps):
+            t = time.perf_counter()
+            fn(x)
+            best = min(best, time.perf_counter() - t)
+    return best
+
+
+def choose_kernel(lin: nn.Linear, cfg: Any, reduce_range: bool, cache: dict[tuple, str], rows: int = 1024,
+                  reps: int = 5) -> str:
+    """``cfg.kernel`` unless it is ``auto``: then both kernels run the layer's shape on ``rows``
+    random rows (best of ``reps``, alternating) and the faster is kept, once per shape and process."""
+    if cfg.kernel != "auto":
+        return str(cfg.kernel)
+    key = (lin.in_features, lin.out_features, cfg.activation, reduce_range, torch.get_num_threads())
+    if key not in cache:
+        if key not in _MEASURED:
+            x = torch.randn(rows, lin.in_features, generator=torch.Generator().manual_seed(0))
+            mods = {k: Int8DynamicLinear.from_float(lin, reduce_range=reduce_range, activation=cfg.activation, kernel=k)
+                    for k in ("linear_dynamic", "onednn")}
+            best = {k: float("inf") for k in mods}
+            for _ in range(2):  # alternate, so a burst of load hits both
+                for k, m in mods.items():
+                    best[k] = min(best[k], _time(m, x, reps))
+            _MEASURED[key] = min(best, key=best.__getitem__)
+            log.info("int8-dynamic kernel for %s: %s (%s)", key[:3], _MEASURED[key],
+                     ", ".join(f"{k} {v * 1e3:.2f} ms" for k, v in best.items()))
+        cache[key] = _MEASURED[key]
+    return cache[key]
+
+
+def backend_summary(model: nn.Module, engine: str, default_activation: str) -> str:
+    """One line naming the kernels that run, with layer counts."""
+    counts: dict[str, int] = {}
+    acts: set[str] = set()
+    ranges: set[bool] = set()
+    fused = 0
+    for m in model.modules():
+        if isinstance(m, Int8DynamicLinear):
+            counts[m.kernel] = counts.get(m.kernel, 0) + 1
+            acts.add(m.activation)
+            ranges.add(m.reduce_range)
+            fused += m.post_op == "gelu" and m.kernel == "onednn"
+    names: Mapping[str, str] = {"linear_dynamic": f"torch.ops.quantized.linear_dynamic ({engine} engine)",
+                                "onednn": "oneDNN qlinear_pointwise with torchshrink uint8 activation codes"}
+    parts = [f"{names[k]}: {n} layers" for k, n in sorted(counts.items())] or [names["linear_dynamic"]]
+    scales = " + ".join("per-" + a for a in sorted(acts or {default_activation}))
+    extra = f", GELU fused into {fused} GEMMs" if fused else ""
+    rr = "/".join(str(r) for r in sorted(ranges)) or "n/a"
+    return f"{'; '.join(parts)} (reduce_range={rr}, {scales} activation scales{extra})"
