@@ -5,7 +5,6 @@ line that reports what ran."""
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -13,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from torchshrink.measure.latency import time_interleaved
 from torchshrink.quant.modules import Int8DynamicLinear
 
 log = logging.getLogger(__name__)
@@ -44,21 +44,11 @@ def gelu_followers(model: nn.Module) -> dict[str, str]:
     return out
 
 
-def _time(fn: Any, x: torch.Tensor, reps: int) -> float:
-    best = float("inf")
-    with torch.inference_mode():
-        fn(x)
-        for _ in range(reps):
-            t = time.perf_counter()
-            fn(x)
-            best = min(best, time.perf_counter() - t)
-    return best
-
-
 def choose_kernel(lin: nn.Linear, cfg: Any, reduce_range: bool, cache: dict[tuple, str], rows: int = 1024,
                   reps: int = 5) -> str:
     """``cfg.kernel`` unless it is ``auto``: then both kernels run the layer's shape on ``rows``
-    random rows (best of ``reps``, alternating) and the faster is kept, once per shape and process."""
+    random rows (``2 * reps`` interleaved runs, :func:`torchshrink.measure.latency.time_interleaved`)
+    and the one with the lower median is kept, once per shape and process."""
     if cfg.kernel != "auto":
         return str(cfg.kernel)
     key = (lin.in_features, lin.out_features, cfg.activation, reduce_range, torch.get_num_threads())
@@ -67,13 +57,10 @@ def choose_kernel(lin: nn.Linear, cfg: Any, reduce_range: bool, cache: dict[tupl
             x = torch.randn(rows, lin.in_features, generator=torch.Generator().manual_seed(0))
             mods = {k: Int8DynamicLinear.from_float(lin, reduce_range=reduce_range, activation=cfg.activation, kernel=k)
                     for k in ("linear_dynamic", "onednn")}
-            best = {k: float("inf") for k in mods}
-            for _ in range(2):  # alternate, so a burst of load hits both
-                for k, m in mods.items():
-                    best[k] = min(best[k], _time(m, x, reps))
-            _MEASURED[key] = min(best, key=best.__getitem__)
+            med = {k: t.p50_ms for k, t in time_interleaved(mods, (x,), warmup=1, runs=2 * reps).items()}
+            _MEASURED[key] = min(med, key=med.__getitem__)
             log.info("int8-dynamic kernel for %s: %s (%s)", key[:3], _MEASURED[key],
-                     ", ".join(f"{k} {v * 1e3:.2f} ms" for k, v in best.items()))
+                     ", ".join(f"{k} {v:.2f} ms" for k, v in med.items()))
         cache[key] = _MEASURED[key]
     return cache[key]
 

@@ -132,11 +132,12 @@ def sync_norms(model: nn.Module) -> Iterator[int]:
     """While active, every BatchNorm of ``model`` in training mode normalizes with statistics
     of the whole distributed batch (CPU / gloo). Yields the number of synced layers."""
     norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    plain = {id(m): m.forward for m in norms}
 
     def synced(m: nn.modules.batchnorm._BatchNorm) -> Callable[[torch.Tensor], torch.Tensor]:
+        plain = m.forward
+
         def forward(x: torch.Tensor) -> torch.Tensor:
-            return _synced_norm(m, x) if m.training else plain[id(m)](x)
+            return _synced_norm(m, x) if m.training else plain(x)
         return forward
 
     for m in norms:
