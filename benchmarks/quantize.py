@@ -32,6 +32,7 @@ from torchshrink.measure import accuracy, fidelity, time_interleaved  # noqa: E4
 from torchshrink.measure.bench import Target, markdown_table, write_results  # noqa: E402
 from torchshrink.measure.latency import threads  # noqa: E402
 from torchshrink.quant import Int8DynamicConfig, Int8StaticConfig, WeightOnlyConfig, WeightOnlyLinear  # noqa: E402
+from torchshrink.recipe.recipe import load_recipe  # noqa: E402
 
 OUT = Path(__file__).parent / "results"
 THREADS = 2
@@ -53,7 +54,13 @@ MINILM_CANDIDATES: dict[str, tuple[Int8DynamicConfig, dict]] = {
     "torchshrink oneDNN, per-token FFN, fused QKV": (
         Int8DynamicConfig(**ONEDNN, fuse_qkv=True),
         {"exclude": [POOLER], "overrides": {FFN_OUT: PER_TOKEN_7BIT, FFN_IN: PER_TOKEN_7BIT}}),
+    "torchshrink oneDNN, per-token FFN, fused QKV + add-LayerNorm": (
+        Int8DynamicConfig(**ONEDNN, fuse_qkv=True, fuse_add_norm=True),
+        {"exclude": [POOLER], "overrides": {FFN_OUT: PER_TOKEN_7BIT, FFN_IN: PER_TOKEN_7BIT}}),
 }
+_BERT_INT8 = load_recipe("bert-int8").stages[0]  # the built-in recipe: the same settings + the FFN code hand-over
+MINILM_CANDIDATES["torchshrink bert-int8 recipe (+ add-LayerNorm + next-quant)"] = (
+    _BERT_INT8.config, {"exclude": list(_BERT_INT8.select.exclude), "overrides": dict(_BERT_INT8.select.overrides)})
 
 
 def op_shares(model: torch.nn.Module, inputs: tuple, runs: int = 2) -> dict[str, float]:

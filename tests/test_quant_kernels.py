@@ -175,3 +175,190 @@ def test_export_twin_keeps_a_fused_gelu():
     assert isinstance(twin[0], nn.Sequential) and isinstance(twin[0][1], nn.GELU)
     ref = F.gelu(lin(x))
     assert (twin(x) - ref).abs().max() < 0.05 and (twin(x) - ref).abs().max() < (F.relu(lin(x)) - ref).abs().max()
+
+
+@pytest.mark.parametrize("mode", ["grid", "bias", "plain"])
+@pytest.mark.parametrize("c", [True, False])
+def test_add_layernorm_formula(monkeypatch, mode, c):
+    if not c:
+        _torch_only(monkeypatch)
+    elif kernels.library() is None:
+        pytest.skip("no C compiler")
+    g = torch.Generator().manual_seed(2)
+    acc, res = torch.randn(30, 48, generator=g) * 20, torch.randn(30, 48, generator=g) * 3
+    colsum, lb = torch.randn(48, generator=g), torch.randn(48, generator=g)
+    w, b = torch.rand(48, generator=g) + 0.5, torch.randn(48, generator=g)
+    s, z = torch.rand(30, generator=g) * 0.1, torch.randint(0, 127, (30,), dtype=torch.int32, generator=g)
+    grid = (s, z, colsum) if mode == "grid" else None
+    v = (acc - z.float()[:, None] * colsum) * s[:, None] + lb if mode == "grid" else acc + lb if mode == "bias" else acc
+    ref = F.layer_norm(v + res, (48,), w, b, 1e-12)
+    out = kernels.add_layernorm(acc.clone(), res, w, b, 1e-12, grid, None if mode == "plain" else lb)
+    assert torch.allclose(out, ref, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("act", ["tensor", "token"])
+def test_fused_add_norm_equals_unfused_round_trips_and_exports(tmp_path, act):
+    from torchshrink.export.onnx import export_twin
+    from torchshrink.quant.fused import LinearAddNorm
+
+    m, data = _tiny_bert()
+    base = {"kernel": "onednn", "activation": act, "reduce_range": "on", "fuse_qkv": True}
+    sep = torchshrink.quantize(m, Int8DynamicConfig(**base), data=data)
+    fused = torchshrink.quantize(m, Int8DynamicConfig(**base, fuse_add_norm=True), data=data)
+    names = sorted(n for n, x in fused.named_modules() if isinstance(x, LinearAddNorm))
+    assert names == sorted(f"encoder.layer.{i}.{p}" for i in range(2) for p in ("attention.output", "output"))
+    assert "residual add + LayerNorm fused after 4 GEMMs" in fused._torchshrink_quant_backend
+    assert isinstance(m.encoder.layer[0].output.LayerNorm, nn.LayerNorm)  # the float input is untouched
+    ids, am = data[1]
+    with torch.no_grad():
+        a, b = sep(ids, am).last_hidden_state, fused(ids, am).last_hidden_state
+    assert float((a - b).abs().max()) < 1e-4 * float(a.abs().max())
+    torchshrink.save(fused, tmp_path / "f")
+    back = torchshrink.load(tmp_path / "f", model=_tiny_bert()[0])
+    assert isinstance(back.encoder.layer[1].output, LinearAddNorm)
+    with torch.no_grad():
+        assert torch.equal(back(ids, am).last_hidden_state, b)
+    plain = {"kernel": "onednn", "activation": act}  # ONNX export has no fused Q/K/V
+    twins = [export_twin(torchshrink.quantize(m, Int8DynamicConfig(**plain, fuse_add_norm=f), data=data)) for f in (False, True)]
+    assert any(type(x).__name__ == "_ExportAddNorm" for x in twins[1].modules())
+    with torch.no_grad():  # the fused block exports as LayerNorm(dense twin(x) + residual): the same graph values
+        t0, t1 = (t(ids, am).last_hidden_state for t in twins)
+    assert torch.allclose(t0, t1, atol=1e-5)
+
+
+class _PreNorm(nn.Module):
+    """dense / LayerNorm / dropout children, but LayerNorm before dense: must not be fused."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.dense, self.LayerNorm, self.dropout = nn.Linear(16, 16), nn.LayerNorm(16), nn.Dropout(0.1)
+
+    def forward(self, x: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+        return self.dense(self.LayerNorm(x)) + r
+
+
+class _TwoBlocks(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp = nn.Linear(8, 16)
+        self.pre = _PreNorm()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.inp(x)
+        return self.pre(h, h)
+
+
+def test_fused_add_norm_leaves_other_blocks_and_needs_data(caplog):
+    from torchshrink.quant.fused import LinearAddNorm
+
+    torch.manual_seed(0)
+    m = _TwoBlocks().eval()
+    x = torch.randn(5, 8)
+    with caplog.at_level("INFO", logger="torchshrink.quant.fused"):
+        q = torchshrink.quantize(m, Int8DynamicConfig(kernel="onednn", fuse_add_norm=True), data=[x])
+    assert not isinstance(q.pre, LinearAddNorm)
+    assert "does not compute LayerNorm(dense(x) + residual)" in caplog.text
+    with torch.no_grad():
+        assert (q(x) - m(x)).abs().max() < 0.1  # still the pre-norm block, on its int8 dense
+    bert, _ = _tiny_bert()
+    q2 = torchshrink.quantize(bert, Int8DynamicConfig(kernel="onednn", fuse_add_norm=True))
+    assert not any(isinstance(x, LinearAddNorm) for x in q2.modules())
+
+
+def test_next_quant_hand_over_is_exact_skips_requantization_and_round_trips(tmp_path, monkeypatch):
+    m, data = _tiny_bert()
+    base = {"kernel": "onednn", "activation": "token", "reduce_range": "on", "fuse_add_norm": True}
+    plain = torchshrink.quantize(m, Int8DynamicConfig(**base), data=data)
+    linked = torchshrink.quantize(m, Int8DynamicConfig(**base, fuse_next_quant=True), data=data)
+    emitters = sorted(n for n, x in linked.named_modules() if getattr(x, "emit_codes", 0))
+    assert emitters == ["encoder.layer.0.intermediate.dense", "encoder.layer.1.intermediate.dense"]
+    assert all(x.emit_codes == 127 for n, x in linked.named_modules() if n in emitters)
+    assert "codes written by 2 epilogues" in linked._torchshrink_quant_backend
+    calls = []
+    real = kernels.quant_rows
+    monkeypatch.setattr(kernels, "quant_rows", lambda x, q=255: calls.append(x.shape) or real(x, q))
+    ids, am = data[1]
+    with torch.no_grad():
+        a = plain(ids, am).last_hidden_state
+        n_plain = len(calls)
+        b = linked(ids, am).last_hidden_state
+    assert torch.equal(a, b)  # the handed-over codes are the ones the consumer would compute
+    assert n_plain - (len(calls) - n_plain) == 2  # two FFN-output layers no longer quantize their input
+    torchshrink.save(linked, tmp_path / "l")
+    back = torchshrink.load(tmp_path / "l", model=_tiny_bert()[0])
+    assert back.encoder.layer[0].intermediate.dense.emit_codes == 127
+    with torch.no_grad():
+        assert torch.equal(back(ids, am).last_hidden_state, b)
+
+
+def test_handed_over_codes_are_not_used_for_a_modified_tensor():
+    torch.manual_seed(0)
+    first = Int8DynamicLinear.from_float(nn.Linear(16, 32), kernel="onednn", activation="token", post_op="gelu")
+    first.emit_codes = 127
+    second = Int8DynamicLinear.from_float(nn.Linear(32, 8), kernel="onednn", activation="token", reduce_range=True)
+    x = torch.randn(6, 16)
+    with torch.no_grad():
+        y = first(x)
+        y.mul_(3.0)  # in place: the parked codes are stale now
+        got = second(y)
+        assert torch.equal(got, second(y.clone()))
+    with pytest.raises(ConfigError, match="emit_codes=3; allowed: 0"):
+        Int8DynamicLinear(4, 4, emit_codes=3)
+
+
+def test_bert_int8_recipe_applies_every_fusion():
+    from torchshrink.recipe.recipe import load_recipe
+
+    m, data = _tiny_bert()
+    (stage,) = load_recipe("bert-int8").stages
+    q = torchshrink.quantize(m, stage.config, select=stage.select, data=data)
+    line = q._torchshrink_quant_backend
+    assert "8 layers" in line and "per-tensor + per-token" in line
+    for part in ("GELU fused into 2 GEMMs", "LayerNorm fused after 4 GEMMs", "codes written by 2 epilogues"):
+        assert part in line
+    assert isinstance(q.encoder.layer[1].attention.self.query, FusedQKV)
+    assert q.encoder.layer[0].intermediate.dense.activation == "token"
+    ids, am = data[0]
+    with torch.no_grad():
+        ref, got = m(ids, am).last_hidden_state, q(ids, am).last_hidden_state
+    assert float(F.cosine_similarity(ref.flatten(1), got.flatten(1)).min()) > 0.99
+
+
+class _InplaceBetween(nn.Module):
+    """A per-token layer's output modified in place before the next per-token layer reads it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(16, 32), nn.Linear(32, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.a(x)
+        y.mul_(2.0)
+        return self.b(y)
+
+
+def test_next_quant_is_not_linked_across_an_in_place_change_and_works_in_inference_mode():
+    torch.manual_seed(0)
+    cfg = Int8DynamicConfig(kernel="onednn", activation="token", reduce_range="on", fuse_next_quant=True)
+    x = torch.randn(6, 16)
+    q = torchshrink.quantize(_InplaceBetween().eval(), cfg, data=[x])
+    assert q.a.emit_codes == 0  # the bit-identical check (inference mode: no version counters) unlinked it
+    m, data = _tiny_bert()
+    linked = torchshrink.quantize(m, Int8DynamicConfig(kernel="onednn", activation="token", reduce_range="on",
+                                                      fuse_next_quant=True), data=data)
+    plain = torchshrink.quantize(m, Int8DynamicConfig(kernel="onednn", activation="token", reduce_range="on"), data=data)
+    assert linked.encoder.layer[0].intermediate.dense.emit_codes == 127
+    with torch.inference_mode():
+        assert torch.equal(linked(*data[1]).last_hidden_state, plain(*data[1]).last_hidden_state)
+
+
+def test_fused_add_norm_on_the_linear_dynamic_kernel():
+    from torchshrink.quant.fused import LinearAddNorm
+
+    m, data = _tiny_bert()
+    sep = torchshrink.quantize(m, Int8DynamicConfig(kernel="linear_dynamic"), data=data)
+    fused = torchshrink.quantize(m, Int8DynamicConfig(kernel="linear_dynamic", fuse_add_norm=True), data=data)
+    assert isinstance(fused.encoder.layer[0].output, LinearAddNorm)
+    with torch.no_grad():
+        a, b = sep(*data[1]).last_hidden_state, fused(*data[1]).last_hidden_state
+    assert float((a - b).abs().max()) < 1e-4 * float(a.abs().max())

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import logging
 import math
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -148,16 +147,12 @@ class _PackedBinary(_PackedBase):
         resolved = K.resolve_backend(self.backend)
         if self.backend != "auto" or resolved == "numpy":
             return resolved
-        times = {}
-        for b in ("c", "numpy"):
-            run(b)  # packs the weights for b, and warms up
-            t0 = time.perf_counter()
-            for _ in range(3):
-                run(b)
-            times[b] = time.perf_counter() - t0
-        choice = min(times, key=times.__getitem__)
+        from torchshrink.measure.latency import time_interleaved  # the library's one timing loop
+
+        t = time_interleaved({b: (lambda b=b: run(b)) for b in ("c", "numpy")}, warmup=1, runs=4)
+        choice = min(t, key=lambda b: t[b].p50_ms)  # the first call also packs the weights for each backend
         log.info("binary layer %s, input %s: %s measured fastest (%s)", type(self).__name__, shape, choice,
-                 {k: f"{v * 1000 / 3:.3f} ms" for k, v in times.items()})
+                 {k: f"{v.p50_ms:.3f} ms" for k, v in t.items()})
         return choice
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -71,12 +71,23 @@ class _ExportWeightOnly(nn.Module):
         return F.linear(x, w, self.bias)
 
 
+class _ExportAddNorm(nn.Module):
+    """LinearAddNorm as plain ops: LayerNorm(dense(x) + residual); ``dense`` is swapped for its twin next."""
+
+    def __init__(self, m: nn.Module) -> None:
+        super().__init__()
+        self.dense, self.LayerNorm = m.dense, m.LayerNorm
+
+    def forward(self, hidden_states: torch.Tensor, input_tensor: torch.Tensor) -> torch.Tensor:
+        return self.LayerNorm(self.dense(hidden_states) + input_tensor)
+
+
 def export_twin(model: nn.Module) -> nn.Module:
     """A copy of ``model`` whose quantized modules are replaced by exportable QDQ equivalents."""
     import copy
 
     from torchshrink.core.surgery import set_module
-    from torchshrink.quant.fused import FusedQKV, QKVPart
+    from torchshrink.quant.fused import FusedQKV, LinearAddNorm, QKVPart
     from torchshrink.quant.modules import Int8Conv2d, Int8DynamicLinear, Int8Linear, QuantizedAdd, WeightOnlyLinear
 
     twin = copy.deepcopy(model)
@@ -86,7 +97,9 @@ def export_twin(model: nn.Module) -> nn.Module:
                 f"layer {name!r} ({type(m).__name__}) is a fused query/key/value GEMM, which has no ONNX export yet; "
                 "quantize with fuse_qkv=False to export"
             )
-        if isinstance(m, Int8DynamicLinear):  # a GELU fused into the GEMM's epilogue is emitted after it
+        if isinstance(m, LinearAddNorm):  # named_modules lists it before its dense, which is swapped next
+            set_module(twin, name, _ExportAddNorm(m))
+        elif isinstance(m, Int8DynamicLinear):  # a GELU fused into the GEMM's epilogue is emitted after it
             exp = _ExportDyn(m)
             set_module(twin, name, nn.Sequential(exp, nn.GELU()) if m.post_op == "gelu" else exp)
         elif isinstance(m, WeightOnlyLinear):

@@ -6,6 +6,8 @@
  * ts_rows_epilogue:   y[i,j] = s[i] * (acc[i,j] - z[i] * c[j]) + b[j] (then GELU if asked), in place: undoes the per-row
  *                     grid after an integer GEMM that ran with zero point 0 and scale 1
  *                     (c[j] = sum_k W[j,k], so z[i] * c[j] removes the zero-point offset).
+ * ts_rows_epilogue_codes: the epilogue, then the codes of its output for a next per-token layer (same sweep).
+ * ts_add_layernorm:   LayerNorm(epilogue(acc) + residual) in one sweep per row (post-LN transformer blocks).
  * Codes span [0, qmax]: 255, or 127 where u8*s8 pairs must not saturate int16 (AVX2 without VNNI).
  * Grids always contain 0.0 exactly (min <= 0 <= max), so a zero row gives exactly the bias.
  */
@@ -110,5 +112,89 @@ void ts_rows_epilogue(float *y, int64_t rows, int64_t cols, const float *scale, 
         } else {
             for (int64_t j = 0; j < cols; j++) r[j] = s * (r[j] - z * colsum[j]) + bias[j];
         }
+    }
+}
+
+/* ts_rows_epilogue_codes: ts_rows_epilogue, and in the same sweep per row the uint8 codes of the result on
+ * the row's own grid (as ts_quant_rows_u8 would compute them from y): the next per-token layer that reads y
+ * gets its codes without reading y again. */
+void ts_rows_epilogue_codes(float *y, int64_t rows, int64_t cols, const float *scale, const int32_t *zp,
+                            const float *colsum, const float *bias, int gelu, uint8_t *q, float *qscale,
+                            int32_t *qzp, int qmax, int threads) {
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t i = 0; i < rows; i++) {
+        float *restrict r = y + i * cols;
+        const float s = scale[i], z = (float)zp[i];
+        float mn = 0.f, mx = 0.f;
+        if (gelu) {
+#pragma omp simd reduction(min : mn) reduction(max : mx)
+            for (int64_t j = 0; j < cols; j++) {
+                const float v = gelu_erf(s * (r[j] - z * colsum[j]) + bias[j]);
+                r[j] = v;
+                mn = v < mn ? v : mn;
+                mx = v > mx ? v : mx;
+            }
+        } else {
+#pragma omp simd reduction(min : mn) reduction(max : mx)
+            for (int64_t j = 0; j < cols; j++) {
+                const float v = s * (r[j] - z * colsum[j]) + bias[j];
+                r[j] = v;
+                mn = v < mn ? v : mn;
+                mx = v > mx ? v : mx;
+            }
+        }
+        row_grid(mn, mx, (float)qmax, &qscale[i], &qzp[i]);
+        quant_span(r, cols, 1.f / qscale[i], (float)qzp[i], (float)qmax, q + i * cols);
+    }
+}
+
+/* ts_add_layernorm: out[i] = LayerNorm(v[i] + res[i]) * gamma + beta over each row of `cols`, where
+ * v[i,j] = y[i,j] (+ bias[j])                                      when scale == NULL (bias may be NULL), or
+ * v[i,j] = scale[i] * (y[i,j] - zp[i] * colsum[j]) + bias[j]       (the per-row epilogue) otherwise.
+ * The post-LN transformer's "dense -> add residual -> LayerNorm" in one sweep per row while the row sits in
+ * L1 (torch: epilogue, add, LayerNorm = three to four passes and parallel regions). Mean and variance
+ * are two-pass over the stored row (no cancellation), variance biased as nn.LayerNorm's. out may alias y. */
+void ts_add_layernorm(const float *y, const float *res, int64_t rows, int64_t cols, const float *scale,
+                      const int32_t *zp, const float *colsum, const float *bias, const float *gamma,
+                      const float *beta, float eps, float *out, int threads) {
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t i = 0; i < rows; i++) {
+        const float *yr = y + i * cols; /* no restrict: out may be y (same index only, so simd is safe) */
+        const float *rr = res + i * cols;
+        float *o = out + i * cols;
+        float sum = 0.f;
+        if (scale) {
+            const float s = scale[i], z = (float)zp[i];
+#pragma omp simd reduction(+ : sum)
+            for (int64_t j = 0; j < cols; j++) {
+                const float v = s * (yr[j] - z * colsum[j]) + bias[j] + rr[j];
+                o[j] = v;
+                sum += v;
+            }
+        } else if (bias) {
+#pragma omp simd reduction(+ : sum)
+            for (int64_t j = 0; j < cols; j++) {
+                const float v = yr[j] + bias[j] + rr[j];
+                o[j] = v;
+                sum += v;
+            }
+        } else {
+#pragma omp simd reduction(+ : sum)
+            for (int64_t j = 0; j < cols; j++) {
+                const float v = yr[j] + rr[j];
+                o[j] = v;
+                sum += v;
+            }
+        }
+        const float mean = sum / (float)cols;
+        float sq = 0.f;
+#pragma omp simd reduction(+ : sq)
+        for (int64_t j = 0; j < cols; j++) {
+            const float d = o[j] - mean;
+            sq += d * d;
+        }
+        const float rstd = 1.f / sqrtf(sq / (float)cols + eps);
+#pragma omp simd
+        for (int64_t j = 0; j < cols; j++) o[j] = (o[j] - mean) * rstd * gamma[j] + beta[j];
     }
 }

@@ -70,8 +70,10 @@ def backend_summary(model: nn.Module, engine: str, default_activation: str) -> s
     counts: dict[str, int] = {}
     acts: set[str] = set()
     ranges: set[bool] = set()
-    fused = 0
+    fused = add_norm = emit = 0
     for m in model.modules():
+        emit += bool(getattr(m, "emit_codes", 0))
+        add_norm += type(m).__name__ == "LinearAddNorm"
         if isinstance(m, Int8DynamicLinear):
             counts[m.kernel] = counts.get(m.kernel, 0) + 1
             acts.add(m.activation)
@@ -82,5 +84,7 @@ def backend_summary(model: nn.Module, engine: str, default_activation: str) -> s
     parts = [f"{names[k]}: {n} layers" for k, n in sorted(counts.items())] or [names["linear_dynamic"]]
     scales = " + ".join("per-" + a for a in sorted(acts or {default_activation}))
     extra = f", GELU fused into {fused} GEMMs" if fused else ""
+    extra += f", residual add + LayerNorm fused after {add_norm} GEMMs" if add_norm else ""
+    extra += f", next layer's activation codes written by {emit} epilogues" if emit else ""
     rr = "/".join(str(r) for r in sorted(ranges)) or "n/a"
     return f"{'; '.join(parts)} (reduce_range={rr}, {scales} activation scales{extra})"

@@ -44,7 +44,10 @@ def library() -> ctypes.CDLL | None:
     lib.ts_quant_rows_u8.argtypes = [vp, i64, i64, vp, vp, vp, c_int, c_int]
     lib.ts_quant_tensor_u8.argtypes = [vp, i64, vp, vp, vp, c_int, c_int]
     lib.ts_rows_epilogue.argtypes = [vp, i64, i64, vp, vp, vp, vp, c_int, c_int]
-    for f in (lib.ts_quant_rows_u8, lib.ts_quant_tensor_u8, lib.ts_rows_epilogue):
+    lib.ts_add_layernorm.argtypes = [vp, vp, i64, i64, vp, vp, vp, vp, vp, vp, ctypes.c_float, vp, c_int]
+    lib.ts_rows_epilogue_codes.argtypes = [vp, i64, i64, vp, vp, vp, vp, c_int, vp, vp, vp, c_int, c_int]
+    for f in (lib.ts_quant_rows_u8, lib.ts_quant_tensor_u8, lib.ts_rows_epilogue, lib.ts_add_layernorm,
+              lib.ts_rows_epilogue_codes):
         f.restype = None
     _LIB = lib
     return _LIB
@@ -111,4 +114,48 @@ def rows_epilogue(acc: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor, cols
     with record_function("torchshrink::rows_epilogue"):
         lib.ts_rows_epilogue(acc.data_ptr(), rows, cols, scale.data_ptr(), zp.data_ptr(), colsum.data_ptr(),
                              bias.data_ptr(), int(gelu), torch.get_num_threads())
+    return acc
+
+
+def rows_epilogue_codes(acc: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor, colsum: torch.Tensor,
+                        bias: torch.Tensor | None, gelu: bool, qmax: int
+                        ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """:func:`rows_epilogue` in place on acc, plus ``quant_rows(result, qmax)`` computed in the same sweep."""
+    lib = library()
+    if lib is None:
+        y = rows_epilogue(acc, scale, zp, colsum, bias, gelu)
+        return y, quant_rows(y.contiguous(), qmax)
+    rows, cols = acc.shape
+    bias = bias if bias is not None else torch.zeros(cols)
+    q = torch.empty(rows, cols, dtype=torch.uint8)
+    s = torch.empty(rows, dtype=torch.float32)
+    z = torch.empty(rows, dtype=torch.int32)
+    with record_function("torchshrink::rows_epilogue_codes"):
+        lib.ts_rows_epilogue_codes(acc.data_ptr(), rows, cols, scale.data_ptr(), zp.data_ptr(), colsum.data_ptr(),
+                                   bias.data_ptr(), int(gelu), q.data_ptr(), s.data_ptr(), z.data_ptr(), qmax,
+                                   torch.get_num_threads())
+    return acc, (q, s, z)
+
+
+def add_layernorm(acc: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float,
+                  grid: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+                  lin_bias: torch.Tensor | None = None) -> torch.Tensor:
+    """LayerNorm(v + residual) over the last dim of acc [M, N] float32, written into acc, where
+    v = acc (+ lin_bias) or, with ``grid = (scale [M], zero point [M], colsum [N])``, the per-row
+    epilogue ``scale[i] * (acc - zp[i] * colsum[j]) + lin_bias[j]``. One sweep per row in C."""
+    lib = library()
+    rows, cols = acc.shape
+    if lib is None:
+        v = rows_epilogue(acc, *grid, lin_bias) if grid is not None else (acc + lin_bias if lin_bias is not None else acc)
+        return torch.nn.functional.layer_norm(v + residual, (cols,), weight, bias, eps)
+    res = residual.contiguous()
+    if grid is not None:
+        s, z, colsum = grid
+        lb = lin_bias if lin_bias is not None else torch.zeros(cols)
+        ptrs = (s.data_ptr(), z.data_ptr(), colsum.data_ptr(), lb.data_ptr())
+    else:
+        ptrs = (None, None, None, lin_bias.data_ptr() if lin_bias is not None else None)
+    with record_function("torchshrink::add_layernorm"):
+        lib.ts_add_layernorm(acc.data_ptr(), res.data_ptr(), rows, cols, *ptrs, weight.data_ptr(), bias.data_ptr(),
+                             eps, acc.data_ptr(), torch.get_num_threads())
     return acc

@@ -11,6 +11,7 @@ activations), on the engine named in ``engine`` (fbgemm / x86 / onednn).
 from __future__ import annotations
 
 import contextlib
+import threading
 import warnings
 from collections.abc import Iterator
 from typing import Any
@@ -29,6 +30,24 @@ warnings.filterwarnings("ignore", message=r".*quantized tensor creation function
 ACTIVATION_GRANULARITIES = ("tensor", "token")
 DYNAMIC_KERNELS = ("linear_dynamic", "onednn")
 POST_OPS = ("none", "gelu")
+_HANDOFF = threading.local()  # .last = (output tensor, its version, qmax, (codes, row scales, row zero points))
+
+
+def _take_codes(x: torch.Tensor, qmax: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """The codes a producer layer wrote for exactly this tensor (same object, same code range, and --
+    where autograd tracks versions -- not modified in place since), once; None otherwise (the caller
+    quantizes x itself). Inference tensors carry no version: ``link_codes`` checks under inference
+    mode that the model's output is bit-identical with the hand-over, so an in-place change between
+    producer and consumer unlinks the pair there."""
+    last = getattr(_HANDOFF, "last", None)
+    if last is None or last[0] is not x or last[2] != qmax or (last[1] is not None and last[1] != x._version):
+        return None
+    _HANDOFF.last = None
+    return last[3]
+
+
+def _park_codes(y: torch.Tensor, qmax: int, codes: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> None:
+    _HANDOFF.last = (y, None if y.is_inference() else y._version, qmax, codes)
 
 
 @contextlib.contextmanager
@@ -104,8 +123,10 @@ class Int8DynamicLinear(_Packed):
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, smooth: bool = False,
                  engine: str = "x86", reduce_range: bool = True, activation: str = "tensor",
-                 kernel: str = "linear_dynamic", post_op: str = "none") -> None:
+                 kernel: str = "linear_dynamic", post_op: str = "none", emit_codes: int = 0) -> None:
         super().__init__()
+        if emit_codes not in (0, 127, 255):
+            raise ConfigError(f"emit_codes={emit_codes!r}; allowed: 0 (off), 127, 255")
         for what, value, allowed in (("activation", activation, ACTIVATION_GRANULARITIES),
                                      ("kernel", kernel, DYNAMIC_KERNELS), ("post_op", post_op, POST_OPS)):
             if value not in allowed:
@@ -113,6 +134,9 @@ class Int8DynamicLinear(_Packed):
         self.in_features, self.out_features = in_features, out_features
         self.engine, self.reduce_range, self.activation = engine, reduce_range, activation
         self.kernel, self.post_op = kernel, post_op
+        # > 0: this (oneDNN, per-token) layer also writes its output's per-token codes in [0, emit_codes] in the
+        # epilogue's sweep, for the next per-token layer that reads exactly this output (quant/fused.py link_codes)
+        self.emit_codes = emit_codes
         self.register_buffer("qweight", torch.zeros(out_features, in_features, dtype=torch.int8))
         self.register_buffer("w_scale", torch.ones(out_features))
         self.register_buffer("bias", torch.zeros(out_features) if bias else None)
@@ -134,7 +158,8 @@ class Int8DynamicLinear(_Packed):
     def init_args(self) -> dict[str, Any]:
         return {"in_features": self.in_features, "out_features": self.out_features, "bias": self.bias is not None,
                 "smooth": self.smooth is not None, "engine": self.engine, "reduce_range": self.reduce_range,
-                "activation": self.activation, "kernel": self.kernel, "post_op": self.post_op}
+                "activation": self.activation, "kernel": self.kernel, "post_op": self.post_op,
+                "emit_codes": self.emit_codes}
 
     def _pack(self) -> Any:
         if self.kernel == "onednn":
@@ -145,16 +170,37 @@ class Int8DynamicLinear(_Packed):
         # per-token: the bias is added after the rows are scaled back, so the kernel gets none
         return self._pack_linear(None if self.activation == "token" else self.bias)
 
-    def _onednn(self, x2: torch.Tensor, packed: Any) -> torch.Tensor:
-        wp, colsum, wzp, ws = packed
-        bias = None if self.bias is None else self.bias.float()
+    def gemm(self, x2: torch.Tensor, codes: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+             ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None]:
+        """oneDNN kernel, x2 [M, K] contiguous float32 -> (acc [M, N] float32, grid). Per tensor: acc is the
+        finished output (bias and ``post_op`` applied) and grid None. Per token: acc is the raw GEMM on
+        the codes and grid = (row scale, row zero point, colsum) for ``kernels.rows_epilogue``. ``codes``:
+        x2's per-token codes when a producer layer already wrote them."""
+        wp, colsum, wzp, ws = self._packed if self._packed is not None else self._pack()
+        qmax = 127 if self.reduce_range else 255
         if self.activation == "token":
-            q, s, z = kernels.quant_rows(x2, 127 if self.reduce_range else 255)
-            y = torch.ops.onednn.qlinear_pointwise(q, 1.0, 0, wp, ws, wzp, None, 1.0, 0, torch.float32, "none", [], "")
-            return kernels.rows_epilogue(y, s, z, colsum, bias, gelu=self.post_op == "gelu")
-        q, s, z = kernels.quant_tensor(x2, 127 if self.reduce_range else 255)
+            q, s, z = codes if codes is not None else kernels.quant_rows(x2, qmax)
+            return torch.ops.onednn.qlinear_pointwise(q, 1.0, 0, wp, ws, wzp, None, 1.0, 0, torch.float32, "none", [],
+                                                      ""), (s, z, colsum)
+        q, s, z = kernels.quant_tensor(x2, qmax)
+        bias = None if self.bias is None else self.bias.float()
         return torch.ops.onednn.qlinear_pointwise(q, s, z, wp, ws, wzp, bias, 1.0, 0, torch.float32, self.post_op, [],
-                                                  "none" if self.post_op == "gelu" else "")
+                                                  "none" if self.post_op == "gelu" else ""), None
+
+    def _onednn(self, x: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
+        codes = None
+        if self.activation == "token" and self.smooth is None:
+            codes = _take_codes(x, 127 if self.reduce_range else 255)
+        acc, grid = self.gemm(x2, codes)
+        if grid is None:
+            return acc
+        bias, gelu = None if self.bias is None else self.bias.float(), self.post_op == "gelu"
+        if self.emit_codes and x.dtype == torch.float32:
+            y, out_codes = kernels.rows_epilogue_codes(acc, *grid, bias, gelu, self.emit_codes)
+            y = y.reshape(*x.shape[:-1], self.out_features)
+            _park_codes(y, self.emit_codes, out_codes)
+            return y
+        return kernels.rows_epilogue(acc, *grid, bias, gelu=gelu)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         packed = self._packed if self._packed is not None else self._pack()
@@ -163,7 +209,7 @@ class Int8DynamicLinear(_Packed):
         if self.smooth is not None:
             x2 = x2 / self.smooth
         if self.kernel == "onednn":
-            y = self._onednn(x2.contiguous(), packed)
+            y = self._onednn(x, x2.contiguous())
         elif self.activation == "token":
             row_max = torch.linalg.vector_norm(x2, ord=float("inf"), dim=-1, keepdim=True).clamp_min_(1e-12)
             x2 = x2.div_(row_max) if self.smooth is not None else x2 / row_max  # never write into the caller's x
@@ -173,6 +219,8 @@ class Int8DynamicLinear(_Packed):
             y = torch.ops.quantized.linear_dynamic(x2.contiguous(), packed, self.reduce_range)
         if self.post_op == "gelu" and self.kernel != "onednn":
             y = F.gelu(y)
+        if y.shape == (*shape[:-1], self.out_features) and y.dtype == x.dtype:
+            return y  # the exact object a hand-over was parked for
         return y.reshape(*shape[:-1], self.out_features).to(x.dtype)
 
     def logical_params(self) -> int:

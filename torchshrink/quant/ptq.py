@@ -20,7 +20,7 @@ from torchshrink.core.select import Select, config_for, select_modules
 from torchshrink.core.surgery import set_module
 from torchshrink.measure.quality import iter_batches
 from torchshrink.quant.dynamic import backend_summary, choose_kernel, gelu_followers
-from torchshrink.quant.fused import check_fused, fuse_block, qkv_blocks, unfuse_block
+from torchshrink.quant.fused import check_fused, fuse_add_norms, fuse_block, link_codes, qkv_blocks, unfuse_block
 from torchshrink.quant.modules import Int8DynamicLinear, WeightOnlyLinear
 
 log = logging.getLogger(__name__)
@@ -143,6 +143,15 @@ def apply_int8_dynamic(model: nn.Module, config: Int8DynamicConfig, *, select: S
                                                              post_op="gelu" if act else "none"))
         if act:
             set_module(model, act, nn.Identity())
+    if config.fuse_add_norm:
+        fused, skipped = fuse_add_norms(model, calibration_batches(data, 1)[0] if data is not None else None)
+        if skipped:
+            log.warning("dense + add + LayerNorm fused in %d blocks, not in %d (%s)", len(fused), len(skipped),
+                        "; ".join(sorted(set(skipped.values()))))
+    if config.fuse_next_quant:
+        linked, why = link_codes(model, calibration_batches(data, 1)[0] if data is not None else None)
+        if why:
+            log.warning("fuse_next_quant: nothing linked (%s)", why)
     model._torchshrink_quant_backend = backend_summary(model, eng, config.activation)
     return model
 
@@ -212,6 +221,12 @@ class Int8DynamicConfig(Config):
     fuse_gelu: bool = True
     # one GEMM for BERT-style query/key/value (quant/fused.py); checked on a calibration batch
     fuse_qkv: bool = False
+    # post-LN "LayerNorm(dense(x) + residual)" blocks (BERT SelfOutput / Output) as one C sweep after the GEMM;
+    # each block is checked against its own output on a calibration batch and left alone where it differs
+    fuse_add_norm: bool = False
+    # a per-token oneDNN layer whose output another per-token layer reads directly (FFN input -> FFN output)
+    # writes that layer's codes in its epilogue's sweep; found on a calibration batch, output checked bit-identical
+    fuse_next_quant: bool = False
 
     def validate(self) -> None:
         check_range("int8-dynamic.smooth_alpha", self.smooth_alpha, 0.0, 1.0)
