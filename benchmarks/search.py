@@ -170,9 +170,9 @@ def ddp_check() -> tuple[Target, dict]:
     stage = recipe_from_yaml("stages:\n- kind: unstructured\n  sparsity: 0.8\n  finetune: {epochs: 3, lr: 0.002}\n").stages[0]
     _, _, test = digits_loaders()
     singles, ddps = [], []
-    # BatchNorm statistics are synced over the ranks, so the math equals one process; what remains is
-    # float order, which AdamW amplifies (a plain 17-step loop on the digits CNN: relative weight
-    # difference DDP vs one process 5e-7 with SGD, 0.12 with AdamW), so several seeds are averaged
+    # BatchNorm statistics are synced over the ranks and the pruning masks are held before DDP wraps the
+    # model, so the math equals one process (SGD, one epoch: relative weight difference ~1e-5); AdamW
+    # amplifies float-order differences in near-zero gradients, so several seeds are averaged
     for seed in DDP_SEEDS:
         single, _ = run_stage(model, stage, digits_task(), seed=seed)
         ddp = run_stage_ddp(model, stage, digits_task, world_size=2, seed=seed, timeout_s=500)
@@ -221,7 +221,7 @@ def main() -> int:
     t, d = ddp_check()
     targets.append(t)
     data["ddp"] = d
-    tables["notes"] = ("Run while ~6 engineers shared this 2-core machine (heavily loaded): absolute times are noisy; "
+    tables["notes"] = ("Shared 2-core machine (load average in the header): absolute times are noisy; "
                        "latency predictions are compared as ratios to the float model timed interleaved in the same "
                        "run (the search budget is a ratio too); the absolute-ms error is reported beside it. "
                        "The lead re-runs timings on a quiet machine.")

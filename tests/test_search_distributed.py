@@ -30,11 +30,13 @@ stages:
     _, _, test = digits_loaders()
     a, b = accuracy(single, test), accuracy(ddp, test)
     assert abs(a - b) <= 0.01 + 1e-9, (a, b)  # <= 3 of 360 test digits; see report (target 0.5 pp: benchmark)
-    # the weights agree closely too (same data, same averaged gradients; BN statistics per slice)
+    # the weights agree up to float order (same data, same averaged gradients), the pruned layers included:
+    # their hold masks are registered before DDP wraps the model (registered after, those weights were trained
+    # on each rank's own slice: 2-9 % relative difference)
     ws = dict(single.named_parameters())
     wd = dict(ddp.named_parameters())
     rel = max(float((ws[k] - wd[k]).detach().norm() / (ws[k].norm() + 1e-12)) for k in ws)
-    assert rel < 0.1, rel
+    assert rel < 1e-3, rel
 
 
 def _sync_norm_worker(rank: int, port: int, out: str) -> None:
@@ -88,3 +90,40 @@ def test_sync_norms_two_slices_equal_the_whole_batch(tmp_path):
     assert torch.allclose(r["grads"], torch.cat([ref.weight.grad, ref.bias.grad]), atol=1e-6)
     assert torch.allclose(r["mean"], ref.running_mean, atol=1e-6)
     assert torch.allclose(r["var"], ref.running_var, atol=1e-5)
+
+
+def _out_of_sync_worker(rank: int, port: int, out: str) -> None:
+    import os
+
+    import torch.distributed as dist
+    from torch import nn
+
+    from torchshrink.recipe.distributed import check_in_sync
+    from torchshrink.recipe.train import TrainingError
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        torch.manual_seed(0)
+        m = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2))
+        check_in_sync(m)  # identical on both ranks: no error
+        with torch.no_grad():
+            m[1].weight[0, 0] += 0.01 * rank
+        try:
+            check_in_sync(m)
+            msg = ""
+        except TrainingError as e:
+            msg = str(e)
+        if rank == 0:
+            torch.save(msg, out)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_check_in_sync_names_parameters_that_differ_across_ranks(tmp_path):
+    from torchshrink.recipe.distributed import _free_port
+
+    out = str(tmp_path / "msg.pt")
+    torch.multiprocessing.start_processes(_out_of_sync_worker, args=(_free_port(), out), nprocs=2, start_method="spawn")
+    msg = torch.load(out)
+    assert "parameters 1.weight differ across ranks" in msg and "0.weight" not in msg

@@ -37,7 +37,7 @@ from torchshrink.core.errors import ConfigError, DataError
 from torchshrink.recipe.recipe import Stage
 from torchshrink.recipe.runner import prepare_stage
 from torchshrink.recipe.task import Task
-from torchshrink.recipe.train import finetune, recovery_loss
+from torchshrink.recipe.train import TrainingError, finetune, recovery_loss
 
 log = logging.getLogger(__name__)
 TaskFactory = Callable[[], Task]
@@ -83,6 +83,12 @@ def ddp_finetune_stage(model: nn.Module, stage: Stage, task: Task, seed: int = 0
         return new
     ft = dataclasses.replace(stage.finetune, seed=stage.finetune.seed + seed)
     base_loss = recovery_loss(stage.recovery, model, ft)
+    train = Shard(task.require_train(), rank, world)
+    if entry.on_step is not None:
+        # a hold parametrization (e.g. one-shot pruning's masks) that the first step would register must exist
+        # before DDP wraps the model: registering it later re-creates the weight's gradient accumulator, DDP's
+        # all-reduce hook on the old one never fires, and each rank trains those weights on its own slice
+        entry.on_step(new, stage.config, 0, ft.epochs * len(train))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # broadcast_buffers: running stats are synced by sync_norms
         ddp = nn.parallel.DistributedDataParallel(new, find_unused_parameters=True, broadcast_buffers=False)
@@ -95,8 +101,27 @@ def ddp_finetune_stage(model: nn.Module, stage: Stage, task: Task, seed: int = 0
             entry.on_step(new, stage.config, step, total)
 
     with sync_norms(new):
-        finetune(new, Shard(task.require_train(), rank, world), ft, loss_fn=loss, on_step=on_step)
+        finetune(new, train, ft, loss_fn=loss, on_step=on_step)
+    check_in_sync(new)
     return new
+
+
+def check_in_sync(model: nn.Module, rtol: float = 1e-6) -> None:
+    """Raise if any parameter differs across the ranks (sum and sum of squares compared): DDP did
+    not average its gradients, so the ranks trained different models."""
+    params = dict(model.named_parameters())
+    if not params:
+        return
+    stats = torch.stack([torch.stack([p.detach().double().sum(), p.detach().double().square().sum()])
+                         for p in params.values()])
+    lo, hi = stats.clone(), stats.clone()
+    dist.all_reduce(lo, op=dist.ReduceOp.MIN)
+    dist.all_reduce(hi, op=dist.ReduceOp.MAX)
+    bad = [n for n, d, h in zip(params, (hi - lo).abs(), hi.abs(), strict=True) if bool((d > rtol * (h + 1.0)).any())]
+    if bad:
+        raise TrainingError(f"after DDP fine-tuning the parameters {', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''} "
+                            "differ across ranks: their gradients were not averaged (a module or parametrization "
+                            "replaced them after DistributedDataParallel wrapped the model)")
 
 
 def _synced_norm(m: nn.modules.batchnorm._BatchNorm, x: torch.Tensor) -> torch.Tensor:
