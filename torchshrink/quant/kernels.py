@@ -143,12 +143,13 @@ def add_layernorm(acc: torch.Tensor, residual: torch.Tensor, weight: torch.Tenso
     """LayerNorm(v + residual) over the last dim of acc [M, N] float32, written into acc, where
     v = acc (+ lin_bias) or, with ``grid = (scale [M], zero point [M], colsum [N])``, the per-row
     epilogue ``scale[i] * (acc - zp[i] * colsum[j]) + lin_bias[j]``. One sweep per row in C."""
+    weight, bias = weight.detach().float().contiguous(), bias.detach().float().contiguous()  # 1-D, cheap
     lib = library()
     rows, cols = acc.shape
     if lib is None:
         v = rows_epilogue(acc, *grid, lin_bias) if grid is not None else (acc + lin_bias if lin_bias is not None else acc)
         return torch.nn.functional.layer_norm(v + residual, (cols,), weight, bias, eps)
-    res = residual.contiguous()
+    res = residual.float().contiguous()
     if grid is not None:
         s, z, colsum = grid
         lb = lin_bias if lin_bias is not None else torch.zeros(cols)
