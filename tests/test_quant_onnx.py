@@ -32,3 +32,38 @@ def test_onnx_static_graph_is_refused_clearly(tmp_path):
     q = torchshrink.quantize(m, Int8StaticConfig(), data=[torch.randn(2, 1, 8, 8)])
     with pytest.raises(UnsupportedLayerError, match="exportable"):
         export_onnx(q, (torch.randn(1, 1, 8, 8),), tmp_path / "s.onnx")
+
+
+def test_bert_int8_recipe_exports_with_fused_qkv_and_matches_onnxruntime(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    from torchshrink.recipe.recipe import load_recipe
+
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(vocab_size=120, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                  intermediate_size=128, max_position_embeddings=64)
+    bert = transformers.BertModel(cfg, add_pooling_layer=False).eval()
+    g = torch.Generator().manual_seed(4)
+    data = [(torch.randint(0, 120, (4, 16), generator=g), torch.ones(4, 16, dtype=torch.long)) for _ in range(2)]
+
+    class Hidden(nn.Module):
+        def __init__(self, m: nn.Module) -> None:
+            super().__init__()
+            self.m = m
+
+        def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+            return self.m(ids, mask).last_hidden_state
+
+    (stage,) = load_recipe("bert-int8").stages
+    q = Hidden(torchshrink.quantize(bert, stage.config, select=stage.select, data=data)).eval()
+    assert type(q.m.encoder.layer[0].attention.self.query).__name__ == "FusedQKV"
+    path = export_onnx(q, data[0], tmp_path / "b.onnx", input_names=["ids", "mask"])
+    import onnx
+
+    graph = onnx.load(str(path)).graph
+    n_quant = sum(n.op_type == "DynamicQuantizeLinear" for n in graph.node)
+    n_matmul = sum(n.op_type == "MatMul" for n in graph.node)
+    # per layer: one quantized input each for the fused Q/K/V GEMM, attention output, FFN input and output
+    # (unfused Q/K/V: 6), and those 4 GEMMs + the 2 attention matmuls (SDPA)
+    assert (n_quant, n_matmul) == (2 * 4, 2 * 6)
+    par = onnx_parity(q, path, data[1])  # another batch than the traced one
+    assert par["cosine"] > 0.9999 and par["qdq"] == 1.0

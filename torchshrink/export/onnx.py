@@ -87,16 +87,13 @@ def export_twin(model: nn.Module) -> nn.Module:
     import copy
 
     from torchshrink.core.surgery import set_module
-    from torchshrink.quant.fused import FusedQKV, LinearAddNorm, QKVPart
+    from torchshrink.quant.fused import LinearAddNorm
     from torchshrink.quant.modules import Int8Conv2d, Int8DynamicLinear, Int8Linear, QuantizedAdd, WeightOnlyLinear
 
     twin = copy.deepcopy(model)
     for name, m in list(twin.named_modules()):
-        if isinstance(m, FusedQKV | QKVPart):
-            raise UnsupportedLayerError(
-                f"layer {name!r} ({type(m).__name__}) is a fused query/key/value GEMM, which has no ONNX export yet; "
-                "quantize with fuse_qkv=False to export"
-            )
+        # FusedQKV / QKVPart stay: their inner Int8DynamicLinear is swapped below, and the hand-over of the
+        # fused output traces into one GEMM and three slices
         if isinstance(m, LinearAddNorm):  # named_modules lists it before its dense, which is swapped next
             set_module(twin, name, _ExportAddNorm(m))
         elif isinstance(m, Int8DynamicLinear):  # a GELU fused into the GEMM's epilogue is emitted after it
