@@ -49,3 +49,15 @@ def tiny_net():
 @pytest.fixture
 def tiny():
     return tiny_net()
+
+
+def tiny_bert() -> tuple:
+    """A 2-layer BERT (hidden 64, 4 heads, no weights downloaded) and two (ids, mask) batches; a fresh model each call."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(vocab_size=120, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                  intermediate_size=128, max_position_embeddings=64)
+    m = transformers.BertModel(cfg, add_pooling_layer=False).eval()
+    g = torch.Generator().manual_seed(4)
+    data = [(torch.randint(0, 120, (4, 16), generator=g), torch.ones(4, 16, dtype=torch.long)) for _ in range(2)]
+    return m, data

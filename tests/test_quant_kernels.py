@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import torchshrink
+from tests.conftest import tiny_bert
 from torchshrink.core.errors import ConfigError, UnsupportedLayerError
 from torchshrink.quant import Int8DynamicConfig, Int8DynamicLinear, kernels
 from torchshrink.quant.fused import FusedQKV, QKVPart
@@ -125,19 +126,8 @@ def test_kernel_auto_picks_a_real_kernel_and_bad_kernel_is_rejected():
         Int8DynamicLinear(8, 4, kernel="mkl")
 
 
-def _tiny_bert() -> tuple[nn.Module, list]:
-    transformers = pytest.importorskip("transformers")
-    torch.manual_seed(0)
-    cfg = transformers.BertConfig(vocab_size=120, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                                  intermediate_size=128, max_position_embeddings=64)
-    m = transformers.BertModel(cfg, add_pooling_layer=False).eval()
-    g = torch.Generator().manual_seed(4)
-    data = [(torch.randint(0, 120, (4, 16), generator=g), torch.ones(4, 16, dtype=torch.long)) for _ in range(2)]
-    return m, data
-
-
 def test_fused_qkv_equals_separate_projections_and_round_trips(tmp_path):
-    m, data = _tiny_bert()
+    m, data = tiny_bert()
     base = {"kernel": "onednn", "activation": "tensor", "reduce_range": "on"}
     sep = torchshrink.quantize(m, Int8DynamicConfig(**base), data=data)
     fused = torchshrink.quantize(m, Int8DynamicConfig(**base, fuse_qkv=True), data=data)
@@ -149,7 +139,7 @@ def test_fused_qkv_equals_separate_projections_and_round_trips(tmp_path):
         a, b = sep(ids, am).last_hidden_state, fused(ids, am).last_hidden_state
     assert torch.allclose(a, b, atol=1e-4)  # same grid per input, same per-channel weights
     torchshrink.save(fused, tmp_path / "f")
-    back = torchshrink.load(tmp_path / "f", model=_tiny_bert()[0])
+    back = torchshrink.load(tmp_path / "f", model=tiny_bert()[0])
     with torch.no_grad():
         assert torch.equal(back(ids, am).last_hidden_state, b)
     with pytest.raises(UnsupportedLayerError, match="without its query call"):
@@ -157,7 +147,7 @@ def test_fused_qkv_equals_separate_projections_and_round_trips(tmp_path):
 
 
 def test_fused_qkv_needs_data_to_check_the_call_order():
-    m, _ = _tiny_bert()
+    m, _ = tiny_bert()
     q = torchshrink.quantize(m, Int8DynamicConfig(kernel="onednn", fuse_qkv=True))
     attn = q.encoder.layer[0].attention.self
     assert isinstance(attn.query, Int8DynamicLinear) and isinstance(attn.key, Int8DynamicLinear)
@@ -201,7 +191,7 @@ def test_fused_add_norm_equals_unfused_round_trips_and_exports(tmp_path, act):
     from torchshrink.export.onnx import export_twin
     from torchshrink.quant.fused import LinearAddNorm
 
-    m, data = _tiny_bert()
+    m, data = tiny_bert()
     base = {"kernel": "onednn", "activation": act, "reduce_range": "on", "fuse_qkv": True}
     sep = torchshrink.quantize(m, Int8DynamicConfig(**base), data=data)
     fused = torchshrink.quantize(m, Int8DynamicConfig(**base, fuse_add_norm=True), data=data)
@@ -214,7 +204,7 @@ def test_fused_add_norm_equals_unfused_round_trips_and_exports(tmp_path, act):
         a, b = sep(ids, am).last_hidden_state, fused(ids, am).last_hidden_state
     assert float((a - b).abs().max()) < 1e-4 * float(a.abs().max())
     torchshrink.save(fused, tmp_path / "f")
-    back = torchshrink.load(tmp_path / "f", model=_tiny_bert()[0])
+    back = torchshrink.load(tmp_path / "f", model=tiny_bert()[0])
     assert isinstance(back.encoder.layer[1].output, LinearAddNorm)
     with torch.no_grad():
         assert torch.equal(back(ids, am).last_hidden_state, b)
@@ -260,13 +250,13 @@ def test_fused_add_norm_leaves_other_blocks_and_needs_data(caplog):
     assert "does not compute LayerNorm(dense(x) + residual)" in caplog.text
     with torch.no_grad():
         assert (q(x) - m(x)).abs().max() < 0.1  # still the pre-norm block, on its int8 dense
-    bert, _ = _tiny_bert()
+    bert, _ = tiny_bert()
     q2 = torchshrink.quantize(bert, Int8DynamicConfig(kernel="onednn", fuse_add_norm=True))
     assert not any(isinstance(x, LinearAddNorm) for x in q2.modules())
 
 
 def test_next_quant_hand_over_is_exact_skips_requantization_and_round_trips(tmp_path, monkeypatch):
-    m, data = _tiny_bert()
+    m, data = tiny_bert()
     base = {"kernel": "onednn", "activation": "token", "reduce_range": "on", "fuse_add_norm": True}
     plain = torchshrink.quantize(m, Int8DynamicConfig(**base), data=data)
     linked = torchshrink.quantize(m, Int8DynamicConfig(**base, fuse_next_quant=True), data=data)
@@ -285,7 +275,7 @@ def test_next_quant_hand_over_is_exact_skips_requantization_and_round_trips(tmp_
     assert torch.equal(a, b)  # the handed-over codes are the ones the consumer would compute
     assert n_plain - (len(calls) - n_plain) == 2  # two FFN-output layers no longer quantize their input
     torchshrink.save(linked, tmp_path / "l")
-    back = torchshrink.load(tmp_path / "l", model=_tiny_bert()[0])
+    back = torchshrink.load(tmp_path / "l", model=tiny_bert()[0])
     assert back.encoder.layer[0].intermediate.dense.emit_codes == 127
     with torch.no_grad():
         assert torch.equal(back(ids, am).last_hidden_state, b)
@@ -309,7 +299,7 @@ def test_handed_over_codes_are_not_used_for_a_modified_tensor():
 def test_bert_int8_recipe_applies_every_fusion():
     from torchshrink.recipe.recipe import load_recipe
 
-    m, data = _tiny_bert()
+    m, data = tiny_bert()
     (stage,) = load_recipe("bert-int8").stages
     q = torchshrink.quantize(m, stage.config, select=stage.select, data=data)
     line = q._torchshrink_quant_backend
@@ -343,7 +333,7 @@ def test_next_quant_is_not_linked_across_an_in_place_change_and_works_in_inferen
     x = torch.randn(6, 16)
     q = torchshrink.quantize(_InplaceBetween().eval(), cfg, data=[x])
     assert q.a.emit_codes == 0  # the bit-identical check (inference mode: no version counters) unlinked it
-    m, data = _tiny_bert()
+    m, data = tiny_bert()
     linked = torchshrink.quantize(m, Int8DynamicConfig(kernel="onednn", activation="token", reduce_range="on",
                                                       fuse_next_quant=True), data=data)
     plain = torchshrink.quantize(m, Int8DynamicConfig(kernel="onednn", activation="token", reduce_range="on"), data=data)
@@ -355,7 +345,7 @@ def test_next_quant_is_not_linked_across_an_in_place_change_and_works_in_inferen
 def test_fused_add_norm_on_the_linear_dynamic_kernel():
     from torchshrink.quant.fused import LinearAddNorm
 
-    m, data = _tiny_bert()
+    m, data = tiny_bert()
     sep = torchshrink.quantize(m, Int8DynamicConfig(kernel="linear_dynamic"), data=data)
     fused = torchshrink.quantize(m, Int8DynamicConfig(kernel="linear_dynamic", fuse_add_norm=True), data=data)
     assert isinstance(fused.encoder.layer[0].output, LinearAddNorm)

@@ -35,15 +35,10 @@ def test_onnx_static_graph_is_refused_clearly(tmp_path):
 
 
 def test_bert_int8_recipe_exports_with_fused_qkv_and_matches_onnxruntime(tmp_path):
-    transformers = pytest.importorskip("transformers")
+    from tests.conftest import tiny_bert
     from torchshrink.recipe.recipe import load_recipe
 
-    torch.manual_seed(0)
-    cfg = transformers.BertConfig(vocab_size=120, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                                  intermediate_size=128, max_position_embeddings=64)
-    bert = transformers.BertModel(cfg, add_pooling_layer=False).eval()
-    g = torch.Generator().manual_seed(4)
-    data = [(torch.randint(0, 120, (4, 16), generator=g), torch.ones(4, 16, dtype=torch.long)) for _ in range(2)]
+    bert, data = tiny_bert()
 
     class Hidden(nn.Module):
         def __init__(self, m: nn.Module) -> None:
