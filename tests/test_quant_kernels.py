@@ -352,3 +352,20 @@ def test_fused_add_norm_on_the_linear_dynamic_kernel():
     with torch.no_grad():
         a, b = sep(*data[1]).last_hidden_state, fused(*data[1]).last_hidden_state
     assert float((a - b).abs().max()) < 1e-4 * float(a.abs().max())
+
+
+@pytest.mark.parametrize("gelu", [False, True])
+@pytest.mark.parametrize("c", [True, False])
+def test_rows_epilogue_codes_equal_quantizing_the_epilogue_output(monkeypatch, gelu, c):
+    if not c:
+        _torch_only(monkeypatch)
+    elif kernels.library() is None:
+        pytest.skip("no C compiler")
+    g = torch.Generator().manual_seed(3)
+    acc, colsum, bias = torch.randn(40, 24, generator=g) * 50, torch.randn(24, generator=g), torch.randn(24, generator=g)
+    s, z = torch.rand(40, generator=g) * 0.1, torch.randint(0, 127, (40,), dtype=torch.int32, generator=g)
+    y_ref = kernels.rows_epilogue(acc.clone(), s, z, colsum, bias, gelu=gelu)
+    y, (q, qs, qz) = kernels.rows_epilogue_codes(acc.clone(), s, z, colsum, bias, gelu, 127)
+    q2, qs2, qz2 = kernels.quant_rows(y.contiguous(), 127)
+    assert torch.allclose(y, y_ref, atol=1e-5 * float(y_ref.abs().max()), rtol=0)
+    assert torch.equal(q, q2) and torch.equal(qs, qs2) and torch.equal(qz, qz2)  # exactly what the consumer computes
