@@ -46,6 +46,7 @@ OUT = Path(__file__).parent / "results"
 THREADS = 2
 MINILM_CALIB = 16384  # corpus sentences for whitening and the block-wise refit (4096: 0.9681, 8192: 0.9701)
 REFIT_STEPS = 2000  # Adam steps per transformer layer (one 64-sentence batch each; 500 / 1000 with the above)
+# (8192 sentences x 2000 steps: 0.9715 in 25 min -- the steps carry the gain more than the data)
 REFIT_LR = 1e-3
 DISTILL_SENTENCES = 0  # closing embedding distillation (one epoch on fresh corpus sentences): 4096 of them
 # lowered the held-out cosine after the block refit (0.9643 -> 0.9596, committed run), so it is off by default
