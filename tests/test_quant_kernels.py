@@ -46,6 +46,14 @@ def test_c_quantizer_matches_torch_fallback_and_error_bound(monkeypatch, qmax):
     assert bool((q[5] == z[5]).all())  # zero is exact
 
 
+def _epilogue_case(seed: int, zmax: int) -> tuple[torch.Tensor, ...]:
+    """A raw GEMM accumulator [40, 24], colsum, bias, row scales and row zero points in [0, zmax)."""
+    g = torch.Generator().manual_seed(seed)
+    acc, colsum, bias = torch.randn(40, 24, generator=g) * 50, torch.randn(24, generator=g), torch.randn(24, generator=g)
+    s, z = torch.rand(40, generator=g) * 0.1, torch.randint(0, zmax, (40,), dtype=torch.int32, generator=g)
+    return acc, colsum, bias, s, z
+
+
 @pytest.mark.parametrize("gelu", [False, True])
 @pytest.mark.parametrize("c", [True, False])
 def test_rows_epilogue_formula(monkeypatch, gelu, c):
@@ -53,9 +61,7 @@ def test_rows_epilogue_formula(monkeypatch, gelu, c):
         _torch_only(monkeypatch)
     elif kernels.library() is None:
         pytest.skip("no C compiler")
-    g = torch.Generator().manual_seed(1)
-    acc, colsum, bias = torch.randn(40, 24, generator=g) * 50, torch.randn(24, generator=g), torch.randn(24, generator=g)
-    s, z = torch.rand(40, generator=g) * 0.1, torch.randint(0, 255, (40,), dtype=torch.int32, generator=g)
+    acc, colsum, bias, s, z = _epilogue_case(1, 255)
     ref = (acc - z.float()[:, None] * colsum) * s[:, None] + bias
     ref = F.gelu(ref) if gelu else ref
     out = kernels.rows_epilogue(acc.clone(), s, z, colsum, bias, gelu=gelu)
@@ -361,9 +367,7 @@ def test_rows_epilogue_codes_equal_quantizing_the_epilogue_output(monkeypatch, g
         _torch_only(monkeypatch)
     elif kernels.library() is None:
         pytest.skip("no C compiler")
-    g = torch.Generator().manual_seed(3)
-    acc, colsum, bias = torch.randn(40, 24, generator=g) * 50, torch.randn(24, generator=g), torch.randn(24, generator=g)
-    s, z = torch.rand(40, generator=g) * 0.1, torch.randint(0, 127, (40,), dtype=torch.int32, generator=g)
+    acc, colsum, bias, s, z = _epilogue_case(3, 127)
     y_ref = kernels.rows_epilogue(acc.clone(), s, z, colsum, bias, gelu=gelu)
     y, (q, qs, qz) = kernels.rows_epilogue_codes(acc.clone(), s, z, colsum, bias, gelu, 127)
     q2, qs2, qz2 = kernels.quant_rows(y.contiguous(), 127)

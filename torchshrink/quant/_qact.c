@@ -35,20 +35,22 @@ static inline void quant_span(const float *x, int64_t n, float inv, float z, flo
     }
 }
 
+/* one row's grid (from its min / max) and codes */
+static inline void quant_row(const float *r, int64_t cols, float qmax, uint8_t *q, float *scale, int32_t *zp) {
+    float mn = 0.f, mx = 0.f;
+#pragma omp simd reduction(min : mn) reduction(max : mx)
+    for (int64_t k = 0; k < cols; k++) {
+        mn = r[k] < mn ? r[k] : mn;
+        mx = r[k] > mx ? r[k] : mx;
+    }
+    row_grid(mn, mx, qmax, scale, zp);
+    quant_span(r, cols, 1.f / *scale, (float)*zp, qmax, q);
+}
+
 void ts_quant_rows_u8(const float *x, int64_t rows, int64_t cols, uint8_t *q, float *scale, int32_t *zp,
                       int qmax, int threads) {
 #pragma omp parallel for num_threads(threads) schedule(static)
-    for (int64_t i = 0; i < rows; i++) {
-        const float *r = x + i * cols;
-        float mn = 0.f, mx = 0.f;
-#pragma omp simd reduction(min : mn) reduction(max : mx)
-        for (int64_t k = 0; k < cols; k++) {
-            mn = r[k] < mn ? r[k] : mn;
-            mx = r[k] > mx ? r[k] : mx;
-        }
-        row_grid(mn, mx, (float)qmax, &scale[i], &zp[i]);
-        quant_span(r, cols, 1.f / scale[i], (float)zp[i], (float)qmax, q + i * cols);
-    }
+    for (int64_t i = 0; i < rows; i++) quant_row(x + i * cols, cols, (float)qmax, q + i * cols, &scale[i], &zp[i]);
 }
 
 void ts_quant_tensor_u8(const float *x, int64_t n, uint8_t *q, float *scale, int32_t *zp, int qmax, int threads) {
@@ -99,52 +101,32 @@ static inline float gelu_erf(float v) {
     return 0.5f * v * (1.f + x * p / q);
 }
 
-void ts_rows_epilogue(float *y, int64_t rows, int64_t cols, const float *scale, const int32_t *zp,
-                      const float *colsum, const float *bias, int gelu, int threads) {
-#pragma omp parallel for num_threads(threads) schedule(static)
-    for (int64_t i = 0; i < rows; i++) {
-        float *restrict r = y + i * cols;
-        const float s = scale[i], z = (float)zp[i];
-        if (gelu) {
-            for (int64_t j = 0; j < cols; j++) {
-                r[j] = gelu_erf(s * (r[j] - z * colsum[j]) + bias[j]);
-            }
-        } else {
-            for (int64_t j = 0; j < cols; j++) r[j] = s * (r[j] - z * colsum[j]) + bias[j];
-        }
+static inline void epilogue_row(float *restrict r, int64_t cols, float s, float z, const float *colsum,
+                                const float *bias, int gelu) {
+    if (gelu) {
+        for (int64_t j = 0; j < cols; j++) r[j] = gelu_erf(s * (r[j] - z * colsum[j]) + bias[j]);
+    } else {
+        for (int64_t j = 0; j < cols; j++) r[j] = s * (r[j] - z * colsum[j]) + bias[j];
     }
 }
 
-/* ts_rows_epilogue_codes: ts_rows_epilogue, and in the same sweep per row the uint8 codes of the result on
- * the row's own grid (as ts_quant_rows_u8 would compute them from y): the next per-token layer that reads y
- * gets its codes without reading y again. */
+void ts_rows_epilogue(float *y, int64_t rows, int64_t cols, const float *scale, const int32_t *zp,
+                      const float *colsum, const float *bias, int gelu, int threads) {
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t i = 0; i < rows; i++) epilogue_row(y + i * cols, cols, scale[i], (float)zp[i], colsum, bias, gelu);
+}
+
+/* ts_rows_epilogue_codes: ts_rows_epilogue, then -- while the row is still in L1 -- its uint8 codes on its
+ * own grid, exactly as ts_quant_rows_u8 computes them from y: the next per-token layer that reads y gets its
+ * codes without reading y again. */
 void ts_rows_epilogue_codes(float *y, int64_t rows, int64_t cols, const float *scale, const int32_t *zp,
                             const float *colsum, const float *bias, int gelu, uint8_t *q, float *qscale,
                             int32_t *qzp, int qmax, int threads) {
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t i = 0; i < rows; i++) {
-        float *restrict r = y + i * cols;
-        const float s = scale[i], z = (float)zp[i];
-        float mn = 0.f, mx = 0.f;
-        if (gelu) {
-#pragma omp simd reduction(min : mn) reduction(max : mx)
-            for (int64_t j = 0; j < cols; j++) {
-                const float v = gelu_erf(s * (r[j] - z * colsum[j]) + bias[j]);
-                r[j] = v;
-                mn = v < mn ? v : mn;
-                mx = v > mx ? v : mx;
-            }
-        } else {
-#pragma omp simd reduction(min : mn) reduction(max : mx)
-            for (int64_t j = 0; j < cols; j++) {
-                const float v = s * (r[j] - z * colsum[j]) + bias[j];
-                r[j] = v;
-                mn = v < mn ? v : mn;
-                mx = v > mx ? v : mx;
-            }
-        }
-        row_grid(mn, mx, (float)qmax, &qscale[i], &qzp[i]);
-        quant_span(r, cols, 1.f / qscale[i], (float)qzp[i], (float)qmax, q + i * cols);
+        float *r = y + i * cols;
+        epilogue_row(r, cols, scale[i], (float)zp[i], colsum, bias, gelu);
+        quant_row(r, cols, (float)qmax, q + i * cols, &qscale[i], &qzp[i]);
     }
 }
 

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from torchshrink.measure.latency import time_interleaved
+from torchshrink.quant.fused import LinearAddNorm
 from torchshrink.quant.modules import Int8DynamicLinear
 
 log = logging.getLogger(__name__)
@@ -72,9 +73,9 @@ def backend_summary(model: nn.Module, engine: str, default_activation: str) -> s
     ranges: set[bool] = set()
     fused = add_norm = emit = 0
     for m in model.modules():
-        emit += bool(getattr(m, "emit_codes", 0))
-        add_norm += type(m).__name__ == "LinearAddNorm"
+        add_norm += isinstance(m, LinearAddNorm)
         if isinstance(m, Int8DynamicLinear):
+            emit += bool(m.emit_codes)
             counts[m.kernel] = counts.get(m.kernel, 0) + 1
             acts.add(m.activation)
             ranges.add(m.reduce_range)

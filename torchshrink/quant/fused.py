@@ -22,7 +22,7 @@ from torchshrink.core.errors import UnsupportedLayerError
 from torchshrink.core.surgery import set_module
 from torchshrink.export.modules import register_module
 from torchshrink.quant import kernels
-from torchshrink.quant.modules import Int8DynamicLinear, _take_codes
+from torchshrink.quant.modules import Int8DynamicLinear
 
 log = logging.getLogger(__name__)
 _PARKED = threading.local()  # group -> [input, fused output, parts still to collect]
@@ -164,8 +164,7 @@ class LinearAddNorm(nn.Module):
         x2 = hidden_states.reshape(-1, shape[-1]).float()
         res = input_tensor.reshape(-1, n).float()
         if dense.kernel == "onednn" and dense.smooth is None and dense.post_op == "none":
-            codes = _take_codes(hidden_states, 127 if dense.reduce_range else 255) if dense.activation == "token" else None
-            acc, grid = dense.gemm(x2.contiguous(), codes)
+            acc, grid = dense.gemm(x2.contiguous(), hidden_states)
             lin_bias = None if grid is None or dense.bias is None else dense.bias.float()
         else:
             acc, grid, lin_bias = dense(x2).contiguous(), None, None
@@ -228,9 +227,7 @@ def fuse_add_norms(model: nn.Module, batch: tuple[torch.Tensor, ...] | None, rto
             continue
         args, kwargs, ref = seen[n]
         blk = model.get_submodule(n)
-        cand = LinearAddNorm(blk.dense.in_features, blk.dense.out_features, blk.dense.bias is not None,
-                             blk.LayerNorm.eps, **{k: v for k, v in blk.dense.init_args().items()
-                                                   if k not in ("in_features", "out_features", "bias")})
+        cand = LinearAddNorm(**blk.dense.init_args(), eps=blk.LayerNorm.eps)
         cand.dense, cand.LayerNorm = blk.dense, blk.LayerNorm
         try:
             got = cand(*args, **kwargs)
@@ -274,8 +271,7 @@ def link_codes(model: nn.Module, batch: tuple[torch.Tensor, ...] | None) -> tupl
     if batch is None:
         return [], "no calibration batch to find the producer -> consumer pairs on"
     mods = dict(model.named_modules())
-    producers = {n: m for n, m in mods.items() if isinstance(m, Int8DynamicLinear) and m.kernel == "onednn"
-                 and m.activation == "token" and m.smooth is None}
+    producers = {n: m for n, m in mods.items() if _takes_codes(m) is m}  # the same layers can write codes
     consumers = {n: lin for n, m in mods.items() if (lin := _takes_codes(m)) is not None}
     consumers = {n: lin for n, lin in consumers.items() if not any(n.startswith(f"{p}.") for p in consumers if p != n)}
     if not producers or not consumers:
@@ -287,7 +283,7 @@ def link_codes(model: nn.Module, batch: tuple[torch.Tensor, ...] | None) -> tupl
     def pre(m: nn.Module, args: tuple, n: str) -> None:
         for o, p in outs:
             if args and o is args[0] and p not in pairs:
-                pairs[p] = 127 if consumers[n].reduce_range else 255
+                pairs[p] = consumers[n].qmax
     hooks += [mods[n].register_forward_pre_hook(lambda m, a, n=n: pre(m, a, n)) for n in consumers]
     was = model.training
     model.eval()

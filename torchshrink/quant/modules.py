@@ -170,37 +170,39 @@ class Int8DynamicLinear(_Packed):
         # per-token: the bias is added after the rows are scaled back, so the kernel gets none
         return self._pack_linear(None if self.activation == "token" else self.bias)
 
-    def gemm(self, x2: torch.Tensor, codes: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+    @property
+    def qmax(self) -> int:
+        """Largest activation code: 127 with ``reduce_range`` (no int16 saturation without VNNI), else 255."""
+        return 127 if self.reduce_range else 255
+
+    def gemm(self, x2: torch.Tensor, source: torch.Tensor | None = None
              ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None]:
         """oneDNN kernel, x2 [M, K] contiguous float32 -> (acc [M, N] float32, grid). Per tensor: acc is the
         finished output (bias and ``post_op`` applied) and grid None. Per token: acc is the raw GEMM on
-        the codes and grid = (row scale, row zero point, colsum) for ``kernels.rows_epilogue``. ``codes``:
-        x2's per-token codes when a producer layer already wrote them."""
+        the codes and grid = (row scale, row zero point, colsum) for ``kernels.rows_epilogue``; the codes
+        are the ones a producer layer handed over for ``source`` (the caller's tensor that x2 reshapes),
+        if it did."""
         wp, colsum, wzp, ws = self._packed if self._packed is not None else self._pack()
-        qmax = 127 if self.reduce_range else 255
         if self.activation == "token":
-            q, s, z = codes if codes is not None else kernels.quant_rows(x2, qmax)
+            codes = _take_codes(source, self.qmax) if source is not None and self.smooth is None else None
+            q, s, z = codes if codes is not None else kernels.quant_rows(x2, self.qmax)
             return torch.ops.onednn.qlinear_pointwise(q, 1.0, 0, wp, ws, wzp, None, 1.0, 0, torch.float32, "none", [],
                                                       ""), (s, z, colsum)
-        q, s, z = kernels.quant_tensor(x2, qmax)
+        q, s, z = kernels.quant_tensor(x2, self.qmax)
         bias = None if self.bias is None else self.bias.float()
         return torch.ops.onednn.qlinear_pointwise(q, s, z, wp, ws, wzp, bias, 1.0, 0, torch.float32, self.post_op, [],
                                                   "none" if self.post_op == "gelu" else ""), None
 
-    def _onednn(self, x: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
-        codes = None
-        if self.activation == "token" and self.smooth is None:
-            codes = _take_codes(x, 127 if self.reduce_range else 255)
-        acc, grid = self.gemm(x2, codes)
+    def _onednn(self, x: torch.Tensor, x2: torch.Tensor
+                ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None]:
+        """(output [M, N], the output's per-token codes for the next layer when ``emit_codes``, else None)."""
+        acc, grid = self.gemm(x2, x)
         if grid is None:
-            return acc
+            return acc, None
         bias, gelu = None if self.bias is None else self.bias.float(), self.post_op == "gelu"
         if self.emit_codes and x.dtype == torch.float32:
-            y, out_codes = kernels.rows_epilogue_codes(acc, *grid, bias, gelu, self.emit_codes)
-            y = y.reshape(*x.shape[:-1], self.out_features)
-            _park_codes(y, self.emit_codes, out_codes)
-            return y
-        return kernels.rows_epilogue(acc, *grid, bias, gelu=gelu)
+            return kernels.rows_epilogue_codes(acc, *grid, bias, gelu, self.emit_codes)
+        return kernels.rows_epilogue(acc, *grid, bias, gelu=gelu), None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         packed = self._packed if self._packed is not None else self._pack()
@@ -208,8 +210,9 @@ class Int8DynamicLinear(_Packed):
         x2 = x.reshape(-1, shape[-1]).float()
         if self.smooth is not None:
             x2 = x2 / self.smooth
+        out_codes = None
         if self.kernel == "onednn":
-            y = self._onednn(x, x2.contiguous())
+            y, out_codes = self._onednn(x, x2.contiguous())
         elif self.activation == "token":
             row_max = torch.linalg.vector_norm(x2, ord=float("inf"), dim=-1, keepdim=True).clamp_min_(1e-12)
             x2 = x2.div_(row_max) if self.smooth is not None else x2 / row_max  # never write into the caller's x
@@ -219,9 +222,10 @@ class Int8DynamicLinear(_Packed):
             y = torch.ops.quantized.linear_dynamic(x2.contiguous(), packed, self.reduce_range)
         if self.post_op == "gelu" and self.kernel != "onednn":
             y = F.gelu(y)
-        if y.shape == (*shape[:-1], self.out_features) and y.dtype == x.dtype:
-            return y  # the exact object a hand-over was parked for
-        return y.reshape(*shape[:-1], self.out_features).to(x.dtype)
+        y = y.reshape(*shape[:-1], self.out_features).to(x.dtype)
+        if out_codes is not None:  # parked for exactly the object returned
+            _park_codes(y, self.emit_codes, out_codes)
+        return y
 
     def logical_params(self) -> int:
         return self.qweight.numel() + (self.bias.numel() if self.bias is not None else 0)

@@ -114,6 +114,11 @@ def smooth_factors(act_absmax: torch.Tensor, weight: torch.Tensor, alpha: float)
 # --------------------------------------------------------------------------- INT8 dynamic
 
 
+def resolve_reduce_range(cfg: Any) -> bool:
+    """``reduce_range`` "auto" -> on where the CPU lacks VNNI (u8*s8 pairs would saturate int16)."""
+    return not cpu_has_vnni() if cfg.reduce_range == "auto" else cfg.reduce_range == "on"
+
+
 def apply_int8_dynamic(model: nn.Module, config: Int8DynamicConfig, *, select: Select | None = None,
                        data: Any = None, **_: Any) -> nn.Module:
     chosen = select_modules(model, select, ("Linear",))
@@ -127,15 +132,18 @@ def apply_int8_dynamic(model: nn.Module, config: Int8DynamicConfig, *, select: S
     stats: dict[str, torch.Tensor] = {}
     if config.smooth_alpha > 0:
         stats = input_channel_absmax(model, [n for n, _ in linears], calibration_batches(data, config.calib_batches))
+    # one calibration batch checks every fusion (each one is undone or skipped where it does not fit)
+    check = calibration_batches(data, 1)[0] if data is not None and (
+        config.fuse_qkv or config.fuse_add_norm or config.fuse_next_quant) else None
     if config.fuse_qkv:
-        linears = fuse_attention_projections(model, config, select, linears, data, eng, choices)
+        linears = fuse_attention_projections(model, config, select, linears, check, eng, choices)
     for name, lin in linears:
         cfg = config_for(name, config, select)
         if cfg.keep_float:
             note_float(model, name, "kept in float by config (keep_float)")
             continue
         smooth = smooth_factors(stats[name], lin.weight, cfg.smooth_alpha) if cfg.smooth_alpha > 0 and name in stats else None
-        reduce_range = not cpu_has_vnni() if cfg.reduce_range == "auto" else cfg.reduce_range == "on"
+        reduce_range = resolve_reduce_range(cfg)
         kernel = choose_kernel(lin, cfg, reduce_range, choices)
         act = gelu_after.get(name) if cfg.fuse_gelu and kernel == "onednn" else None
         set_module(model, name, Int8DynamicLinear.from_float(lin, smooth=smooth, engine=eng, reduce_range=reduce_range,
@@ -144,12 +152,12 @@ def apply_int8_dynamic(model: nn.Module, config: Int8DynamicConfig, *, select: S
         if act:
             set_module(model, act, nn.Identity())
     if config.fuse_add_norm:
-        fused, skipped = fuse_add_norms(model, calibration_batches(data, 1)[0] if data is not None else None)
+        fused, skipped = fuse_add_norms(model, check)
         if skipped:
             log.warning("dense + add + LayerNorm fused in %d blocks, not in %d (%s)", len(fused), len(skipped),
                         "; ".join(sorted(set(skipped.values()))))
     if config.fuse_next_quant:
-        linked, why = link_codes(model, calibration_batches(data, 1)[0] if data is not None else None)
+        linked, why = link_codes(model, check)
         if why:
             log.warning("fuse_next_quant: nothing linked (%s)", why)
     model._torchshrink_quant_backend = backend_summary(model, eng, config.activation)
@@ -157,10 +165,10 @@ def apply_int8_dynamic(model: nn.Module, config: Int8DynamicConfig, *, select: S
 
 
 def fuse_attention_projections(model: nn.Module, config: Int8DynamicConfig, select: Select | None,
-                               linears: list[tuple[str, nn.Module]], data: Any, eng: str,
+                               linears: list[tuple[str, nn.Module]], check: tuple[torch.Tensor, ...] | None, eng: str,
                                choices: dict[tuple, str]) -> list[tuple[str, nn.Module]]:
     """Fuse each selected query/key/value trio with one shared per-layer config into one INT8 GEMM,
-    checked on a calibration batch (undone with a logged reason where the block does not fit);
+    checked on the calibration batch ``check`` (undone with a logged reason where the block does not fit);
     returns the Linears still to quantize one by one."""
     todo = dict(linears)
     fused: dict[str, tuple[nn.Module, ...]] = {}
@@ -171,7 +179,7 @@ def fuse_attention_projections(model: nn.Module, config: Int8DynamicConfig, sele
             log.info("Q/K/V of %r not fused: not all selected, per-layer settings differ, or smoothing is on", blk)
             continue
         cfg = cfgs[0]
-        rr = not cpu_has_vnni() if cfg.reduce_range == "auto" else cfg.reduce_range == "on"
+        rr = resolve_reduce_range(cfg)
         q = todo[names[0]]
         wide = nn.Linear(q.in_features, 3 * q.out_features)
         kernel = choose_kernel(wide, cfg, rr, choices)
@@ -180,8 +188,7 @@ def fuse_attention_projections(model: nn.Module, config: Int8DynamicConfig, sele
         fused[blk] = originals
     if not fused:
         return linears
-    batches = calibration_batches(data, 1) if data is not None else []
-    problem = check_fused(model, batches[0]) if batches else "no calibration batch to check the call order on"
+    problem = check_fused(model, check) if check is not None else "no calibration batch to check the call order on"
     if problem:
         log.warning("Q/K/V fusion undone: %s", problem)
         for blk, originals in fused.items():
