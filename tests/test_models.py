@@ -19,7 +19,9 @@ def test_specs_build_models(tmp_path):
     ep = torch.export.export(m, example_inputs(m))
     torch.export.save(ep, str(tmp_path / "m.pt2"))
     x = torch.randn(2, 3, 4, 4)
-    assert torch.allclose(ts.load_model(str(tmp_path / "m.pt2"))(x), m(x))
+    with pytest.raises(ModelLoadError, match="--trust-code"):  # torch.export archives are pickles
+        ts.load_model(str(tmp_path / "m.pt2"))
+    assert torch.allclose(ts.load_model(str(tmp_path / "m.pt2"), trust_code=True)(x), m(x))
 
 
 def test_hf_folder_loads_without_network(tmp_path):

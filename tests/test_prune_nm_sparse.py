@@ -109,7 +109,7 @@ def test_csr_format_round_trip():
     for x in (t, t.reshape(33, 7, 10), torch.tensor([0.0, -0.0, 2.5] * 30)):
         fmt, parts = encode_tensor(x, "csr")
         assert fmt == "csr" and parts["col"].dtype == torch.int16
-        assert torch.equal(decode_tensor(fmt, parts, {"shape": list(x.shape)}), x)
+        assert torch.equal(decode_tensor(fmt, parts, {"shape": list(x.shape), "dtype": str(x.dtype).removeprefix("torch.")}), x)
 
 
 def test_sensitivity_table_and_plot(tiny, tmp_path):

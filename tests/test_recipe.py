@@ -59,7 +59,8 @@ def test_runner_writes_outputs_and_refuses_existing(tmp_path, tiny):
     task = generic_task(tiny)
     res = compress(tiny, recipe, tmp_path / "run", task=task)
     files = sorted(p.name for p in (tmp_path / "run").iterdir())
-    assert files == ["model", "recipe.yaml", "report.html", "report.json", "report.md", "stages", "tensorboard"]
+    assert files == [".torchshrink-run", "model", "recipe.yaml", "report.html", "report.json", "report.md", "run.json",
+                     "stages", "tensorboard"]
     assert sorted(p.name for p in (tmp_path / "run" / "stages").iterdir()) == ["01-cast", "02-cast"]
     report = json.loads((tmp_path / "run" / "report.json").read_text())
     assert len(report["stages"]) == 2 and report["summary"]["file_bytes"]["ratio"] < 0.8

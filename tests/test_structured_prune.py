@@ -90,7 +90,7 @@ def test_macs_target_digits_cnn_and_save_load(tmp_path):
     assert pruned.classifier[-1].out_features == 10
     assert digits_cnn.features[0].out_channels == 32  # input untouched
     torchshrink.save(pruned, tmp_path / "m")
-    back = torchshrink.load(tmp_path / "m")
+    back = torchshrink.load(tmp_path / "m", model=type(digits_cnn)())
     with torch.no_grad():
         assert torch.allclose(back(x), pruned(x), atol=1e-6)
 

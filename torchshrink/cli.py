@@ -33,10 +33,21 @@ def _friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
             err.print(f"[red]error:[/red] {str(e).splitlines()[0] if str(e) else type(e).__name__}", highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
         except KeyboardInterrupt:
-            err.print("interrupted; nothing was written")
+            err.print("interrupted (an interrupted `compress` continues with --resume; other commands wrote nothing)")
             raise typer.Exit(130) from None
 
     return wrapper
+
+
+def positive(flag: str, value: int | None) -> None:
+    """A count option (--threads, --batch) must be 1 or more when given."""
+    from torchshrink.core.errors import ConfigError
+
+    if value is not None and value < 1:
+        raise ConfigError(f"{flag} {value}: must be a whole number of 1 or more (leave it out for the default)")
+
+
+TRUST_HELP = "allow model files that run code when read (a torch.export .pt2 is unpickled); only for files you trust"
 
 
 def _inputs(model: Any, input_shape: str | None, batch: int | None) -> tuple:
@@ -70,12 +81,15 @@ def measure(
     batch: int = typer.Option(None, "--batch", help="batch size for the default input"),
     threads: int = typer.Option(None, "--threads", help="torch threads for timing"),
     as_json: bool = typer.Option(False, "--json", help="print JSON instead of a table"),
+    trust_code: bool = typer.Option(False, "--trust-code", help=TRUST_HELP),
 ) -> None:
     """Parameters, nonzeros, file bytes, MACs and latency of a model."""
     from torchshrink.measure.report import measure as do_measure
     from torchshrink.models import load_model
 
-    net = load_model(model)
+    positive("--threads", threads)
+    positive("--batch", batch)
+    net = load_model(model, trust_code=trust_code)
     m = do_measure(net, _inputs(net, input_shape, batch), threads=threads)
     if as_json:
         out.print_json(json.dumps(m.to_dict()))
@@ -96,12 +110,13 @@ def measure(
 def inspect(
     model: str = typer.Option(..., "--model", "-m", help="model spec"),
     input_shape: str = typer.Option(None, "--input-shape", help="e.g. 1,3,224,224"),
+    trust_code: bool = typer.Option(False, "--trust-code", help=TRUST_HELP),
 ) -> None:
     """Layers with their type, weight shape, parameters and MACs."""
     from torchshrink.measure.counts import count_macs
     from torchshrink.models import load_model
 
-    net = load_model(model)
+    net = load_model(model, trust_code=trust_code)
     macs = count_macs(net, _inputs(net, input_shape, None), per_module=True)
     t = Table(title=f"{model}: layers")
     for c in ("layer", "type", "weight shape", "params", "MACs"):
@@ -121,11 +136,12 @@ def inspect(
 def compress(
     model: str = typer.Option(..., "--model", "-m", help="model spec"),
     recipe: str = typer.Option(None, "--recipe", "-r", help="recipe YAML file or built-in name (not needed with --resume)"),
-    out_dir: Path = typer.Option(..., "--out", "-o", help="output folder (must not exist unless --force)"),
-    force: bool = typer.Option(False, "--force", help="replace an existing output folder"),
+    out_dir: Path = typer.Option(..., "--out", "-o", help="output folder (new or empty, unless --force)"),
+    force: bool = typer.Option(False, "--force", help="replace an output folder an earlier torchshrink run wrote"),
     resume: bool = typer.Option(False, "--resume", help="continue an interrupted run from its last finished stage"),
     threads: int = typer.Option(None, "--threads", help="torch threads for timing"),
     seed: int = typer.Option(0, "--seed", help="seed for every stage's randomness"),
+    trust_code: bool = typer.Option(False, "--trust-code", help=TRUST_HELP),
 ) -> None:
     """Run a recipe and write the compressed model, stage checkpoints, the recipe and a report into --out."""
     from torchshrink.core.errors import ConfigError
@@ -133,12 +149,14 @@ def compress(
     from torchshrink.recipe import compress as run
     from torchshrink.recipe import load_recipe
 
+    positive("--threads", threads)
     if recipe is None and not resume:
         raise ConfigError("--recipe is required (a YAML file or a built-in name) unless --resume is given")
     rec = load_recipe(recipe) if recipe else None
     bar, update = _progress()
     with bar:
-        result = run(model, rec, out_dir, force=force, resume=resume, threads=threads, progress=update, seed=seed)
+        result = run(model, rec, out_dir, force=force, resume=resume, threads=threads, progress=update, seed=seed,
+                     trust_code=trust_code)
     name = rec.name if rec else "resumed run"
     out.print(compare_table(result.summary, title=f"{name} on {model}: original -> compressed"))
     if result.resumed_from:
@@ -163,7 +181,7 @@ def demo(
     model: str = typer.Option("zoo:digits-cnn", "--model", "-m", help="model spec"),
 ) -> None:
     """Train (or load) the digits CNN teacher, compress it with a built-in recipe, print the table."""
-    compress(model=model, recipe=recipe, out_dir=out_dir, force=True, resume=False, threads=None, seed=0)
+    compress(model=model, recipe=recipe, out_dir=out_dir, force=True, resume=False, threads=None, seed=0, trust_code=False)
 
 
 def _register_extensions() -> None:

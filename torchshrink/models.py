@@ -5,9 +5,15 @@ Accepted specs:
   zoo:NAME                    an embedded default (zoo:digits-cnn, zoo:digits-mlp, zoo:minilm)
   package.module:factory      a function or class called with no arguments
   PATH/                       a torchshrink save folder or a local Hugging Face model folder
-  PATH.pt2                    a torch.export archive
+  PATH.pt2                    a torch.export archive: it is unpickled, which can run code, so
+                              it loads only with trust_code=True (--trust-code)
   SPEC@WEIGHTS                an architecture spec plus weights (.safetensors, or .pt/.pth state
                               dict, loaded with weights_only=True)
+  SPEC@FOLDER                 a torchshrink save folder whose architecture SPEC builds (for a model
+                              class of your own: mypkg.models:make_net@out/model)
+
+Only a spec the user types may import code (``package.module:factory``); a saved folder never
+names code that loading would import or call (see torchshrink/export/loading.py).
 """
 
 from __future__ import annotations
@@ -35,19 +41,29 @@ def _tag(model: nn.Module, source: str, inp: dict[str, Any] | None) -> nn.Module
     return model
 
 
-def load_model(spec: str) -> nn.Module:
-    """Build the model a spec names, tagged with its source so that saves can rebuild it."""
+def load_model(spec: str, *, trust_code: bool = False) -> nn.Module:
+    """Build the model a spec names, tagged with its source so that saves can rebuild it.
+    ``trust_code`` allows formats that run code when read (torch.export's pickled .pt2)."""
     if not isinstance(spec, str) or not spec:
         raise ModelLoadError(f"empty model spec; {SPEC_HELP}")
     if "@" in spec and not spec.startswith("@"):
         arch, weights = spec.rsplit("@", 1)
-        model = load_model(arch)
+        model = load_model(arch, trust_code=trust_code)
+        if Path(weights).is_dir():
+            from torchshrink.export import load
+
+            return load(weights, model=model)
         _load_weights(model, Path(weights))
         return model
     path = Path(spec)
     if path.suffix == ".pt2":
         if not path.is_file():
             raise ModelLoadError(f"no such file: {spec}")
+        if not trust_code:
+            raise ModelLoadError(
+                f"{spec} is a torch.export archive, which torch unpickles (that can run code hidden in the file); "
+                "load it only if you trust its author: pass --trust-code (trust_code=True)"
+            )
         try:
             return torch.export.load(str(path)).module()
         except Exception as e:
@@ -94,7 +110,12 @@ def _from_factory(spec: str) -> nn.Module:
     factory = getattr(module, attr, None)
     if factory is None or not callable(factory):
         raise ModelLoadError(f"{mod_name!r} has no callable {attr!r} (model spec {spec!r})")
-    model = factory()
+    try:
+        model = factory()
+    except (SystemExit, KeyboardInterrupt):
+        raise ModelLoadError(f"{spec} tried to exit instead of returning a torch.nn.Module") from None
+    except Exception as e:
+        raise ModelLoadError(f"{spec} raised {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}") from None
     if not isinstance(model, nn.Module):
         raise ModelLoadError(f"{spec} returned {type(model).__name__}, not a torch.nn.Module")
     return _tag(model, spec, getattr(model, "_torchshrink_input", None))
@@ -113,7 +134,7 @@ def _from_folder(path: Path) -> nn.Module:
         except ImportError:
             raise ModelLoadError("transformers is not installed: pip install 'torchshrink[nlp]'") from None
         try:
-            model = AutoModel.from_pretrained(str(path), local_files_only=True)
+            model = AutoModel.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
         except Exception as e:
             raise ModelLoadError(f"{path} is not a loadable Hugging Face model folder ({type(e).__name__}: {e})") from None
         return _tag(model.eval(), f"hf:{path.resolve()}", {"kind": "tokens", "shape": [1, 128], "vocab": model.config.vocab_size})
@@ -143,29 +164,79 @@ def _load_weights(model: nn.Module, path: Path) -> None:
         raise ModelLoadError(f"{path} does not fit the architecture: {str(e).splitlines()[1:2] or e}") from None
 
 
-def build_skeleton(manifest: dict[str, Any]) -> nn.Module:
-    """The architecture a manifest was made from, before its recorded changes are applied."""
-    source = manifest.get("source")
-    hf = manifest.get("hf_config")
-    if hf and (source is None or source.startswith("hf:")):
-        from transformers import AutoConfig, AutoModel
+def _zoo_skeleton(name: str) -> nn.Module:
+    from torchshrink.zoo.digits import DigitsCNN, DigitsMLP
 
-        cfg = AutoConfig.for_model(**hf)
-        return _tag(AutoModel.from_config(cfg).eval(), source or "hf", manifest.get("input"))
-    if source:
-        if source.startswith("hf:"):
-            return load_model(source[3:])
-        return load_model(source.split("@", 1)[0])
-    cls_path = manifest.get("class", "")
-    mod_name, _, cls_name = cls_path.rpartition(".")
+    classes = {"digits-cnn": DigitsCNN, "digits-mlp": DigitsMLP}
+    if name not in classes:
+        raise ModelLoadError(f"unknown zoo architecture {name[:40]!r} in the manifest; known: {', '.join(classes)}")
+    return classes[name]()
+
+
+def _hf_skeleton(hf: dict[str, Any], cls_name: str | None) -> nn.Module:
+    """A transformers model from its config: the config class is picked by ``model_type`` among the
+    ones transformers registers, the model class among the auto classes registered for it."""
     try:
-        cls = getattr(importlib.import_module(mod_name), cls_name)
-        return cls()
-    except Exception:
-        raise ModelLoadError(
-            f"the saved model's architecture ({cls_path}) cannot be rebuilt by torchshrink alone; "
-            "pass the architecture: torchshrink.load(dir, model=MyModel(...))"
-        ) from None
+        import transformers
+        from transformers import AutoConfig
+        from transformers.models.auto import modeling_auto
+        from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+    except ImportError:
+        raise ModelLoadError("this saved model is a transformers model: pip install 'torchshrink[nlp]'") from None
+    model_type = hf.get("model_type")
+    if not isinstance(model_type, str) or model_type not in CONFIG_MAPPING:
+        raise ModelLoadError(f"the saved transformers config has unknown model_type {str(model_type)[:40]!r}")
+    fields = {k: v for k, v in hf.items() if k not in ("model_type", "auto_map", "trust_remote_code")}
+    try:
+        cfg = AutoConfig.for_model(model_type, **fields)
+    except Exception as e:  # transformers validates config values with several error types
+        raise ModelLoadError(f"the saved transformers config is invalid ({type(e).__name__}: {str(e)[:160]})") from None
+    cls: Any = None
+    short = (cls_name or "").rsplit(".", 1)[-1]
+    for mapping_name in dir(modeling_auto):
+        mapping = getattr(modeling_auto, mapping_name)
+        if not mapping_name.startswith("MODEL_") or not mapping_name.endswith("_MAPPING_NAMES") or not isinstance(mapping, dict):
+            continue
+        entry = mapping.get(model_type)
+        names = entry if isinstance(entry, tuple | list) else (entry,)
+        if short in names:
+            cls = getattr(transformers, short, None)
+            break
+    if cls is None:
+        from transformers import AutoModel
+
+        return AutoModel.from_config(cfg)
+    try:
+        return cls(cfg)
+    except Exception as e:
+        raise ModelLoadError(f"cannot build {short} from the saved config ({type(e).__name__}: {str(e)[:160]})") from None
+
+
+def build_skeleton(manifest: dict[str, Any]) -> nn.Module:
+    """The architecture a (validated) manifest was made from, before its recorded changes are applied.
+    Only known sources are rebuilt: a transformers config, a torchvision name, a zoo name, or a
+    torch.nn / registered torchshrink root class. Nothing named in the file is imported or called."""
+    source = manifest.get("source") or ""
+    hf = manifest.get("hf_config")
+    inp = manifest.get("input")
+    arch = source.split("@", 1)[0]
+    if hf is not None:
+        return _tag(_hf_skeleton(hf, manifest.get("class")).eval(), source or "hf", inp)
+    if arch.startswith("torchvision:"):
+        return _torchvision(arch.split(":", 1)[1])
+    if arch.startswith("zoo:"):
+        return _tag(_zoo_skeleton(arch.split(":", 1)[1]), arch, inp)
+    from torchshrink.export.modules import build_module, rebuildable
+
+    cls_path = manifest.get("class") or ""
+    root = next((r for r in manifest.get("modules", []) if r.get("name") == ""), None)
+    if root is not None and root.get("type") == cls_path and root.get("init") is not None and rebuildable(cls_path):
+        return build_module(cls_path, root["init"])
+    raise ModelLoadError(
+        f"the saved model's architecture ({cls_path[:120] or 'unknown'}, from {source[:120] or 'an unknown source'}) "
+        "is not one torchshrink rebuilds from a file; give it: torchshrink.load(dir, model=MyModel(...)), "
+        "or on the command line --model package.module:factory@DIR"
+    )
 
 
 def example_inputs(model: nn.Module, batch: int | None = None, seq: int | None = None) -> tuple[torch.Tensor, ...]:

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from torchshrink.export.container import lzma_pack, lzma_unpack
-from torchshrink.export.formats import Encoded, Format, register_format
+from torchshrink.export.formats import Encoded, Format, inflate, numel_of, register_format
 
 _CODECS = {0: "zlib", 1: "lzma"}
 _DTYPES = {"uint8": np.uint8, "int16": np.int16, "int32": np.int32}
@@ -40,10 +40,18 @@ def _compress(raw: bytes) -> tuple[int, bytes]:
     return min(candidates, key=lambda c: len(c[1]))
 
 
-def _decompress(codec: int, blob: bytes) -> bytes:
+def _decompress(codec: int, blob: bytes, exact: int) -> bytes:
     if codec == 0:
-        return zlib.decompress(blob)
-    return lzma_unpack(blob)
+        return inflate(blob, exact)
+    if codec == 1:
+        return lzma_unpack(blob, exact=exact)
+    raise ValueError(f"unknown codec {codec}; allowed: {_CODECS}")
+
+
+def _code_dtype(name: str) -> Any:
+    if name not in _DTYPES:
+        raise ValueError(f"code dtype {name!r}; allowed: {', '.join(_DTYPES)}")
+    return _DTYPES[name]
 
 
 def _check_codes(t: torch.Tensor) -> None:
@@ -58,8 +66,10 @@ def encode_codes(t: torch.Tensor) -> Encoded:
 
 
 def decode_codes(parts: Encoded, meta: dict[str, Any]) -> torch.Tensor:
-    raw = _decompress(int(parts["codec"][0]), parts["data"].numpy().tobytes())
-    return torch.from_numpy(np.frombuffer(raw, dtype=_DTYPES[meta["dtype"]]).copy()).reshape(meta["shape"])
+    dtype = _code_dtype(meta["dtype"])
+    n = numel_of(meta["shape"])
+    raw = _decompress(int(parts["codec"][0]), parts["data"].numpy().tobytes(), n * np.dtype(dtype).itemsize)
+    return torch.from_numpy(np.frombuffer(raw, dtype=dtype).copy()).reshape(meta["shape"])
 
 
 def relative_index(flat: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -108,8 +118,12 @@ def encode_relidx(t: torch.Tensor) -> Encoded:
 def decode_relidx(parts: Encoded, meta: dict[str, Any]) -> torch.Tensor:
     shape = list(meta["shape"])
     rows = shape[0] if len(shape) >= 2 else 1
-    n = int(np.prod(shape)) if shape else 1
-    vals = parts["codes"].numpy().astype(_DTYPES[meta["dtype"]], copy=False)
+    n = numel_of(shape)
+    if parts["gaps"].dtype != torch.uint8 or parts["gaps"].shape != parts["codes"].shape or parts["codes"].dim() != 1:
+        raise ValueError("relative-index gaps and codes must be two 1-D streams of one length (gaps uint8)")
+    if int(parts["order"][0]) not in (0, 1):
+        raise ValueError("relative-index order must be 0 (row-major) or 1 (column-major)")
+    vals = parts["codes"].numpy().astype(_code_dtype(meta["dtype"]), copy=False)
     flat = from_relative_index(parts["gaps"].numpy(), vals, n)
     if int(parts["order"][0]) == 1:  # stored column-major
         flat = flat.reshape(n // max(rows, 1), rows).T.reshape(-1)

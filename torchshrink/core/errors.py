@@ -44,3 +44,7 @@ class OutputExistsError(TorchshrinkError, FileExistsError):
 
 class DataError(TorchshrinkError, ValueError):
     """Calibration / training data is missing or does not fit the model."""
+
+
+class OutputWriteError(TorchshrinkError, OSError):
+    """The output could not be written (read-only location, disk full, ...); no partial output is left."""

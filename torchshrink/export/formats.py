@@ -37,6 +37,16 @@ def register_format(fmt: Format) -> Format:
     return fmt
 
 
+def known_format(name: str) -> bool:
+    """Whether ``name`` is ``dense`` or a registered format (importing torchshrink's own technique
+    packages first, which register theirs)."""
+    if name == "dense" or name in _FORMATS:
+        return True
+    import torchshrink.techniques  # noqa: F401
+
+    return name in _FORMATS
+
+
 def get_format(name: str) -> Format:
     if name not in _FORMATS:
         raise KeyError(f"unknown tensor format {name!r}; known: {', '.join(sorted(_FORMATS))}")
@@ -65,15 +75,47 @@ def unpack_bits(packed: torch.Tensor, count: int) -> torch.Tensor:
     return torch.from_numpy(bits.astype(bool))
 
 
+def inflate(blob: bytes, exact: int) -> bytes:
+    """zlib-decode ``blob`` to exactly ``exact`` bytes: more (a bomb), fewer, an unfinished stream or
+    trailing data raise ValueError, and never more than ``exact + 1`` bytes are produced."""
+    import zlib
+
+    d = zlib.decompressobj()
+    out = d.decompress(blob, exact + 1)
+    if len(out) > exact or d.unconsumed_tail:
+        raise ValueError(f"the stream decodes to more than the {exact:,} bytes declared")
+    if not d.eof or d.unused_data:
+        raise ValueError("the stream is truncated or followed by trailing data")
+    if len(out) != exact:
+        raise ValueError(f"the stream decodes to {len(out):,} bytes, {exact:,} declared")
+    return out
+
+
 def _bitmask_encode(t: torch.Tensor) -> Encoded:
     mask = nonzero_bits(t)
     return {"mask": pack_bits(mask), "values": t.reshape(-1)[mask.reshape(-1)].contiguous()}
 
 
+def numel_of(shape: list[int]) -> int:
+    n = 1
+    for s in shape:
+        n *= int(s)
+    return n
+
+
+def unpack_mask(packed: torch.Tensor, n: int) -> torch.Tensor:
+    """A packed bitmask of exactly ``n`` entries; a packed buffer of another size is refused."""
+    if packed.dtype != torch.uint8 or packed.dim() != 1 or packed.numel() != (n + 7) // 8:
+        raise ValueError(f"a mask of {n:,} entries takes {(n + 7) // 8:,} bytes, the file holds {packed.numel():,}")
+    return unpack_bits(packed, n)
+
+
 def _bitmask_decode(parts: Encoded, meta: dict[str, Any]) -> torch.Tensor:
     shape = meta["shape"]
-    n = int(np.prod(shape)) if shape else 1
-    mask = unpack_bits(parts["mask"], n)
+    n = numel_of(shape)
+    mask = unpack_mask(parts["mask"], n)
+    if int(mask.sum()) != parts["values"].numel():
+        raise ValueError(f"the mask marks {int(mask.sum()):,} nonzeros, the file holds {parts['values'].numel():,} values")
     out = torch.zeros(n, dtype=parts["values"].dtype)
     out[mask] = parts["values"]
     return out.reshape(shape)
@@ -93,6 +135,8 @@ def _half_exact_encode(t: torch.Tensor) -> Encoded | None:
 
 
 def _half_exact_decode(parts: Encoded, meta: dict[str, Any]) -> torch.Tensor:
+    if parts["values"].numel() != numel_of(meta["shape"]):
+        raise ValueError("the stored values do not match the declared shape")
     return parts["values"].float().reshape(meta["shape"])
 
 
@@ -119,7 +163,36 @@ def encode_tensor(t: torch.Tensor, preferred: str | None = None) -> tuple[str, E
     return best
 
 
+# A format may decode to at most this many bytes per stored byte (sparse and entropy-coded
+# formats expand; nothing legitimate expands this much), or 1 MiB.
+MAX_EXPANSION = 4096
+
+
 def decode_tensor(fmt: str, parts: Encoded, meta: dict[str, Any]) -> torch.Tensor:
+    """Decode one saved tensor. ``meta`` (format, shape, dtype) was validated by the manifest schema;
+    the declared size is checked against the stored bytes before anything is allocated, and the
+    decoded tensor must have exactly the declared shape and dtype."""
+    from torchshrink.core.errors import ModelLoadError
+    from torchshrink.export.schema import DTYPES
+
+    shape, dtype = list(meta["shape"]), DTYPES[meta["dtype"]]
+    stored = nbytes(parts)
+    declared = numel_of(shape) * torch.empty((), dtype=dtype).element_size()
     if fmt == "dense":
-        return parts[""]
-    return get_format(fmt).decode(parts, meta)
+        out = parts.get("")
+        if out is None:
+            raise ModelLoadError("the weights file lacks the tensor")
+    elif declared > max(1 << 20, MAX_EXPANSION * stored):
+        raise ModelLoadError(f"declares {declared:,} bytes ({meta['shape']}) from {stored:,} stored bytes; refused")
+    else:
+        try:
+            out = get_format(fmt).decode(parts, meta)
+        except KeyError as e:
+            raise ModelLoadError(f"{fmt} data lacks part {e}") from None
+        except (ValueError, RuntimeError, IndexError, TypeError, OverflowError, MemoryError) as e:
+            raise ModelLoadError(f"{fmt} data is corrupt ({type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''})") from None
+        except Exception as e:  # zlib.error, lzma.LZMAError, DataError from technique decoders
+            raise ModelLoadError(f"{fmt} data is corrupt ({type(e).__name__}: {str(e)[:160]})") from None
+    if list(out.shape) != shape or out.dtype != dtype:
+        raise ModelLoadError(f"decodes to {tuple(out.shape)} {out.dtype}, the manifest declares {tuple(shape)} {dtype}")
+    return out

@@ -20,10 +20,9 @@ import safetensors.torch
 import torch
 from torch import nn
 
-from torchshrink.core.errors import ModelLoadError, OutputExistsError
-from torchshrink.core.surgery import get_module
-from torchshrink.export.container import CONTAINER, read_container, write_container
-from torchshrink.export.formats import decode_tensor, encode_tensor, get_format
+from torchshrink.core.errors import OutputExistsError
+from torchshrink.export.container import CONTAINER, write_container
+from torchshrink.export.formats import encode_tensor, get_format
 from torchshrink.export.modules import build_module, init_args, type_name
 
 log = logging.getLogger(__name__)
@@ -194,143 +193,7 @@ def saved_bytes(model: nn.Module) -> int:
         return sum(p.stat().st_size for p in Path(d).iterdir())
 
 
-# --------------------------------------------------------------------------- load
+# Loading lives in loading.py (validated, data only); these names stay importable from here.
+from torchshrink.export.loading import load, read_tensors  # noqa: E402
 
-
-def read_manifest(directory: Path) -> dict[str, Any]:
-    path = directory / MANIFEST
-    if not path.is_file():
-        raise ModelLoadError(f"{directory} is not a torchshrink model folder: {MANIFEST} is missing")
-    try:
-        manifest = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ModelLoadError(f"{path} is not valid JSON ({e})") from None
-    if manifest.get("format") != "torchshrink":
-        raise ModelLoadError(f"{path} is not a torchshrink manifest")
-    return manifest
-
-
-def read_tensors(path: Path) -> dict[str, torch.Tensor]:
-    if not path.is_file():
-        raise ModelLoadError(f"weights file {path} is missing")
-    try:
-        return safetensors.torch.load_file(str(path))
-    except Exception as e:  # safetensors raises several types for corrupt files
-        raise ModelLoadError(f"{path} is not a valid safetensors file ({type(e).__name__}: {e})") from None
-
-
-def decode_state(flat: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, torch.Tensor]:
-    state: dict[str, torch.Tensor] = {}
-    for key, info in meta.items():
-        if info["format"] == "alias":
-            continue
-        prefix = f"{key}::"
-        parts = {k[len(prefix):]: v for k, v in flat.items() if k.startswith(prefix)}
-        if info["format"] == "dense":
-            if key not in flat:
-                raise ModelLoadError(f"saved weights lack tensor {key!r}")
-            parts = {"": flat[key]}
-        state[key] = decode_tensor(info["format"], parts, info)
-    for key, info in meta.items():
-        if info["format"] == "alias":
-            state[key] = state[info["of"]]
-    return state
-
-
-def _skeleton(manifest: dict[str, Any]) -> nn.Module:
-    from torchshrink.models import build_skeleton
-
-    return build_skeleton(manifest)
-
-
-def rebuild(skeleton: nn.Module, records: list[dict[str, Any]]) -> nn.Module:
-    keep = set()
-    for rec in records:
-        name = rec["name"]
-        keep.add(name)
-        if not name:
-            continue
-        try:
-            cur = get_module(skeleton, name)
-        except Exception:
-            cur = None
-        same = cur is not None and type_name(cur) == rec["type"] and (rec["init"] is None or init_args(cur) == rec["init"])
-        if not same:
-            if rec["init"] is None:
-                raise ModelLoadError(
-                    f"cannot rebuild layer {name!r} of type {rec['type']}: the architecture differs from its "
-                    "source and this type is not registered with torchshrink"
-                )
-            parent_name, _, child = name.rpartition(".")
-            setattr(get_module(skeleton, parent_name), child, build_module(rec["type"], rec["init"]))
-    # drop modules the saved model no longer has (e.g. pruned layers), parents first
-    for name, _ in list(skeleton.named_modules()):
-        if name and name not in keep:
-            parent_name, _, child = name.rpartition(".")
-            if parent_name in keep:
-                parent = get_module(skeleton, parent_name)
-                del parent._modules[child]
-    for rec in records:
-        m = get_module(skeleton, rec["name"])
-        for k, v in rec.get("attrs", {}).items():
-            cur = getattr(m, k, None)
-            cur = list(cur) if isinstance(cur, tuple) else cur
-            if cur != v:
-                object.__setattr__(m, k, tuple(v) if isinstance(getattr(m, k, None), tuple) else v)
-        if rec.get("formats"):
-            m._torchshrink_formats = dict(rec["formats"])
-    return skeleton
-
-
-def _retie(net: nn.Module, meta: dict[str, Any]) -> None:
-    """Make tied parameters one Parameter object again (assign=True wraps each key separately)."""
-    for key, info in meta.items():
-        if info.get("format") != "alias":
-            continue
-        src_mod, _, src_name = info["of"].rpartition(".")
-        dst_mod, _, dst_name = key.rpartition(".")
-        target = getattr(get_module(net, src_mod), src_name)
-        if isinstance(target, nn.Parameter):
-            setattr(get_module(net, dst_mod), dst_name, target)
-
-
-def load(directory: str | os.PathLike[str], *, model: nn.Module | None = None) -> nn.Module:
-    """Rebuild a model saved by :func:`save`. ``model`` may give the architecture skeleton for
-    models whose source torchshrink cannot rebuild on its own (a user's class with arguments)."""
-    d = Path(directory)
-    if not d.exists():
-        raise ModelLoadError(f"{d} does not exist")
-    manifest = read_manifest(d)
-    if manifest.get("container") is not None:
-        if manifest["container"] != CONTAINER:
-            raise ModelLoadError(f"{d / MANIFEST} names container {manifest['container']!r}; this version reads {CONTAINER!r}")
-        manifest, flat = read_container(d / CONTAINER)
-    else:
-        flat = read_tensors(d / WEIGHTS)
-    state = decode_state(flat, manifest["tensors"])
-    if manifest.get("fx_graph"):  # a torch.fx-rewritten model: rebuild modules, then the graph
-        from torch import fx
-
-        from torchshrink.export.graph import graph_from_json
-
-        net = fx.GraphModule(rebuild(nn.Module(), manifest["modules"]), graph_from_json(manifest["fx_graph"]))
-    else:
-        skeleton = model if model is not None else _skeleton(manifest)
-        net = rebuild(skeleton, manifest["modules"])
-    missing, unexpected = [], []
-    try:
-        res = net.load_state_dict(state, strict=False, assign=True)
-        missing, unexpected = list(res.missing_keys), list(res.unexpected_keys)
-    except RuntimeError as e:
-        raise ModelLoadError(f"saved weights do not fit the rebuilt model: {str(e).splitlines()[0]}") from None
-    if missing or unexpected:
-        raise ModelLoadError(
-            f"saved weights do not fit the rebuilt model (missing: {missing[:3]}, unexpected: {unexpected[:3]})"
-        )
-    _retie(net, manifest["tensors"])
-    for attr in ("source", "input"):
-        if manifest.get(attr) is not None:
-            setattr(net, f"_torchshrink_{attr}", manifest[attr])
-    net._torchshrink_recipe = manifest.get("recipe")
-    net.eval()
-    return net
+__all__ = ["MANIFEST", "WEIGHTS", "commit_dir", "load", "read_tensors", "save", "saved_bytes", "write_model_files"]

@@ -3,7 +3,7 @@ compressed modules that techniques register (``register_module``)."""
 
 from __future__ import annotations
 
-import importlib
+import functools
 import inspect
 from collections.abc import Callable
 from typing import Any
@@ -125,24 +125,60 @@ def init_args(module: nn.Module) -> dict[str, Any] | None:
     return entry[1](module)
 
 
-def build_module(tname: str, args: dict[str, Any]) -> nn.Module:
+@functools.cache
+def _torch_nn_classes() -> dict[str, type[nn.Module]]:
+    """torch.nn's own module classes by qualified name (``torch.nn.modules.conv.Conv2d`` ...)."""
+    import torch.nn as tnn
+
+    return {type_name(c): c for c in vars(tnn).values()
+            if isinstance(c, type) and issubclass(c, nn.Module) and c.__module__.startswith("torch.nn.modules.")}
+
+
+def _technique_modules() -> None:
+    """Import every technique package, so that all registered module classes are known. The list
+    is torchshrink's own; nothing named in a saved file is imported."""
+    import torchshrink.techniques  # noqa: F401
+
+
+def rebuildable(tname: str) -> bool:
     _lazy_entry(tname)
-    entry = _BUILDERS.get(tname)
-    if entry is None:
-        # a registered technique module whose package was not imported yet
-        mod_name = tname.rsplit(".", 1)[0]
-        try:
-            importlib.import_module(mod_name)
-        except ImportError:
-            pass
-        entry = _BUILDERS.get(tname)
-    if entry is None and tname.startswith("torch.nn.modules."):
-        mod_name, _, cls_name = tname.rpartition(".")
-        cls = getattr(importlib.import_module(mod_name), cls_name, None)
-        if isinstance(cls, type) and issubclass(cls, nn.Module):
-            return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in args.items()})
-    if entry is None:
-        raise ModelLoadError(f"cannot rebuild a module of type {tname}: it is not a registered torchshrink module")
-    cls = entry[0]
-    kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in args.items()}
-    return cls(**kwargs)
+    if tname not in _BUILDERS:
+        _technique_modules()
+    return tname in _BUILDERS or tname in _torch_nn_classes()
+
+
+def _kwargs(tname: str, args: Any, torch_nn: bool) -> dict[str, Any]:
+    """Keyword arguments from JSON. torch.nn classes get numbers, strings and flat lists only;
+    torchshrink's own classes (which validate their arguments) may also take nested JSON."""
+    if not isinstance(args, dict):
+        raise ModelLoadError(f"constructor arguments of {tname} must be an object, got {type(args).__name__}")
+    out = {}
+    for k, v in args.items():
+        if not k.isidentifier() or k.startswith("_") or (torch_nn and k in ("device", "dtype")):
+            raise ModelLoadError(f"constructor argument {k[:40]!r} of {tname} is not allowed")
+        if not torch_nn:
+            out[k] = tuple(v) if isinstance(v, list) else v
+            continue
+        if isinstance(v, list) and not all(x is None or isinstance(x, bool | int | float | str) for x in v):
+            raise ModelLoadError(f"constructor argument {k!r} of {tname} holds a nested value")
+        if not (v is None or isinstance(v, bool | int | float | str | list)):
+            raise ModelLoadError(f"constructor argument {k!r} of {tname} must be a number, string or list")
+        out[k] = tuple(v) if isinstance(v, list) else v
+    return out
+
+
+def build_module(tname: str, args: dict[str, Any]) -> nn.Module:
+    """A module of a registered torchshrink type or a torch.nn type, from its constructor arguments.
+    Any other type name is refused: nothing is imported or called by name."""
+    if not isinstance(tname, str) or not rebuildable(tname):
+        raise ModelLoadError(
+            f"cannot rebuild a module of type {str(tname)[:120]}: only torch.nn and registered torchshrink "
+            "modules are rebuilt from a saved file"
+        )
+    cls = _BUILDERS[tname][0] if tname in _BUILDERS else _torch_nn_classes()[tname]
+    kwargs = _kwargs(tname, args, tname not in _BUILDERS)
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError, RuntimeError, AssertionError, OverflowError, KeyError, IndexError) as e:
+        raise ModelLoadError(f"cannot rebuild a {cls.__name__} from the saved arguments ({type(e).__name__}: "
+                             f"{str(e).splitlines()[0][:120] if str(e) else ''})") from None

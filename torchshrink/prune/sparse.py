@@ -48,7 +48,12 @@ class SparseLinear(nn.Module):
         self.backend = backend
         self.kernel_threads = kernel_threads  # our kernel's threads; 0 = torch.get_num_threads()
         self.bias = nn.Parameter(torch.zeros(out_features), requires_grad=False) if bias else None
-        self._set_weight(weight if weight is not None else torch.zeros(out_features, in_features))
+        if weight is None:  # an empty CSR of the declared shape (nothing dense allocated; meta-device safe)
+            self._csr = torch.sparse_csr_tensor(torch.zeros(out_features + 1, dtype=torch.int32),
+                                                torch.zeros(0, dtype=torch.int32), torch.zeros(0),
+                                                (out_features, in_features), check_invariants=False)
+        else:
+            self._set_weight(weight)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear) -> SparseLinear:
@@ -64,6 +69,8 @@ class SparseLinear(nn.Module):
         return {"in_features": self.in_features, "out_features": self.out_features, "bias": self.bias is not None}
 
     def dense_weight(self) -> torch.Tensor:
+        if self._csr.is_meta:
+            return torch.empty(self.out_features, self.in_features, device="meta")
         with torch.inference_mode(self._csr.is_inference()):  # built under inference_mode: densify there
             w = self._csr.to_dense()
         return w.clone() if w.is_inference() else w
@@ -196,9 +203,14 @@ def _csr_decode(parts: Encoded, meta: dict[str, Any]) -> torch.Tensor:
     rows = shape[0] if len(shape) >= 2 else 1
     cols = int(np.prod(shape)) // max(rows, 1) if shape else 1
     crow = parts["crow"].to(torch.int64)
+    nnz = parts["values"].numel()
+    col = parts["col"].to(torch.int64)
+    if crow.dim() != 1 or crow.numel() != rows + 1 or col.numel() != nnz or int(crow[0]) != 0 or int(crow[-1]) != nnz \
+            or bool((crow[1:] < crow[:-1]).any()) or (nnz and (int(col.min()) < 0 or int(col.max()) >= cols)):
+        raise ValueError("CSR row pointers, column indices and values do not describe the declared shape")
     row_idx = torch.repeat_interleave(torch.arange(rows), crow[1:] - crow[:-1])
     out = torch.zeros(rows, cols, dtype=parts["values"].dtype)
-    out[row_idx, parts["col"].to(torch.int64)] = parts["values"]
+    out[row_idx, col] = parts["values"]
     return out.reshape(shape)
 
 

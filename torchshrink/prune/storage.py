@@ -15,17 +15,22 @@ from typing import Any
 import numpy as np
 import torch
 
-from torchshrink.export.formats import Encoded, Format, nonzero_bits, pack_bits, register_format, unpack_bits
+from torchshrink.export.formats import (
+    Encoded,
+    Format,
+    inflate,
+    nonzero_bits,
+    numel_of,
+    pack_bits,
+    register_format,
+    unpack_mask,
+)
 
 LEVEL = 9
 
 
 def _z(data: bytes) -> torch.Tensor:
     return torch.from_numpy(np.frombuffer(zlib.compress(data, LEVEL), dtype=np.uint8).copy())
-
-
-def _unz(t: torch.Tensor) -> bytes:
-    return zlib.decompress(t.numpy().tobytes())
 
 
 def encode(t: torch.Tensor) -> Encoded:
@@ -42,18 +47,22 @@ def encode(t: torch.Tensor) -> Encoded:
 
 def decode(parts: Encoded, meta: dict[str, Any]) -> torch.Tensor:
     shape = meta["shape"]
-    n = int(np.prod(shape)) if shape else 1
+    n = numel_of(shape)
     if int(parts["z"][0]) == 0:
-        mask, values = unpack_bits(parts["mask"], n), parts["values"]
+        mask, values = unpack_mask(parts["mask"], n), parts["values"]
     else:
         dtype = getattr(torch, meta["dtype"])
         size = torch.empty(0, dtype=dtype).element_size()
-        mask = unpack_bits(torch.from_numpy(np.frombuffer(_unz(parts["mask"]), dtype=np.uint8).copy()), n)
-        raw = torch.from_numpy(np.frombuffer(_unz(parts["values"]), dtype=np.uint8).copy())
+        packed = inflate(parts["mask"].numpy().tobytes(), (n + 7) // 8)
+        mask = unpack_mask(torch.from_numpy(np.frombuffer(packed, dtype=np.uint8).copy()), n)
+        nnz = int(mask.sum())
+        raw = torch.from_numpy(np.frombuffer(inflate(parts["values"].numpy().tobytes(), nnz * size), dtype=np.uint8).copy())
         if raw.numel() == 0:  # an all-zero tensor has no values to un-shuffle
             values = torch.empty(0, dtype=dtype)
         else:
             values = raw.reshape(size, -1).t().contiguous().view(dtype).reshape(-1)
+    if values.numel() != int(mask.sum()):
+        raise ValueError(f"the mask marks {int(mask.sum()):,} nonzeros, the file holds {values.numel():,} values")
     out = torch.zeros(n, dtype=values.dtype)
     out[mask] = values
     return out.reshape(shape)

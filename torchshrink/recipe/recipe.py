@@ -122,11 +122,36 @@ def _stage_lines(text: str) -> list[int]:
     return []
 
 
+MAX_DEPTH = 50  # a recipe is a few levels deep; thousands of levels would overflow Python's stack
+MAX_VALUES = 100_000  # YAML aliases can repeat a subtree exponentially often
+
+
+def _too_big(data: Any) -> bool:
+    """Nested deeper than MAX_DEPTH (an alias cycle is infinitely deep) or more than MAX_VALUES values,
+    found without recursion."""
+    todo, seen = [(data, 1)], 0
+    while todo:
+        item, depth = todo.pop()
+        seen += 1
+        if depth > MAX_DEPTH or seen > MAX_VALUES:
+            return True
+        if isinstance(item, dict):
+            todo += [(v, depth + 1) for v in item.values()]
+        elif isinstance(item, list):
+            todo += [(v, depth + 1) for v in item]
+    return False
+
+
 def recipe_from_yaml(text: str, *, source: str = "recipe") -> Recipe:
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as e:
         raise RecipeError(f"{source} is not valid YAML: {str(e).splitlines()[0]}") from None
+    except RecursionError:
+        raise RecipeError(f"{source} is nested too deeply to read; a recipe needs at most {MAX_DEPTH} levels") from None
+    if _too_big(data):
+        raise RecipeError(f"{source} is nested more than {MAX_DEPTH} levels deep or holds more than {MAX_VALUES:,} values; "
+                          "a recipe needs only a few levels")
     if isinstance(data, list):
         data = {"stages": data}
     if not isinstance(data, dict) or not isinstance(data.get("stages"), list) or not data["stages"]:
@@ -178,4 +203,11 @@ def load_recipe(spec: str) -> Recipe:
     path = Path(spec)
     if not path.is_file():
         raise RecipeError(f"no recipe file {spec!r} and no built-in recipe of that name; built-in: {', '.join(sorted(BUILTIN))}")
-    return recipe_from_yaml(path.read_text(), source=str(path))
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise RecipeError(f"recipe file {path} is not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start}); "
+                          "save it as UTF-8") from None
+    except OSError as e:
+        raise RecipeError(f"cannot read recipe file {path}: {e.strerror or e}") from None
+    return recipe_from_yaml(text, source=str(path))

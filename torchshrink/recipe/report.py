@@ -89,7 +89,7 @@ def report_html(report: dict[str, Any]) -> str:
         charts.append(bar_chart("bits per weight (final)", "bits", [(r["layer"], float(r["bits"] or 0)) for r in layers]))
     stages = "".join(f"<h3>Stage {escape(s['name'])} ({s['seconds']:.1f} s)</h3>{_html_table(s['vs_previous'])}" for s in report["stages"])
     layer_rows = "".join(
-        f"<tr><td>{escape(r['layer'])}</td><td>{escape(r['type'])}</td><td>{r['params']:,}</td><td>{r['density']:.3f}</td><td>{r['bits'] or '-'}</td></tr>"
+        f"<tr><td>{escape(r['layer'])}</td><td>{escape(r['type'])}</td><td>{r['params']:,}</td><td>{r['density']:.3f}</td><td>{escape(str(r['bits'] or '-'))}</td></tr>"
         for r in layers
     )
     m = report["machine"]
@@ -111,24 +111,41 @@ td,th{{border:1px solid #ccc;padding:3px 8px;text-align:right}}td:first-child{{t
 """
 
 
-def write_reports(directory: Path, report: dict[str, Any]) -> None:
-    (directory / "report.json").write_text(json.dumps(report, indent=1, default=str))
-    (directory / "report.md").write_text(report_markdown(report))
-    (directory / "report.html").write_text(report_html(report))
-
-
 def regenerate(directory: str | Path) -> Path:
-    """``torchshrink report DIR``: rebuild report.md / report.html from report.json."""
+    """``torchshrink report DIR``: rebuild report.md / report.html from report.json. The file is data:
+    a report.json of another layout is refused in one line, and nothing is rewritten unless both
+    pages were built (each then replaced atomically)."""
+    import os
+    import tempfile
+
     from torchshrink.core.errors import ModelLoadError
 
     d = Path(directory)
     path = d / "report.json"
     if not path.is_file():
         raise ModelLoadError(f"{d} has no report.json; give the output folder of `torchshrink compress`")
+    if path.stat().st_size > 256 << 20:
+        raise ModelLoadError(f"{path} is larger than 256 MiB; not a torchshrink report")
     try:
-        report = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
+        report = json.loads(path.read_bytes())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ModelLoadError(f"{path} is not valid JSON ({e})") from None
-    (d / "report.md").write_text(report_markdown(report))
-    (d / "report.html").write_text(report_html(report))
+    except RecursionError:
+        raise ModelLoadError(f"{path} is nested too deeply to be a report") from None
+    try:
+        if not isinstance(report, dict):
+            raise TypeError("not an object")
+        pages = {"report.md": report_markdown(report), "report.html": report_html(report)}
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError) as e:
+        raise ModelLoadError(f"{path} does not have the layout torchshrink writes ({type(e).__name__}: {str(e)[:120]})") from None
+    for name, text in pages.items():
+        fd, tmp = tempfile.mkstemp(dir=d, prefix=f".{name}.tmp-")
+        try:
+            with os.fdopen(fd, "w") as f:
+                f.write(text)
+            os.replace(tmp, d / name)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
     return d / "report.html"

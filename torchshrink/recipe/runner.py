@@ -5,19 +5,23 @@ Output folder layout (everything appears at ``OUT`` only when the run has finish
     OUT/model/            the compressed model (torchshrink.save format)
     OUT/stages/NN-kind/   checkpoint of every stage: model + stage.json
     OUT/recipe.yaml, report.json, report.md, report.html
+    OUT/run.json, OUT/.torchshrink-run   the run's model, recipe and seed; the marker of a torchshrink folder
 
-While running, work happens in ``.OUT.partial/`` beside it. Each stage checkpoint is written to a
-temp folder and renamed into place when complete, so a killed run (even SIGKILL) leaves only
-finished checkpoints, and ``resume=True`` (``--resume``) continues from the last one. Every stage
-re-seeds torch and the data order from (seed, stage index), so a resumed run ends with the same
-result as an uninterrupted one.
+While running, work happens in ``.OUT.partial/`` beside it, which appears (atomically) with its
+run.json already inside. Each stage checkpoint is written to a temp folder and renamed into place
+when complete, so a killed run (even SIGKILL) leaves only finished checkpoints, and ``resume=True``
+(``--resume``) continues from the last one; renaming ``.OUT.partial`` to ``OUT`` is the commit (see
+``workdir`` for every state a kill can leave). Every stage re-seeds torch and the data order from
+(seed, stage index), so a resumed run ends with the same result as an uninterrupted one.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import logging
+import os
 import shutil
 import time
 from collections.abc import Callable
@@ -25,22 +29,37 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 from torch import nn
 
 from torchshrink.core.api import apply
 from torchshrink.core.config import get_entry
-from torchshrink.core.errors import ConfigError, OutputExistsError
+from torchshrink.core.errors import ConfigError
 from torchshrink.core.select import check_names
-from torchshrink.export.io import _atomic_dir, commit_dir, load, write_model_files
+from torchshrink.export.io import load, write_model_files
 from torchshrink.measure.counts import run_model
 from torchshrink.measure.latency import time_interleaved
 from torchshrink.measure.machine import machine_info
 from torchshrink.measure.report import Measurement, compare, measure
 from torchshrink.models import load_model
 from torchshrink.recipe.recipe import Recipe, Stage, order_warnings, recipe_from_yaml
-from torchshrink.recipe.report import layer_summary, write_reports
+from torchshrink.recipe.report import layer_summary, report_html, report_markdown
 from torchshrink.recipe.task import Task, task_for
 from torchshrink.recipe.train import finetune, recovery_loss
+from torchshrink.recipe.workdir import (
+    check_output,
+    commit,
+    commit_run,
+    folder_bytes,
+    kill_point,
+    plan_work,
+    read_run_key,
+    start_work,
+    temp_dir,
+    work_dir,
+    write_atomic,
+    writing,
+)
 
 log = logging.getLogger(__name__)
 Progress = Callable[[str, int, int], None]
@@ -123,33 +142,17 @@ def run_stage(model: nn.Module, stage: Stage, task: Task, progress: Progress | N
     return new.eval(), history
 
 
-def _work_dir(out: Path) -> Path:
-    return out.with_name(f".{out.name}.partial")
-
-
 def _run_key(spec: str, recipe: Recipe, seed: int) -> dict[str, Any]:
     return {"model": spec, "recipe": recipe.to_dict(), "seed": seed}
 
 
-def _prepare_work(out: Path, spec: str, recipe: Recipe, seed: int, force: bool, resume: bool) -> Path:
-    work = _work_dir(out)
-    key = _run_key(spec, recipe, seed)
-    if resume:
-        if not (work / "run.json").is_file():
-            done = " (that run already finished)" if (out / "report.json").is_file() else ""
-            raise ConfigError(f"nothing to resume at {out}{done}: no unfinished run found ({work.name} is missing)")
-        if json.loads((work / "run.json").read_text()) != key:
-            raise ConfigError(f"the unfinished run at {out} used another model, recipe or seed; rerun without --resume")
-        return work
-    if out.exists() and not force:
-        raise OutputExistsError(f"output folder {out} already exists; pass --force to replace it")
-    if work.exists():
-        if not force:
-            raise OutputExistsError(f"an unfinished run exists at {work}; pass --resume to continue it or --force to start over")
-        shutil.rmtree(work)
-    work.mkdir(parents=True)
-    (work / "run.json").write_text(json.dumps(key, indent=1))
-    return work
+def _resume_recipe(out: Path) -> Recipe:
+    """The recipe of the unfinished run at ``out`` (from its run.json); the reason when there is none."""
+    key = read_run_key(work_dir(out)) if work_dir(out).is_dir() else None
+    if key is None or not isinstance(key.get("recipe"), dict):
+        plan_work(out, {}, force=False, resume=True)  # raises the reason: missing, abandoned, finished
+        raise ConfigError(f"the unfinished run at {work_dir(out)} names no recipe; pass --recipe")
+    return recipe_from_yaml(yaml.safe_dump(key["recipe"], sort_keys=False), source=str(work_dir(out) / "run.json"))
 
 
 def _tensorboard(work: Path | None) -> Any:
@@ -178,28 +181,49 @@ def _log_stage(writer: Any, index: int, res: StageResult) -> None:
     writer.flush()
 
 
-def _checkpoint(work: Path, index: int, stage: Stage, model: nn.Module, result: StageResult) -> None:
-    stages = work / "stages"
-    stages.mkdir(exist_ok=True)
-    final = stages / f"{index + 1:02d}-{stage.config.kind}"
-    tmp = _atomic_dir(final, force=True)
+def _stage_dir(work: Path, index: int, stage: Stage) -> Path:
+    return work / "stages" / f"{index + 1:02d}-{stage.config.kind}"
+
+
+def _checkpoint(work: Path, index: int, stage: Stage, model: nn.Module, res: StageResult, before: Measurement) -> StageResult:
+    """Write the stage's model and stage.json into a temp folder, rename it into place. The stage's file
+    size becomes the bytes of its model files on disk (``before``: what its ratios compare against)."""
+    n = index + 1
+    final = _stage_dir(work, index, stage)
+    tmp = temp_dir(final)
     try:
         (tmp / "model").mkdir()
         write_model_files(model, tmp / "model", recipe=stage.to_dict())
-        (tmp / "stage.json").write_text(json.dumps(result.to_dict(), indent=1, default=str))
-        commit_dir(tmp, final)
+        kill_point(f"stage{n}:model-written")
+        m = dataclasses.replace(res.measurement, file_bytes=folder_bytes(tmp / "model"))
+        res = dataclasses.replace(res, measurement=m, vs_previous=compare(before, m))
+        write_atomic(tmp / "stage.json", json.dumps(res.to_dict(), indent=1, default=str), point=f"stage{n}:stage-json")
+        kill_point(f"stage{n}:before-commit")
+        if final.exists():  # without stage.json (else it was resumed from): not a finished checkpoint
+            shutil.rmtree(final)
+        commit(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    kill_point(f"stage{n}:committed")
+    return res
 
 
-def _finished_stage(work: Path | None, index: int, stage: Stage) -> tuple[nn.Module, StageResult] | None:
-    if work is None:
-        return None
-    d = work / "stages" / f"{index + 1:02d}-{stage.config.kind}"
-    if not (d / "stage.json").is_file():
-        return None
-    return load(d / "model"), StageResult.from_dict(json.loads((d / "stage.json").read_text()))
+def _finished(work: Path | None, recipe: Recipe) -> list[StageResult]:
+    """The results of the leading stages an interrupted run finished (each has its stage.json)."""
+    done: list[StageResult] = []
+    for i, stage in enumerate(recipe.stages):
+        path = _stage_dir(work, i, stage) / "stage.json" if work is not None else None
+        if path is None or not path.is_file():
+            break
+        done.append(StageResult.from_dict(json.loads(path.read_text())))
+    return done
+
+
+def _resumed_model(work: Path, index: int, stage: Stage, original: nn.Module) -> nn.Module:
+    """The model of a finished stage, rebuilt on a copy of the model the user named (the architecture
+    of a ``pkg.module:factory`` model is never read from a file)."""
+    return load(_stage_dir(work, index, stage) / "model", model=copy.deepcopy(original))
 
 
 def compress(
@@ -213,22 +237,27 @@ def compress(
     task: Task | None = None,
     progress: Progress | None = None,
     seed: int = 0,
+    trust_code: bool = False,
 ) -> RunResult:
     spec = model if isinstance(model, str) else getattr(model, "_torchshrink_source", type(model).__name__)
     out_path = Path(out) if out is not None else None
+    if out_path is not None and out_path.name in ("", ".", ".."):
+        out_path = Path(os.path.abspath(out_path))  # `--out .`: the folder's own name, beside which .partial goes
+        if not out_path.name:
+            raise ConfigError(f"--out {out} is the file system root; give a folder to create")
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+        raise ConfigError(f"threads={threads!r}: must be a whole number >= 1 (or None for torch's default)")
     if resume and out_path is None:
         raise ConfigError("resume needs the output folder of the interrupted run")
+    if out_path is not None:
+        check_output(out_path, str(spec), force=force, resume=resume)
     if recipe is None:
-        if not resume:
+        if not resume or out_path is None:
             raise ConfigError("a recipe is required (a YAML file or a built-in name)")
-        recipe = recipe_from_yaml((_work_dir(out_path) / "recipe.yaml").read_text()) if (_work_dir(out_path) / "recipe.yaml").is_file() else None
-        if recipe is None:
-            raise ConfigError(f"nothing to resume at {out_path}: no unfinished run found")
-    if out_path is not None and isinstance(spec, str) and Path(spec).exists() and out_path.resolve() == Path(spec).resolve():
-        raise OutputExistsError(f"output {out_path} is the input model; torchshrink never overwrites its input")
-    if out_path is not None and not resume and out_path.exists() and not force:
-        raise OutputExistsError(f"output folder {out_path} already exists; pass --force to replace it")
-    original = load_model(model) if isinstance(model, str) else model
+        recipe = _resume_recipe(out_path)
+    key = _run_key(str(spec), recipe, seed)
+    action = plan_work(out_path, key, force=force, resume=resume) if out_path is not None else ""
+    original = load_model(model, trust_code=trust_code) if isinstance(model, str) else model
     original.eval()
     task = task or task_for(original)
     run_model(original, task.inputs)  # a wrong input fails here, before any work
@@ -238,22 +267,22 @@ def compress(
             task.require_train()
     for warning in order_warnings(recipe):
         log.warning("%s", warning)
-    work = _prepare_work(out_path, str(spec), recipe, seed, force, resume) if out_path is not None else None
-    if work is not None:
-        (work / "recipe.yaml").write_text(recipe.to_yaml())
+    kill_point("validated")
+    work, created = None, None  # created: the work folder this process made (removed again on a write error)
+    if out_path is not None:
+        created = None if action == "resume" else work_dir(out_path)
+        with writing(out_path, created):
+            work = start_work(out_path, key, recipe.to_yaml(), action)
     base = measure(original, task.inputs, latency=False, evaluate=lambda m: task.evaluate(m, original), name="original")
     current, prev_meas = original, base
-    stages: list[StageResult] = []
-    resumed_from = 0
     writer = _tensorboard(work)
-    for i, stage in enumerate(recipe.stages):
+    stages = _finished(work, recipe)
+    resumed_from = len(stages)
+    if work is not None and stages:
+        current = _resumed_model(work, resumed_from - 1, recipe.stages[resumed_from - 1], original)
+        prev_meas = stages[-1].measurement
+    for i, stage in enumerate(recipe.stages[resumed_from:], start=resumed_from):
         label = f"{i + 1}/{len(recipe.stages)} {stage.config.kind}"
-        done = _finished_stage(work, i, stage)
-        if done is not None:
-            current, res = done
-            stages.append(res)
-            prev_meas, resumed_from = res.measurement, i + 1
-            continue
         if progress:
             progress(label, i, len(recipe.stages))
         t0 = time.perf_counter()
@@ -261,13 +290,16 @@ def compress(
         seconds = time.perf_counter() - t0
         m = measure(new, task.inputs, latency=False, evaluate=lambda mm: task.evaluate(mm, original), name=label)
         la, lb = _timed_pair(current, new, task, threads)
+        kill_point(f"stage{i + 1}:trained")
         m = dataclasses.replace(m, latency=lb)
-        res = StageResult(label, stage.config.kind, m, compare(dataclasses.replace(prev_meas, latency=la), m), seconds, history)
+        before = dataclasses.replace(prev_meas, latency=la)
+        res = StageResult(label, stage.config.kind, m, compare(before, m), seconds, history)
+        if work is not None and out_path is not None:
+            with writing(out_path, created):
+                res = _checkpoint(work, i, stage, new, res, before)
         stages.append(res)
         _log_stage(writer, i, res)
-        if work is not None:
-            _checkpoint(work, i, stage, new, res)
-        current, prev_meas = new, m
+        current, prev_meas = new, res.measurement
         if progress:
             progress(label, i + 1, len(recipe.stages))
     if writer is not None:
@@ -275,22 +307,39 @@ def compress(
     if progress:
         progress("final timing", 0, 1)
     lo, lf = _timed_pair(original, current, task, threads)
+    kill_point("final:timed")
     before = dataclasses.replace(base, latency=lo)
     final = dataclasses.replace(stages[-1].measurement if stages else base, latency=lf)
     note = (f"latency: batch {task.inputs[0].shape[0]}, {lo.threads} thread(s), original and final timed "
             f"interleaved in one run, median of {lo.runs} runs after warm-up")
     result = RunResult(current, before, final, stages, compare(before, final), out_path, note, task.primary, resumed_from)
     if work is not None and out_path is not None:
-        _finish(result, recipe, str(spec), work, out_path)
+        with writing(out_path, created):
+            _finish(result, recipe, str(spec), work, out_path)
     return result
 
 
 def _finish(result: RunResult, recipe: Recipe, spec: str, work: Path, out: Path) -> None:
+    """Write the final model and the reports into the work folder, then rename it to ``out`` (the commit).
+    The reported final file size is the bytes of the model files as written."""
     final_model = work / "model"
-    if final_model.exists():
-        shutil.rmtree(final_model)
-    final_model.mkdir()
-    write_model_files(result.model, final_model, recipe=recipe.to_dict())
-    write_reports(work, result.to_dict(recipe, spec))
-    (work / "run.json").unlink()
-    commit_dir(work, out)
+    tmp = temp_dir(final_model)
+    try:
+        write_model_files(result.model, tmp, recipe=recipe.to_dict())
+        kill_point("finish:model-tmp")
+        if final_model.exists():  # from a finish step that was killed
+            shutil.rmtree(final_model)
+        commit(tmp, final_model)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    result.final = dataclasses.replace(result.final, file_bytes=folder_bytes(final_model))
+    result.summary = compare(result.original, result.final)
+    kill_point("finish:model-written")
+    report = result.to_dict(recipe, spec)
+    write_atomic(work / "report.json", json.dumps(report, indent=1, default=str), point="finish:report-json")
+    write_atomic(work / "report.md", report_markdown(report))
+    write_atomic(work / "report.html", report_html(report))
+    kill_point("finish:before-rename")
+    commit_run(work, out)
+    kill_point("finish:renamed")

@@ -10,7 +10,7 @@ import typer
 
 def register(app: typer.Typer) -> None:
     """Add the ``search`` command to the torchshrink typer app."""
-    from torchshrink.cli import _friendly, _progress, err, out
+    from torchshrink.cli import _friendly, _progress, err, out, positive
 
     @app.command()
     @_friendly
@@ -28,6 +28,7 @@ def register(app: typer.Typer) -> None:
         options: str = typer.Option(None, "--options", help="comma-separated option labels or kinds to search (default: all registered)"),
         threads: int = typer.Option(1, "--threads", help="torch threads for the latency profile and trials"),
         seed: int = typer.Option(0, "--seed"),
+        trust_code: bool = typer.Option(False, "--trust-code", help="allow model files that run code when read (.pt2)"),
     ) -> None:
         """Find per-layer compression settings under a budget; writes a recipe `torchshrink compress` reruns."""
         import torch
@@ -41,9 +42,10 @@ def register(app: typer.Typer) -> None:
         from torchshrink.search.report import write_search_report
         from torchshrink.search.search import search as run_search
 
+        positive("--threads", threads)
         torch.set_num_threads(threads)
         parsed = parse_budget(budget)  # a bad string fails before any work
-        net = load_model(model).eval()
+        net = load_model(model, trust_code=trust_code).eval()
         if data == "auto":
             task = task_for(net)
         elif data == "digits":
