@@ -1,3 +1,5 @@
+import json
+
 import pytest
 import torch
 
@@ -63,3 +65,22 @@ def test_parse_shape():
     assert parse_shape("1,3,224,224") == [1, 3, 224, 224]
     with pytest.raises(ModelLoadError, match="write it like 1,3,224,224"):
         parse_shape("1,three")
+
+
+@pytest.mark.parametrize("spec,msg", [("sys:exit", "tried to exit"), ("os:getcwd", "returned str, not a torch.nn.Module"),
+                                      ("json:loads", "raised TypeError")])
+def test_a_factory_that_does_not_return_a_module_is_one_clear_error(spec, msg):
+    with pytest.raises(ModelLoadError, match=msg):
+        ts.load_model(spec)
+
+
+def test_hf_folder_declaring_a_huge_model_is_refused_before_allocating(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.BertConfig(vocab_size=100, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                  intermediate_size=32)
+    transformers.BertModel(cfg).save_pretrained(tmp_path / "bert")
+    data = json.loads((tmp_path / "bert" / "config.json").read_text())
+    data.update(vocab_size=1 << 24, hidden_size=4096, num_attention_heads=32)
+    (tmp_path / "bert" / "config.json").write_text(json.dumps(data))
+    with pytest.raises(ModelLoadError, match="declares a model of"):
+        ts.load_model(str(tmp_path / "bert"))

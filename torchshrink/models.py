@@ -133,12 +133,32 @@ def _from_folder(path: Path) -> nn.Module:
             from transformers import AutoModel
         except ImportError:
             raise ModelLoadError("transformers is not installed: pip install 'torchshrink[nlp]'") from None
+        _check_hf_size(path)
         try:
             model = AutoModel.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
         except Exception as e:
             raise ModelLoadError(f"{path} is not a loadable Hugging Face model folder ({type(e).__name__}: {e})") from None
         return _tag(model.eval(), f"hf:{path.resolve()}", {"kind": "tokens", "shape": [1, 128], "vocab": model.config.vocab_size})
     raise ModelLoadError(f"{path} is neither a torchshrink save (manifest.json) nor a Hugging Face folder (config.json)")
+
+
+def _check_hf_size(path: Path) -> None:
+    """Refuse a Hugging Face folder whose config declares a model far larger than its weight files
+    (built on the meta device to count), before transformers allocates it."""
+    from transformers import AutoConfig, AutoModel
+
+    from torchshrink.export.loading import SKELETON_FACTOR, SKELETON_FLOOR
+
+    try:
+        cfg = AutoConfig.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
+        with torch.device("meta"):
+            probe = AutoModel.from_config(cfg, trust_remote_code=False)
+    except Exception as e:
+        raise ModelLoadError(f"{path} is not a loadable Hugging Face model folder ({type(e).__name__}: {str(e)[:200]})") from None
+    size = sum(t.numel() * t.element_size() for t in [*probe.parameters(), *probe.buffers()])
+    stored = sum(f.stat().st_size for f in path.iterdir() if f.suffix in (".safetensors", ".bin", ".pt", ".pth"))
+    if size > max(SKELETON_FLOOR, SKELETON_FACTOR * stored):
+        raise ModelLoadError(f"{path}/config.json declares a model of {size:,} bytes with {stored:,} bytes of weights; refused")
 
 
 def _load_weights(model: nn.Module, path: Path) -> None:
