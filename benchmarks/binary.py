@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import copy
 import dataclasses
 import fcntl
 import itertools
@@ -31,7 +30,7 @@ from torch import nn
 import torchshrink
 from torchshrink.binary import BNNConfig, BWNConfig, TTQConfig, TWNConfig, XNORConfig
 from torchshrink.binary import kernels as K
-from torchshrink.binary.configs import BinarizeConfig, finalize_binarize
+from torchshrink.binary.configs import BinarizeConfig
 from torchshrink.binary.ste import sign
 from torchshrink.export import saved_bytes
 from torchshrink.measure.bench import Target, markdown_table, write_results
@@ -48,7 +47,7 @@ OUT = Path(__file__).parent / "results"
 
 def finalized(model: nn.Module, cfg: BinarizeConfig, data: list | None = None) -> nn.Module:
     """What a recipe stage saves: binarize, then finalize (pack, fold, store kept layers)."""
-    return finalize_binarize(torchshrink.binarize(model, cfg, data=data).eval(), cfg)
+    return torchshrink.run(model, cfg, data=data)[0]
 
 
 def packed_fully_binary(layer: nn.Module, backend: str) -> nn.Module:
@@ -150,7 +149,7 @@ def accuracy_section(teachers: list[nn.Module], epochs: int) -> dict[str, list[f
             trained = prepare_stage(t, stage, task)
             finetune(trained, task.require_train(), stage.finetune, loss_fn=recovery_loss(stage.recovery, t, stage.finetune))
             for label, change in [(kind, {})] + extra.get(kind, []):
-                m = finalize_binarize(copy.deepcopy(trained), dataclasses.replace(cfg, **change)).eval()
+                m = torchshrink.finalize(trained, dataclasses.replace(cfg, **change))
                 out.setdefault(label, []).append(float(task.evaluate(m, t)["accuracy"]))
             print(f"  {kind} seed {seed}: {out[kind][-1]:.4f} ({time.perf_counter() - t0:.0f} s)", flush=True)
     return out

@@ -46,6 +46,15 @@ def tiny_net():
     return net
 
 
+def conv_net():
+    """A CNN whose convs are wide enough for low-rank forms to be smaller than the dense ones."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 32, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(32, 32, 3, padding=1),
+                              torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(32, 10)).eval()
+    net._torchshrink_input = {"shape": [2, 3, 4, 4], "dtype": "float32"}
+    return net
+
+
 @pytest.fixture
 def tiny():
     return tiny_net()

@@ -34,7 +34,7 @@ def _x(n=5, seed=1):
 
 @pytest.mark.parametrize("cls", ALL)
 def test_packed_model_matches_training_model_and_reloads(tiny, cls, tmp_path):
-    prepared = torchshrink.binarize(tiny, cls(keep_first_last=False), data=[_x(8, seed=2)])
+    prepared = torchshrink.prepare(tiny, cls(keep_first_last=False), data=[_x(8, seed=2)])
     assert isinstance(prepared.conv, BinaryConv2d) and isinstance(prepared.fc2, BinaryLinear)
     assert isinstance(tiny.conv, nn.Conv2d)  # the input model is untouched
     prepared.eval()
@@ -61,7 +61,7 @@ def test_packed_model_matches_training_model_and_reloads(tiny, cls, tmp_path):
 
 
 def test_fully_binary_layer_output_is_integer_dot_of_signs(tiny):
-    m = convert(torchshrink.binarize(tiny, BNNConfig(keep_first_last=False), data=[_x(8, seed=2)]))
+    m = convert(torchshrink.prepare(tiny, BNNConfig(keep_first_last=False), data=[_x(8, seed=2)]))
     x = torch.randn(3, 128)
     layer = m.fc1
     signs_x = sign(x - layer.act_threshold)
@@ -72,24 +72,24 @@ def test_fully_binary_layer_output_is_integer_dot_of_signs(tiny):
 
 
 def test_first_and_last_layers_stay_float_by_default(tiny):
-    out = torchshrink.binarize(tiny, XNORConfig())
+    out = torchshrink.prepare(tiny, XNORConfig())
     assert type(out.conv) is nn.Conv2d and type(out.fc2) is nn.Linear and isinstance(out.fc1, BinaryLinear)
     assert out._torchshrink_binary_report["kept_float"] == ["conv", "fc2"]
-    explicit = torchshrink.binarize(tiny, BWNConfig(), select={"include": ["conv"]})
+    explicit = torchshrink.prepare(tiny, BWNConfig(), select={"include": ["conv"]})
     assert isinstance(explicit.conv, BinaryConv2d)
 
 
 def test_large_layer_file_is_about_30x_smaller():
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(1024, 1024), nn.ReLU(), nn.Linear(1024, 1024))
-    packed = convert(torchshrink.binarize(net, BWNConfig(keep_first_last=False)))
+    packed = convert(torchshrink.prepare(net, BWNConfig(keep_first_last=False)))
     assert isinstance(packed[0], PackedBinaryLinear) and packed[0].weight_bits.numel() == 1024 * 1024 // 8
     # 1 bit per weight; the float bias and per-channel scale cost 64 of every 1088 bits
     assert saved_bytes(net) / saved_bytes(packed) > 29.5
 
 
 def test_counts_follow_the_logical_layer(tiny):
-    packed = convert(torchshrink.binarize(tiny, XNORConfig(keep_first_last=False), data=[_x(8, seed=2)]))
+    packed = convert(torchshrink.prepare(tiny, XNORConfig(keep_first_last=False), data=[_x(8, seed=2)]))
     x = (_x(2),)
     assert count_macs(packed, x) == count_macs(tiny, x)
     extra = (8 + 32 + 10) + (3 + 128 + 32)  # per-channel scales, per-input-channel thresholds
@@ -108,13 +108,13 @@ class WithOddLayers(nn.Module):
 
 def test_unsupported_layers_raise_or_are_reported():
     net = WithOddLayers()
-    out = torchshrink.binarize(net, BWNConfig(keep_first_last=False))
+    out = torchshrink.prepare(net, BWNConfig(keep_first_last=False))
     assert set(out._torchshrink_binary_report["skipped"]) == {"refl", "same"}
     assert isinstance(out.a, BinaryConv2d) and isinstance(out.b, BinaryLinear)
     with pytest.raises(UnsupportedLayerError, match="padding_mode='reflect'.*only 'zeros'"):
-        torchshrink.binarize(net, BWNConfig(), select={"include": ["refl"]})
+        torchshrink.prepare(net, BWNConfig(), select={"include": ["refl"]})
     with pytest.raises(UnsupportedLayerError, match="type 'Conv1d'; supported: Linear, Conv2d"):
-        torchshrink.binarize(net, BWNConfig(), select={"types": ["Conv1d"]})
+        torchshrink.prepare(net, BWNConfig(), select={"types": ["Conv1d"]})
 
 
 def test_config_validation_messages():
@@ -135,7 +135,7 @@ def test_recipe_stage_trains_then_packs(tiny):
         "stages:\n  - kind: xnor\n    keep_first_last: false\n    act_estimator: approx_sign\n"
         "    finetune: {epochs: 3, lr: 0.01}\n"
     )
-    before = torchshrink.binarize(tiny, recipe.stages[0].config, data=task.calibration)
+    before = torchshrink.prepare(tiny, recipe.stages[0].config, data=task.calibration)
     model, history = run_stage(tiny, recipe.stages[0], task)
     assert isinstance(model.conv, PackedBinaryConv2d) and isinstance(model.fc1, PackedBinaryLinear)
     assert len(history) == 3 and history[-1]["loss"] < history[0]["loss"]

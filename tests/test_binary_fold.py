@@ -28,7 +28,7 @@ def _digits(n: int = 4) -> tuple[list[torch.Tensor], torch.Tensor]:
 def test_digits_thresholds_fold_into_batchnorm_and_outputs_stay(digits_cnn, cls, tmp_path):
     calib, x = _digits()
     cfg = cls(keep_dtype="float32", param_dtype="float32")
-    prepared = torchshrink.binarize(digits_cnn, cfg, data=calib).eval()
+    prepared = torchshrink.prepare(digits_cnn, cfg, data=calib).eval()
     report = prepared._torchshrink_binary_report
     assert report["threshold_into"] == {"features.3": "features.1", "features.7": "features.4",
                                         "classifier.1": "features.8"}
@@ -53,7 +53,7 @@ def test_digits_thresholds_fold_into_batchnorm_and_outputs_stay(digits_cnn, cls,
 
 def test_fold_on_training_model_keeps_its_output(digits_cnn):
     calib, x = _digits(2)
-    prepared = torchshrink.binarize(digits_cnn, XNORConfig(), data=calib).eval()
+    prepared = torchshrink.prepare(digits_cnn, XNORConfig(), data=calib).eval()
     bias = prepared.features[4].bias.detach().clone()
     tau = prepared.features[7].act_threshold.detach().clone()
     with torch.no_grad():
@@ -84,7 +84,7 @@ class _Residual(nn.Module):
 def test_no_fold_where_the_relu_has_other_consumers_or_no_batchnorm():
     torch.manual_seed(0)
     x = torch.randn(6, 3, 5, 5)
-    prepared = torchshrink.binarize(_Residual().eval(), XNORConfig(), data=[x]).eval()
+    prepared = torchshrink.prepare(_Residual().eval(), XNORConfig(), data=[x]).eval()
     assert prepared._torchshrink_binary_report["binarized"] == ["conv1", "conv2"]
     assert prepared._torchshrink_binary_report["threshold_into"] == {}
     assert type(prepared.relu) is nn.ReLU
@@ -103,11 +103,11 @@ def _mlp() -> nn.Sequential:
 
 def test_no_fold_when_disabled_functional_relu_or_untraceable(tiny):
     x = torch.randn(4, 3, 4, 4)
-    off = torchshrink.binarize(_mlp(), XNORConfig(fold_threshold=False), data=[torch.randn(16, 6)]).eval()
+    off = torchshrink.prepare(_mlp(), XNORConfig(fold_threshold=False), data=[torch.randn(16, 6)]).eval()
     assert off._torchshrink_binary_report["threshold_into"] == {} and type(off[2]) is nn.ReLU
     assert fold_thresholds(off) == [] and convert(off, fold=True)[3].thresholded  # the ReLU blocks the fold
     # tiny: torch.relu (a function, not a module) between its BN and fc1 cannot be swapped
-    prepared = torchshrink.binarize(tiny, BNNConfig(), data=[x]).eval()
+    prepared = torchshrink.prepare(tiny, BNNConfig(), data=[x]).eval()
     assert prepared._torchshrink_binary_report["threshold_into"] == {}
     assert convert(prepared, fold=True).fc1.thresholded
 
@@ -117,12 +117,12 @@ def test_no_fold_when_disabled_functional_relu_or_untraceable(tiny):
 
     net = Branching(nn.Linear(6, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 8), nn.Linear(8, 2)).eval()
     assert sign_sources(net, allow_relu=True) == {}
-    assert torchshrink.binarize(net, BNNConfig())._torchshrink_binary_report["threshold_into"] == {}
+    assert torchshrink.prepare(net, BNNConfig())._torchshrink_binary_report["threshold_into"] == {}
 
 
 def test_batchnorm1d_mlp_folds_and_uneven_packed_thresholds_do_not():
     x = torch.randn(32, 6)
-    prepared = torchshrink.binarize(_mlp(), XNORConfig(), data=[x]).eval()
+    prepared = torchshrink.prepare(_mlp(), XNORConfig(), data=[x]).eval()
     assert prepared._torchshrink_binary_report["threshold_into"] == {"3": "1", "7": "4"}
     plain = convert(prepared)  # no fold: per-feature thresholds stored
     assert plain[3].act_threshold.shape == (16,)
@@ -133,7 +133,7 @@ def test_batchnorm1d_mlp_folds_and_uneven_packed_thresholds_do_not():
         assert torch.allclose(folded(x), plain(x), atol=1e-4, rtol=1e-4)
     # a Linear after Flatten of 4 channels x 2 positions whose thresholds differ within a channel
     net2 = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(8, 5), nn.Linear(5, 2)).eval()
-    prepared2 = torchshrink.binarize(net2, BNNConfig()).eval()
+    prepared2 = torchshrink.prepare(net2, BNNConfig()).eval()
     assert prepared2[3].act_threshold.shape == (4,)  # prepared to share one threshold per channel
     prepared2[3].share_threshold(8)  # a user's own per-feature thresholds instead
     with torch.no_grad():
@@ -143,7 +143,7 @@ def test_batchnorm1d_mlp_folds_and_uneven_packed_thresholds_do_not():
     # max-pooling the flattened features mixes channels: a per-channel shift no longer commutes
     net3 = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.MaxPool1d(2),
                          nn.Linear(4, 5), nn.Linear(5, 2)).eval()
-    prepared3 = torchshrink.binarize(net3, XNORConfig(), data=[torch.randn(8, 3, 1, 2)])
+    prepared3 = torchshrink.prepare(net3, XNORConfig(), data=[torch.randn(8, 3, 1, 2)])
     assert prepared3._torchshrink_binary_report["threshold_into"] == {} and type(prepared3[2]) is nn.ReLU
 
 

@@ -42,7 +42,7 @@ def _x(n: int = 6) -> torch.Tensor:
 
 @pytest.mark.parametrize("cls", [BWNConfig, XNORConfig])
 def test_folding_moves_scale_and_bias_out_and_keeps_the_output(cls):
-    prepared = torchshrink.binarize(_net(), cls(), data=[_x(16)]).eval()  # layers 0 and 11 stay float
+    prepared = torchshrink.prepare(_net(), cls(), data=[_x(16)]).eval()  # layers 0 and 11 stay float
     plain = convert(prepared)
     folded = convert(prepared, fold=True)
     with torch.no_grad():
@@ -58,14 +58,14 @@ def test_folding_moves_scale_and_bias_out_and_keeps_the_output(cls):
 
 
 def test_fold_keeps_a_scale_that_a_relu_could_not_pass():
-    prepared = torchshrink.binarize(_net(), BWNConfig()).eval()
+    prepared = torchshrink.prepare(_net(), BWNConfig()).eval()
     packed = convert(prepared)
     packed[9].scale[0] = -1.0  # a negative scale does not commute with ReLU
     assert fold_into_neighbours(packed) == ["3"] and packed[9].scaled
 
 
 def test_float16_parameters_round_trip_through_the_file(tmp_path):
-    prepared = torchshrink.binarize(_net(), XNORConfig(keep_first_last=False), data=[_x(16)]).eval()
+    prepared = torchshrink.prepare(_net(), XNORConfig(keep_first_last=False), data=[_x(16)]).eval()
     packed = convert(prepared, param_dtype="float16")
     assert packed[3].scale.dtype == torch.float16 and packed[3].act_threshold.dtype == torch.float16
     torchshrink.save(packed, tmp_path / "m")
@@ -84,7 +84,7 @@ def test_finalize_stores_kept_layers_at_keep_dtype_and_reloads(tmp_path):
     for kd, first, last in (("int8", CastWrapper, WeightOnlyLinear), ("float16", CastWrapper, CastWrapper),
                             ("float32", nn.Conv2d, nn.Linear)):
         cfg = BWNConfig(keep_dtype=kd)
-        prepared = torchshrink.binarize(net, cfg).eval()
+        prepared = torchshrink.prepare(net, cfg).eval()
         with torch.no_grad():
             ref = prepared(_x())
         out = finalize_binarize(prepared, cfg)
@@ -101,8 +101,8 @@ def test_finalize_whole_model_is_smaller_than_unfolded_float32():
     from torchshrink.export import saved_bytes
 
     net = _net()
-    small = finalize_binarize(torchshrink.binarize(net, BWNConfig()).eval(), BWNConfig())
-    big = finalize_binarize(torchshrink.binarize(net, BWNConfig()).eval(),
+    small = finalize_binarize(torchshrink.prepare(net, BWNConfig()).eval(), BWNConfig())
+    big = finalize_binarize(torchshrink.prepare(net, BWNConfig()).eval(),
                             BWNConfig(keep_dtype="float32", param_dtype="float32", fold=False))
     assert saved_bytes(small) < saved_bytes(big) < saved_bytes(net)
 
@@ -145,7 +145,7 @@ def test_conv_module_runs_c_and_numpy_to_the_same_floats():
 
 
 def test_bnn_recipe_output_still_exact_after_fold():
-    prepared = torchshrink.binarize(_net(), BNNConfig(), data=[_x(16)]).eval()
+    prepared = torchshrink.prepare(_net(), BNNConfig(), data=[_x(16)]).eval()
     packed = convert(prepared, fold=True, param_dtype="float32")
     h = torch.randn(4, 24)
     layer = packed[9]  # linear -> ReLU -> linear: a bnn layer has no scale; its bias stays

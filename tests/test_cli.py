@@ -32,7 +32,8 @@ def test_measure_prints_a_table():
 def test_inspect_lists_layers_with_macs():
     code, out, err = run("inspect", "--model", "tests.conftest:tiny_net")
     assert code == 0, err
-    assert "fc1" in out and "Linear" in out and "4,128" in out  # fc1: 128*32 MACs per sample x2 batch
+    # fc1: 128*32 weights + 32 biases = 4,128 parameters; 128*32 MACs per sample x batch 2 = 8,192 MACs
+    assert "fc1" in out and "Linear" in out and "4,128" in out and "8,192" in out
 
 
 def test_missing_model_file(tmp_path):

@@ -101,7 +101,7 @@ def test_failed_mask_application_rolls_back(tiny, monkeypatch, schedule):
         monkeypatch.setattr(torch.Tensor, "masked_fill_", flaky_mul)
     cfg = UnstructuredConfig(sparsity=0.5, schedule=schedule, initial_sparsity=0.3)
     with pytest.raises(RuntimeError, match="boom"):
-        ts.prune(tiny, cfg, inplace=True)
+        ts.prepare(tiny, cfg, inplace=True)
     monkeypatch.undo()
     assert all(torch.equal(v, tiny.state_dict()[k]) for k, v in before.items())
     assert not any(parametrize.is_parametrized(m) for m in tiny.modules())
@@ -198,7 +198,9 @@ def test_movement_accumulates_during_agp(mlp):
 
 
 def test_make_permanent_without_finalize(tiny):
-    out = ts.prune(tiny, UnstructuredConfig(sparsity=0.6, schedule="iterative", rounds=2))
+    with pytest.raises(ConfigError, match="trains"):  # a schedule needs training: prepare / finalize
+        ts.prune(tiny, UnstructuredConfig(sparsity=0.6, schedule="iterative", rounds=2))
+    out = ts.prepare(tiny, UnstructuredConfig(sparsity=0.6, schedule="iterative", rounds=2))
     assert parametrize.is_parametrized(out.fc1)
     assert sparsity(out.fc1.weight) == pytest.approx(1 - 0.4 ** 0.5, abs=0.01)
     assert make_permanent(out) == ["conv", "fc1", "fc2"]

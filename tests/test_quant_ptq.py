@@ -161,7 +161,7 @@ def test_static_errors():
 
 def test_qat_lsq_prepare_train_finalize_to_integer_modules():
     from torchshrink.quant import Int8Linear, QATConfig
-    from torchshrink.quant.qat import QATLayer, finalize_qat
+    from torchshrink.quant.qat import QATLayer
     from torchshrink.recipe.recipe import Finetune
     from torchshrink.recipe.train import finetune
 
@@ -170,12 +170,17 @@ def test_qat_lsq_prepare_train_finalize_to_integer_modules():
     x = torch.randn(64, 16)
     y = (x[:, :4]).argmax(1)
     cfg = QATConfig(weight_bits=4, act_bits=4)
-    p = torchshrink.quantize(m, cfg, data=[x])
+    with pytest.raises(ConfigError, match="trains"):  # QAT without training data: prepare / finalize
+        torchshrink.quantize(m, cfg, data=[x])
+    p = torchshrink.prepare(m, cfg, data=[x])
     assert isinstance(p[0], QATLayer) and p[0].wq.step.requires_grad
     before = p[0].wq.step.detach().clone()
-    finetune(p, [(x, y)] * 4, Finetune(epochs=2, lr=1e-2))
+    finetune(p, [(x, y)] * 4, Finetune(epochs=2, lr=1e-2), on_step=torchshrink.step)
     assert not torch.equal(before, p[0].wq.step.detach())  # the steps are learned
-    q = finalize_qat(p, cfg)
+    q = torchshrink.finalize(p)
+    assert isinstance(p[0], QATLayer)  # finalize copies: the prepared model is untouched
+    one_call = torchshrink.quantize(m, cfg, data=[x], train_data=[(x, y)] * 4, finetune=Finetune(epochs=2, lr=1e-2))
+    assert torch.equal(one_call(x), q(x))  # apply with train_data = prepare + the shared loop + finalize
     lins = [mm for mm in q.modules() if isinstance(mm, Int8Linear)]
     assert len(lins) == 2 and lins[0].relu
     assert int(lins[0].qweight.abs().max()) <= 7  # 4-bit grid kept

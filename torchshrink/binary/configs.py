@@ -239,7 +239,7 @@ C = TypeVar("C", bound=type)
 @dataclass_transform(frozen_default=True, kw_only_default=True)
 def _binarize_kind(cls: C) -> C:
     """Make ``cls`` a frozen keyword-only config dataclass registered with the binarize handler."""
-    return register(apply_binarize, finalize=finalize_binarize)(dataclasses.dataclass(frozen=True, kw_only=True)(cls))
+    return register(apply_binarize, finalize=finalize_binarize, trains=True)(dataclasses.dataclass(frozen=True, kw_only=True)(cls))
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -1,15 +1,134 @@
-"""The public verbs: ``apply`` and its family-checked aliases ``prune``, ``quantize``, ..."""
+"""The public lifecycle of every technique: ``prepare -> (calibrate | train, calling step) -> finalize``.
+
+- ``apply(model, cfg, data=...)`` returns the finished, deployable model (packed, integer, sparse
+  kernels where they measured faster). For a kind that trains (:func:`trains`: QAT, gradual pruning,
+  binary / ternary training) it needs ``train_data=`` and runs the shared loop
+  (:func:`torchshrink.core.train.finetune`) between the phases; without it, it says to use:
+- ``prepare(model, cfg, data=...)``: the model ready for the user's own training loop, which calls
+  ``step(model, i, total)`` before each optimizer step (schedules, mask updates), then
+- ``finalize(prepared)``: the deployable model.
+
+:func:`run` is the one stage driver that ``apply``, the recipe runner, DDP fine-tuning and the search
+all use: prepare, an optional ``train(prepared, step_hook)`` callable, finalize.
+
+Every call copies the model first (``inplace=True`` to skip the copy); arguments a kind does not
+take raise :class:`ConfigError` instead of being dropped.
+"""
 
 from __future__ import annotations
 
 import copy
+import difflib
+import inspect
+from collections.abc import Callable
 from typing import Any
 
 from torch import nn
 
-from torchshrink.core.config import Config, get_handler, known_kinds
+from torchshrink.core.config import Config, Entry, get_entry, known_kinds
 from torchshrink.core.errors import ConfigError
 from torchshrink.core.select import Select
+
+PENDING = "_torchshrink_pending"  # the configs prepared on a model and not yet finalized, in order
+StepHook = Callable[[nn.Module, int, int], None]
+Trainer = Callable[[nn.Module, StepHook], list[dict[str, float]]]
+_CARRY = ("_torchshrink_source", "_torchshrink_input")
+
+
+def _check(model: Any, config: Any) -> Entry:
+    if not isinstance(config, Config):
+        raise ConfigError(f"expected a torchshrink config, got {type(config).__name__}; known kinds: {', '.join(known_kinds())}")
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"expected a torch.nn.Module, got {type(model).__name__}")
+    return get_entry(config)
+
+
+def options_of(entry: Entry) -> list[str]:
+    """The technique-specific keyword arguments a kind's handler takes (besides select and data)."""
+    params = inspect.signature(entry.handler).parameters.values()
+    return [p.name for p in params if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)
+            and p.name not in ("model", "config", "select", "data")]
+
+
+def _check_options(entry: Entry, config: Config, options: dict[str, Any], extra: tuple[str, ...] = ()) -> None:
+    allowed = options_of(entry)
+    for k in options:
+        if k not in allowed:
+            everything = ["select", "data", "inplace", *extra, *allowed]
+            close = difflib.get_close_matches(k, everything, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ConfigError(f"unknown argument {k!r} for kind {config.kind!r}{hint}; allowed: {', '.join(everything)}")
+
+
+def trains(config: Config) -> bool:
+    """Whether ``config``'s kind needs training between prepare and finalize."""
+    t = get_entry(config).trains
+    return bool(t(config) if callable(t) else t)
+
+
+def prepare(model: nn.Module, config: Config, *, select: Select | dict[str, Any] | None = None, data: Any = None,
+            inplace: bool = False, **options: Any) -> nn.Module:
+    """Apply ``config``'s first phase to (a copy of) ``model``: for a one-shot kind the result of its
+    handler, for a training kind the model ready to train. :func:`finalize` completes it."""
+    entry = _check(model, config)
+    _check_options(entry, config, options)
+    sel = Select.from_dict(select) if isinstance(select, dict) else select
+    work = model if inplace else copy.deepcopy(model)
+    out = entry.handler(work, config, select=sel, data=data, **options)
+    pending = list(getattr(model, PENDING, []))
+    pending.append(config)
+    setattr(out, PENDING, pending)
+    history = list(getattr(model, "_torchshrink_history", []))
+    history.append(config.to_dict())
+    out._torchshrink_history = history
+    for attr in _CARRY:
+        if hasattr(model, attr) and not hasattr(out, attr):
+            setattr(out, attr, getattr(model, attr))
+    return out
+
+
+def step(model: nn.Module, step: int, total: int) -> None:
+    """The per-step hook of every kind prepared on ``model`` (gradual schedules, held masks): call it
+    before each optimizer step of your loop with the step index and the total number of steps."""
+    for config in getattr(model, PENDING, []):
+        entry = get_entry(config)
+        if entry.on_step is not None:
+            entry.on_step(model, config, step, total)
+
+
+def finalize(model: nn.Module, config: Config | None = None, *, inplace: bool = False) -> nn.Module:
+    """Turn a prepared (and trained) model into the deployable one: fake-quant into integer modules,
+    masks into sparse weights and kernels, training layers into packed ones. ``config`` (of the kind
+    prepared last) finalizes with other finalize-time settings (e.g. the stored dtype)."""
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"expected a torch.nn.Module, got {type(model).__name__}")
+    pending = list(getattr(model, PENDING, []))
+    if config is not None:
+        if not pending or pending[-1].kind != config.kind:
+            last = pending[-1].kind if pending else "nothing"
+            raise ConfigError(f"finalize(config={config.kind!r}) on a model prepared with {last!r}: give a config of that kind")
+        pending[-1] = config
+    out = model if inplace else copy.deepcopy(model)
+    for config in pending:
+        entry = get_entry(config)
+        if entry.finalize is not None:
+            new = entry.finalize(out, config)
+            for attr in (*_CARRY, "_torchshrink_history"):
+                if hasattr(out, attr) and not hasattr(new, attr):
+                    setattr(new, attr, getattr(out, attr))
+            out = new
+    if hasattr(out, PENDING):
+        delattr(out, PENDING)
+    return out.eval()
+
+
+def run(model: nn.Module, config: Config, *, select: Select | dict[str, Any] | None = None, data: Any = None,
+        train: Trainer | None = None, inplace: bool = False, **options: Any) -> tuple[nn.Module, list[dict[str, float]]]:
+    """The one stage driver: prepare, ``train(prepared, step)`` when given, finalize. Returns the
+    finished model and the training history."""
+    prepared = prepare(model, config, select=select, data=data, inplace=inplace, **options)
+    history = train(prepared, step) if train is not None else []
+    return finalize(prepared, inplace=True), history
 
 
 def apply(
@@ -18,28 +137,46 @@ def apply(
     *,
     select: Select | dict[str, Any] | None = None,
     data: Any = None,
+    train_data: Any = None,
+    finetune: Any = None,
+    loss: Any = None,
     inplace: bool = False,
-    **kwargs: Any,
+    **options: Any,
 ) -> nn.Module:
-    """Compress ``model`` as ``config`` says and return the result.
+    """Compress ``model`` as ``config`` says and return the finished model.
 
-    The input model is left untouched unless ``inplace=True``; if the technique fails half-way,
-    the caller's model is as it was.
+    ``data`` calibrates (batches as :func:`torchshrink.measure.quality.iter_batches` reads them). A kind
+    that trains also needs ``train_data`` (labelled batches), with ``finetune`` settings
+    (:class:`torchshrink.core.train.Finetune`) and an optional ``loss(model, inputs, labels)``.
+    The input model is left untouched unless ``inplace=True``.
     """
-    if not isinstance(config, Config):
-        raise ConfigError(f"expected a torchshrink config, got {type(config).__name__}; known kinds: {', '.join(known_kinds())}")
-    if not isinstance(model, nn.Module):
-        raise ConfigError(f"expected a torch.nn.Module, got {type(model).__name__}")
-    handler = get_handler(config)
-    sel = Select.from_dict(select) if isinstance(select, dict) else select
-    work = model if inplace else copy.deepcopy(model)
-    out = handler(work, config, select=sel, data=data, **kwargs)
-    history = list(getattr(model, "_torchshrink_history", []))
-    history.append(config.to_dict())
-    out._torchshrink_history = history
-    for attr in ("_torchshrink_source", "_torchshrink_input"):
-        if hasattr(model, attr) and not hasattr(out, attr):
-            setattr(out, attr, getattr(model, attr))
+    entry = _check(model, config)
+    _check_options(entry, config, {k: v for k, v in options.items() if k != "train_data"}, ("train_data", "finetune", "loss"))
+    if "train_data" in options_of(entry):  # the kind trains inside its handler (distill: epochs, lr in its config)
+        if finetune is not None or loss is not None:
+            raise ConfigError(f"kind {config.kind!r} takes its training settings from its config, not finetune/loss")
+        options["train_data"] = train_data
+    elif trains(config):
+        if train_data is None:
+            raise ConfigError(
+                f"kind {config.kind!r} trains: give apply(..., train_data=labelled_batches, finetune=Finetune(...)), "
+                "or run your own loop: m = ts.prepare(model, cfg); train calling ts.step(m, i, total); ts.finalize(m)"
+            )
+    elif train_data is not None or finetune is not None or loss is not None:
+        raise ConfigError(f"kind {config.kind!r} does not train: drop train_data/finetune/loss "
+                          "(to fine-tune after it, use a recipe stage with `finetune:`)")
+    _check_options(entry, config, options, ("train_data", "finetune", "loss"))
+    trainer: Trainer | None = None
+    if trains(config) and train_data is not None:
+        from torchshrink.core.train import Finetune
+        from torchshrink.core.train import finetune as loop
+
+        settings = finetune if finetune is not None else Finetune()
+
+        def trainer(m: nn.Module, hook: StepHook) -> list[dict[str, float]]:
+            return loop(m, train_data, settings, loss_fn=loss, on_step=hook)
+
+    out, _ = run(model, config, select=select, data=data, train=trainer, inplace=inplace, **options)
     return out
 
 

@@ -27,7 +27,7 @@ class Config:
 
     Subclasses are decorated with ``@dataclasses.dataclass(frozen=True, kw_only=True)`` and
     :func:`register`; they set ``kind`` (unique name) and ``family`` (``prune``, ``quantize``,
-    ``factorize``, ``binarize``, ``distill`` or ``cast``) and implement :meth:`validate`.
+    ``factorize``, ``binarize`` or ``distill``; casting is a ``quantize`` kind) and implement :meth:`validate`.
     """
 
     kind: ClassVar[str] = ""
@@ -122,13 +122,17 @@ class Entry:
     # finalize(model, config) -> model (e.g. fake-quant -> integer modules, masks -> weights).
     on_step: Callable[..., None] | None = None
     finalize: Callable[..., Any] | None = None
+    # whether the kind needs training between prepare and finalize (QAT, binary training, gradual
+    # pruning): a bool, or a function of the config
+    trains: bool | Callable[[Any], bool] = False
 
 
 _REGISTRY: dict[str, Entry] = {}
 
 
 def register(
-    handler: Handler, *, on_step: Callable[..., None] | None = None, finalize: Callable[..., Any] | None = None
+    handler: Handler, *, on_step: Callable[..., None] | None = None, finalize: Callable[..., Any] | None = None,
+    trains: bool | Callable[[Any], bool] = False,
 ) -> Callable[[type[C]], type[C]]:
     """Class decorator: ``@register(apply_fn)`` binds a config class's ``kind`` to its handler.
 
@@ -141,7 +145,7 @@ def register(
             raise TypeError(f"{cls.__name__} needs a class-level `kind`")
         if cls.kind in _REGISTRY and _REGISTRY[cls.kind].config_cls is not cls:
             raise TypeError(f"config kind {cls.kind!r} is registered twice")
-        _REGISTRY[cls.kind] = Entry(cls, handler, on_step, finalize)
+        _REGISTRY[cls.kind] = Entry(cls, handler, on_step, finalize, trains)
         return cls
 
     return deco

@@ -1,6 +1,7 @@
 """Knowledge distillation: losses, the Distiller, self-distillation, student builders, the
 ``distill`` config kind and the ``recovery: distill`` method of recipe stages."""
 
+from torchshrink.core.train import register_recovery
 from torchshrink.distill.config import DistillConfig
 from torchshrink.distill.corpus import check_disjoint, distill_corpus, docstring_sentences
 from torchshrink.distill.distiller import Distiller, FeaturePair, distill_recovery, tap
@@ -24,7 +25,6 @@ from torchshrink.distill.self_distill import (
 )
 from torchshrink.distill.sentence import distill_sentence_encoder, freeze_word_embeddings, length_batches
 from torchshrink.distill.students import as_student, drop_layers, find_layer_stack, shrink_width
-from torchshrink.recipe.train import register_recovery
 
 register_recovery("distill", distill_recovery)
 

@@ -14,12 +14,12 @@ from torch import nn
 from torchshrink.core.config import Config, check_range, register
 from torchshrink.core.errors import ConfigError, DataError
 from torchshrink.core.select import Select
+from torchshrink.core.train import Finetune
 from torchshrink.distill.distiller import Distiller, FeaturePair
 from torchshrink.distill.losses import check_kd_settings
 from torchshrink.distill.self_distill import reinitialize
 from torchshrink.distill.students import as_student, drop_layers, shrink_width
 from torchshrink.measure.quality import iter_batches
-from torchshrink.recipe.recipe import Finetune
 
 log = logging.getLogger(__name__)
 

@@ -16,9 +16,9 @@ from torch import nn
 from torchshrink.core.config import check_choice, check_range
 from torchshrink.core.errors import ConfigError, DataError, LayerNotFoundError
 from torchshrink.core.surgery import get_module
+from torchshrink.core.train import Finetune
 from torchshrink.distill import losses as L
 from torchshrink.measure.quality import iter_batches, main_output
-from torchshrink.recipe.recipe import Finetune
 
 log = logging.getLogger(__name__)
 
@@ -260,7 +260,7 @@ class Distiller:
         on_step: Callable[[nn.Module, int, int], None] | None = None,
     ) -> list[dict[str, float]]:
         """Train the student in place with the shared fine-tune loop; returns the per-epoch history."""
-        from torchshrink.recipe.train import finetune
+        from torchshrink.core.train import finetune
 
         settings = settings or Finetune(temperature=self.temperature, alpha=self.alpha)
         batches = data if hasattr(data, "__len__") else list(data)

@@ -20,10 +20,10 @@ from torch import nn
 
 from torchshrink.core.errors import ConfigError, DataError
 from torchshrink.core.surgery import get_module
+from torchshrink.core.train import Finetune
 from torchshrink.distill.distiller import Distiller, tap
 from torchshrink.distill.losses import check_kd_settings, soft_kl
 from torchshrink.measure.quality import iter_batches, main_output
-from torchshrink.recipe.recipe import Finetune
 
 log = logging.getLogger(__name__)
 
@@ -161,7 +161,7 @@ def train_deep_supervision(
     evaluate: Callable[[nn.Module], dict[str, float]] | None = None,
 ) -> list[dict[str, float]]:
     """Train backbone and exits together (in place) with the shared fine-tune loop."""
-    from torchshrink.recipe.train import finetune
+    from torchshrink.core.train import finetune
 
     return finetune(model, data, settings, loss_fn=deep_supervision_loss(settings.temperature, settings.alpha),
                     evaluate=evaluate)

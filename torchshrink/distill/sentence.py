@@ -19,9 +19,9 @@ import torch
 from torch import nn
 
 from torchshrink.core.errors import DataError
+from torchshrink.core.train import Finetune
 from torchshrink.distill.corpus import check_disjoint
 from torchshrink.distill.distiller import Distiller
-from torchshrink.recipe.recipe import Finetune
 
 log = logging.getLogger(__name__)
 

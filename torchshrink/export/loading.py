@@ -144,6 +144,9 @@ def _probe(name: str, tname: str, init: dict[str, Any], declared: dict[str, Any]
 
 
 def _set_attr(m: nn.Module, name: str, k: str, v: Any) -> None:
+    if v is None and k in m._modules:  # a submodule the saved model does not have (e.g. no pooler)
+        m._modules[k] = None
+        return
     static = inspect.getattr_static(type(m), k, None)
     if not k.isidentifier() or k.startswith("_") or k in m._modules or k in m._parameters or k in m._buffers \
             or isinstance(static, property | types.FunctionType | classmethod | staticmethod):
@@ -182,8 +185,10 @@ def rebuild(skeleton: nn.Module, records: list[dict[str, Any]], declared: dict[s
             parent_name, _, child = name.rpartition(".")
             if parent_name in keep:
                 parent = _lookup(skeleton, parent_name)
-                if parent is not None:
+                if isinstance(parent, nn.ModuleList | nn.Sequential | nn.ModuleDict):
                     del parent._modules[child]
+                elif parent is not None:  # an attribute the parent's forward reads: None, as its class makes it
+                    parent._modules[child] = None
     for rec in records:
         m = _lookup(skeleton, rec["name"])
         if m is None:

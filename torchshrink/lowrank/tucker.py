@@ -63,8 +63,23 @@ def svd1x1_macs(c_in: int, c_out: int, r: int) -> float:
     return r * (c_in + c_out)
 
 
+def feasible_ranks(r_out: int, r_in: int, c_out: int, c_in: int, k2: int) -> tuple[int, int]:
+    """Tucker-2 ranks a kernel can have: each at most its channels, and each at most the other times
+    the kernel area (the core's unfolding bounds it; e.g. an RGB conv's r_in <= 3 caps r_out at 27)."""
+    r_in = max(1, min(r_in, c_in))
+    r_out = max(1, min(r_out, c_out, r_in * k2))
+    return r_out, min(r_in, r_out * k2)
+
+
 def tucker2_ranks(conv: nn.Conv2d, cfg: LowRankConfig, name: str, q: float) -> tuple[int, int]:
     """``(r_out, r_in)`` for a conv as ``cfg`` asks (a 1x1 conv gets ``(r, r)``)."""
+    r_out, r_in = _tucker2_ranks(conv, cfg, name, q)
+    if conv.weight.shape[2] * conv.weight.shape[3] == 1:
+        return r_out, r_in
+    return feasible_ranks(r_out, r_in, conv.out_channels, conv.in_channels, conv.weight.shape[2] * conv.weight.shape[3])
+
+
+def _tucker2_ranks(conv: nn.Conv2d, cfg: LowRankConfig, name: str, q: float) -> tuple[int, int]:
     w = conv.weight.detach()
     c_out, c_in = w.shape[0], w.shape[1]
     k2 = w.shape[2] * w.shape[3]
@@ -149,6 +164,7 @@ def factorize_tucker2(conv: nn.Conv2d, r_out: int, r_in: int, solver: str = "gra
         )
         kind = "svd1x1"
     else:
+        r_out, r_in = feasible_ranks(r_out, r_in, c_out, c_in, w.shape[2] * w.shape[3])
         u_out, core, u_in = (t.to(w.dtype) for t in tucker2_factors(w, r_out, r_in, solver=solver))
         seq = nn.Sequential(
             _conv(c_in, r_in, conv, spatial=False, bias=False, weight=u_in.T.reshape(r_in, c_in, 1, 1)),

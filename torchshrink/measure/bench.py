@@ -1,5 +1,6 @@
 """Shared plumbing for benchmark scripts: targets with PASS/FAIL, results as JSON + Markdown with
-the machine at the top, and ``--check`` exiting non-zero on a FAIL (see BENCHMARKING.md)."""
+the machine at the top, and ``--check`` exiting non-zero on a FAIL. Timed comparisons are taken
+interleaved in one run (:func:`torchshrink.measure.latency.time_interleaved`)."""
 
 from __future__ import annotations
 

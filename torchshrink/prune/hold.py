@@ -1,6 +1,6 @@
 """Masks held with torch parametrizations while training, made permanent at the end.
 
-``attach`` registers a :class:`WeightMask` on each layer's ``weight`` (the forward sees ``w * mask``,
+``set_mask`` registers a :class:`WeightMask` on each layer's ``weight`` (the forward sees ``w * mask``,
 the optimizer still owns the original Parameter); ``make_permanent`` bakes the masks in and removes
 the parametrizations. ``apply_masks`` applies a whole set of masks or none of them (rollback).
 """

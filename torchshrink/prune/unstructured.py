@@ -175,7 +175,8 @@ def finalize_unstructured(model: nn.Module, config: UnstructuredConfig) -> nn.Mo
     return model
 
 
-@register(prune_unstructured, on_step=on_step_unstructured, finalize=finalize_unstructured)
+@register(prune_unstructured, on_step=on_step_unstructured, finalize=finalize_unstructured,
+          trains=lambda c: c.schedule != "oneshot")
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class UnstructuredConfig(Config):
     """Zero the ``sparsity`` share of the least important weights of Linear / Conv layers.

@@ -111,7 +111,7 @@ def finalize_qat(model: nn.Module, config: QATConfig) -> nn.Module:
     return out
 
 
-@register(apply_qat, finalize=finalize_qat)
+@register(apply_qat, finalize=finalize_qat, trains=True)
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class QATConfig(Config):
     """QAT with LSQ at ``weight_bits`` / ``act_bits`` (2..8; per-layer via overrides). Needs calibration

@@ -32,7 +32,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from torchshrink.core.config import get_entry
+from torchshrink.core.api import finalize, step
 from torchshrink.core.errors import ConfigError, DataError
 from torchshrink.recipe.recipe import Stage
 from torchshrink.recipe.runner import prepare_stage
@@ -77,18 +77,16 @@ def ddp_finetune_stage(model: nn.Module, stage: Stage, task: Task, seed: int = 0
     if not dist.is_initialized():
         raise ConfigError("ddp_finetune_stage needs an initialized process group (torchrun, or run_stage_ddp)")
     rank, world = dist.get_rank(), dist.get_world_size()
-    entry = get_entry(stage.config)
     new = prepare_stage(model, stage, task, seed)
     if stage.finetune is None or stage.finetune.epochs == 0:
         return new
     ft = dataclasses.replace(stage.finetune, seed=stage.finetune.seed + seed)
     base_loss = recovery_loss(stage.recovery, model, ft)
     train = Shard(task.require_train(), rank, world)
-    if entry.on_step is not None:
-        # a hold parametrization (e.g. one-shot pruning's masks) that the first step would register must exist
-        # before DDP wraps the model: registering it later re-creates the weight's gradient accumulator, DDP's
-        # all-reduce hook on the old one never fires, and each rank trains those weights on its own slice
-        entry.on_step(new, stage.config, 0, ft.epochs * len(train))
+    # a hold parametrization (e.g. one-shot pruning's masks) that the first step would register must exist
+    # before DDP wraps the model: registering it later re-creates the weight's gradient accumulator, DDP's
+    # all-reduce hook on the old one never fires, and each rank trains those weights on its own slice
+    step(new, 0, ft.epochs * len(train))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # broadcast_buffers: running stats are synced by sync_norms
         ddp = nn.parallel.DistributedDataParallel(new, find_unused_parameters=True, broadcast_buffers=False)
@@ -96,12 +94,8 @@ def ddp_finetune_stage(model: nn.Module, stage: Stage, task: Task, seed: int = 0
     def loss(student: nn.Module, inputs: tuple, labels: torch.Tensor | None) -> torch.Tensor:
         return base_loss(ddp, inputs, labels)
 
-    def on_step(m: nn.Module, step: int, total: int) -> None:
-        if entry.on_step is not None:
-            entry.on_step(new, stage.config, step, total)
-
     with sync_norms(new):
-        finetune(new, train, ft, loss_fn=loss, on_step=on_step)
+        finetune(new, train, ft, loss_fn=loss, on_step=lambda m, i, total: step(new, i, total))
     check_in_sync(new)
     return new
 
@@ -190,9 +184,7 @@ def _spawned(rank: int, world: int, port: int, model: nn.Module, stage: Stage, t
         if rank == 0:  # finalize once and hand the result over in torchshrink's own save format
             from torchshrink.export.io import save
 
-            entry = get_entry(stage.config)
-            final = entry.finalize(trained, stage.config) if entry.finalize is not None else trained
-            save(final.eval(), out)
+            save(finalize(trained, inplace=True), out)
         dist.barrier()
     finally:
         dist.destroy_process_group()
@@ -226,11 +218,7 @@ def run_stage_ddp(model: nn.Module, stage: Stage, task_factory: TaskFactory, *, 
             if not Path(out).is_dir():
                 raise RuntimeError("DDP fine-tuning ended without a model from rank 0")
             return load(out).eval()
-    new = prepare_stage(model, stage, task_factory(), seed)
-    entry = get_entry(stage.config)
-    if entry.finalize is not None:
-        new = entry.finalize(new, stage.config)
-    return new.eval()
+    return finalize(prepare_stage(model, stage, task_factory(), seed), inplace=True)
 
 
 def main(argv: list[str] | None = None) -> None:  # pragma: no cover - exercised through torchrun
@@ -253,9 +241,7 @@ def main(argv: list[str] | None = None) -> None:  # pragma: no cover - exercised
         task = task_for(model)
         current = model
         for i, stage in enumerate(recipe.stages):
-            trained = ddp_finetune_stage(current, stage, task, args.seed * 1000 + i)
-            entry = get_entry(stage.config)
-            current = (entry.finalize(trained, stage.config) if entry.finalize else trained).eval()
+            current = finalize(ddp_finetune_stage(current, stage, task, args.seed * 1000 + i), inplace=True)
         if dist.get_rank() == 0:
             save(current, args.out, recipe=recipe.to_dict(), force=True)
             log.info("wrote %s", args.out)

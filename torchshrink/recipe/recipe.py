@@ -4,62 +4,17 @@ fine-tune settings and a recovery method. Read from YAML with line numbers in er
 from __future__ import annotations
 
 import dataclasses
-import difflib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import yaml
 
-from torchshrink.core.config import Config, check_range, config_from_dict
+from torchshrink.core.config import Config, config_from_dict
 from torchshrink.core.errors import ConfigError, TorchshrinkError
 from torchshrink.core.select import Select
+from torchshrink.core.train import Finetune
 
 STAGE_KEYS = ("select", "finetune", "recovery")
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class Finetune:
-    """Settings of the shared fine-tune loop."""
-
-    epochs: int = 1
-    lr: float = 1e-3
-    optimizer: Literal["adam", "adamw", "sgd"] = "adamw"
-    weight_decay: float = 0.0
-    batch_size: int = 64
-    seed: int = 0
-    # distillation recovery: temperature and weight of the soft loss
-    temperature: float = 4.0
-    alpha: float = 0.7
-
-    def __post_init__(self) -> None:
-        for name in ("epochs", "batch_size", "seed"):
-            if not isinstance(getattr(self, name), int) or isinstance(getattr(self, name), bool):
-                raise ConfigError(f"finetune.{name}={getattr(self, name)!r} must be an integer")
-        for name in ("lr", "weight_decay", "temperature", "alpha"):
-            v = getattr(self, name)
-            if isinstance(v, str):
-                try:
-                    v = float(v)
-                except ValueError:
-                    raise ConfigError(f"finetune.{name}={v!r} must be a number") from None
-                object.__setattr__(self, name, v)
-        check_range("finetune.epochs", self.epochs, 0, 10_000)
-        check_range("finetune.lr", self.lr, 0, 10, lo_open=True)
-        check_range("finetune.batch_size", self.batch_size, 1, 1_000_000)
-        check_range("finetune.temperature", self.temperature, 0, 1e4, lo_open=True)
-        check_range("finetune.alpha", self.alpha, 0, 1)
-        if self.optimizer not in ("adam", "adamw", "sgd"):
-            raise ConfigError(f"finetune.optimizer={self.optimizer!r}; allowed: 'adam', 'adamw', 'sgd'")
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> Finetune:
-        allowed = {f.name for f in dataclasses.fields(cls)}
-        bad = [k for k in d if k not in allowed]
-        if bad:
-            close = difflib.get_close_matches(bad[0], sorted(allowed), n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise ConfigError(f"unknown finetune field {bad[0]!r}{hint}; allowed: {', '.join(sorted(allowed))}")
-        return cls(**d)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,7 +56,7 @@ def stage_from_dict(d: dict[str, Any]) -> Stage:
     cfg = config_from_dict({k: v for k, v in d.items() if k not in STAGE_KEYS})
     select = Select.from_dict(d["select"]) if d.get("select") is not None else None
     ft = Finetune.from_dict(d["finetune"]) if d.get("finetune") is not None else None
-    from torchshrink.recipe.train import known_recoveries
+    from torchshrink.core.train import known_recoveries
 
     recovery = d.get("recovery", "finetune")
     if recovery not in known_recoveries():

@@ -32,8 +32,7 @@ import torch
 import yaml
 from torch import nn
 
-from torchshrink.core.api import apply
-from torchshrink.core.config import get_entry
+from torchshrink.core.api import prepare, run
 from torchshrink.core.errors import ConfigError
 from torchshrink.core.select import check_names
 from torchshrink.export.io import load, write_model_files
@@ -117,29 +116,32 @@ def _reseed(task: Task, seed: int) -> None:
         gen.manual_seed(seed)
 
 
+def _stage_options(stage: Stage, task: Task) -> dict[str, Any]:
+    return {"train_data": task.train} if stage.config.family == "distill" else {}
+
+
 def prepare_stage(model: nn.Module, stage: Stage, task: Task, seed: int = 0) -> nn.Module:
-    """Re-seed (so a resumed run repeats this stage exactly) and apply the stage's config to a copy."""
+    """Re-seed (so a resumed run repeats this stage exactly) and prepare the stage's config on a copy."""
     _reseed(task, seed)
-    extra = {"train_data": task.train} if stage.config.family == "distill" else {}
-    return apply(model, stage.config, select=stage.select, data=task.calibration, **extra)
+    return prepare(model, stage.config, select=stage.select, data=task.calibration, **_stage_options(stage, task))
 
 
 def run_stage(model: nn.Module, stage: Stage, task: Task, progress: Progress | None = None, seed: int = 0) -> tuple[nn.Module, list]:
-    """Apply one stage (prepare -> fine-tune -> finalize) to a copy of ``model``."""
-    entry = get_entry(stage.config)
-    new = prepare_stage(model, stage, task, seed)
-    history: list[dict[str, float]] = []
+    """One stage on a copy of ``model`` through the shared driver (prepare -> fine-tune -> finalize)."""
+    trainer = None
     if stage.finetune is not None and stage.finetune.epochs > 0:
         ft = dataclasses.replace(stage.finetune, seed=stage.finetune.seed + seed)
         loss = recovery_loss(stage.recovery, model, ft)
-        on_step = (lambda m, s, t: entry.on_step(m, stage.config, s, t)) if entry.on_step else None
         cb = (lambda s, t: progress(f"{stage.config.kind}: fine-tune", s, t)) if progress else None
-        history = finetune(new, task.require_train(), ft, loss_fn=loss, on_step=on_step,
-                           evaluate=(lambda m: task.evaluate(m, model)) if task.primary == "accuracy" else None,
-                           progress=cb)
-    if entry.finalize is not None:
-        new = entry.finalize(new, stage.config)
-    return new.eval(), history
+
+        def trainer(new: nn.Module, hook: Callable[[nn.Module, int, int], None]) -> list[dict[str, float]]:
+            return finetune(new, task.require_train(), ft, loss_fn=loss, on_step=hook,
+                            evaluate=(lambda m: task.evaluate(m, model)) if task.primary == "accuracy" else None,
+                            progress=cb)
+
+    _reseed(task, seed)
+    return run(model, stage.config, select=stage.select, data=task.calibration, train=trainer,
+               **_stage_options(stage, task))
 
 
 def _run_key(spec: str, recipe: Recipe, seed: int) -> dict[str, Any]:

@@ -1,123 +1,14 @@
-"""The shared fine-tune loop used by every stage's recovery, and the recovery-loss registry."""
+"""Kept for imports: the shared loop and the recovery registry live in :mod:`torchshrink.core.train`."""
 
-from __future__ import annotations
+from torchshrink.core.train import (
+    LossFn,
+    TrainingError,
+    finetune,
+    known_recoveries,
+    make_optimizer,
+    recovery_loss,
+    register_recovery,
+)
 
-import logging
-from collections.abc import Callable, Iterable
-from typing import Any
-
-import torch
-import torch.nn.functional as F
-from torch import nn
-
-from torchshrink.core.errors import DataError, TorchshrinkError
-from torchshrink.measure.quality import iter_batches, main_output
-from torchshrink.recipe.recipe import Finetune
-
-log = logging.getLogger(__name__)
-
-
-class TrainingError(TorchshrinkError):
-    """Fine-tuning failed (e.g. the loss became NaN)."""
-
-# loss(student, inputs, labels) -> scalar
-LossFn = Callable[[nn.Module, tuple[torch.Tensor, ...], torch.Tensor | None], torch.Tensor]
-# factory(teacher or None, settings) -> LossFn
-RecoveryFactory = Callable[[nn.Module | None, Finetune], LossFn]
-_RECOVERY: dict[str, RecoveryFactory] = {}
-
-
-def register_recovery(name: str, factory: RecoveryFactory) -> None:
-    _RECOVERY[name] = factory
-
-
-def known_recoveries() -> list[str]:
-    import torchshrink.techniques  # noqa: F401  (techniques register theirs, e.g. distill)
-
-    return sorted(_RECOVERY)
-
-
-def recovery_loss(name: str, teacher: nn.Module | None, settings: Finetune) -> LossFn:
-    if name not in known_recoveries():
-        raise DataError(f"unknown recovery {name!r}; allowed: {', '.join(known_recoveries())}")
-    return _RECOVERY[name](teacher, settings)
-
-
-def _cross_entropy(teacher: nn.Module | None, settings: Finetune) -> LossFn:
-    def loss(student: nn.Module, inputs: tuple[torch.Tensor, ...], labels: torch.Tensor | None) -> torch.Tensor:
-        if labels is None:
-            raise DataError("plain fine-tuning needs labelled data; this task has none (use recovery: distill)")
-        return F.cross_entropy(main_output(student(*inputs)), labels)
-
-    return loss
-
-
-register_recovery("finetune", _cross_entropy)
-
-
-def make_optimizer(params: Iterable[nn.Parameter], s: Finetune) -> torch.optim.Optimizer:
-    params = [p for p in params if p.requires_grad]
-    if s.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=s.lr, momentum=0.9, weight_decay=s.weight_decay)
-    cls = torch.optim.Adam if s.optimizer == "adam" else torch.optim.AdamW
-    return cls(params, lr=s.lr, weight_decay=s.weight_decay)
-
-
-def finetune(
-    model: nn.Module,
-    data: Iterable[Any],
-    settings: Finetune,
-    *,
-    loss_fn: LossFn | None = None,
-    on_step: Callable[[nn.Module, int, int], None] | None = None,
-    evaluate: Callable[[nn.Module], dict[str, float]] | None = None,
-    extra_params: Iterable[nn.Parameter] = (),
-    progress: Callable[[int, int], None] | None = None,
-) -> list[dict[str, float]]:
-    """Train ``model`` in place for ``settings.epochs`` over ``data`` batches.
-
-    ``on_step(model, step, total)`` runs before every optimizer step (gradual pruning schedules,
-    mask updates); ``evaluate`` after every epoch. Returns the per-epoch history.
-    """
-    loss_fn = loss_fn or _cross_entropy(None, settings)
-    batches = list(data) if not hasattr(data, "__len__") else data
-    steps_per_epoch = len(batches)
-    if steps_per_epoch == 0:
-        raise DataError("fine-tuning was given no data")
-    total = settings.epochs * steps_per_epoch
-    torch.manual_seed(settings.seed)
-    opt = make_optimizer([*model.parameters(), *extra_params], settings)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(total, 1))
-    history: list[dict[str, float]] = []
-    step = 0
-    for epoch in range(settings.epochs):
-        model.train()
-        running, n = 0.0, 0
-        for inputs, labels in iter_batches(batches):
-            if on_step is not None:
-                on_step(model, step, total)
-            loss = loss_fn(model, inputs, labels)
-            if not torch.isfinite(loss):
-                raise TrainingError(
-                    f"fine-tuning diverged at step {step} (loss {float(loss)}); lower finetune.lr "
-                    f"(now {settings.lr}) or avoid training float16 weights with Adam"
-                )
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            running += float(loss.detach())
-            n += 1
-            step += 1
-            if progress:
-                progress(step, total)
-        model.eval()
-        rec = {"epoch": epoch + 1, "loss": running / max(n, 1)}
-        if evaluate is not None:
-            rec.update(evaluate(model))
-        log.info("epoch %d: %s", epoch + 1, rec)
-        history.append(rec)
-    if on_step is not None:
-        on_step(model, total, total)
-    model.eval()
-    return history
+__all__ = ["LossFn", "TrainingError", "finetune", "known_recoveries", "make_optimizer", "recovery_loss",
+           "register_recovery"]

@@ -25,8 +25,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from torchshrink.core.api import apply
-from torchshrink.core.config import get_config_class, get_entry
+from torchshrink.core.api import run
+from torchshrink.core.config import get_config_class
 from torchshrink.core.select import Select
 from torchshrink.core.surgery import get_module, set_module
 from torchshrink.export.io import saved_bytes
@@ -139,11 +139,7 @@ def _apply_everywhere(model: nn.Module, space: SearchSpace, label: str, data: An
     layers = [layer for layer in space.layers if label in space.labels(layer)]
     opt = space.by_label(layers[0], label)
     cfg = get_config_class(opt.kind)(**opt.values)
-    out = apply(model, cfg, select=Select(include=tuple(layers)), data=data)
-    entry = get_entry(cfg)
-    if entry.finalize is not None:  # training state (fake-quant, masks) -> the real modules
-        out = entry.finalize(out, cfg)
-    out.eval()
+    out, _ = run(model, cfg, select=Select(include=tuple(layers)), data=data)  # finalized, untrained
     return {layer: get_module(out, layer) for layer in layers}
 
 
