@@ -228,15 +228,11 @@ def digits_section(res: dict) -> None:
     a0, a1 = accuracy(m, test), accuracy(q, test)
     res["digits"] = {"fp32_acc": a0, "int8_static_acc": a1, "drop_pp": (a0 - a1) * 100}
     res["targets"].append(Target("digits CNN static INT8 accuracy drop", (a0 - a1) * 100, "<=", 0.3, " pp"))
-    from torchshrink.quant.qat import QATConfig, finalize_qat
-    from torchshrink.recipe.recipe import Finetune
-    from torchshrink.recipe.train import finetune
+    from torchshrink.quant.qat import QATConfig
 
     train, _, _ = digits_loaders()
     cfg = QATConfig(weight_bits=4, act_bits=4)
-    prepared = torchshrink.quantize(m, cfg, data=calib)
-    finetune(prepared, train, Finetune(epochs=3, lr=5e-4))
-    qat = finalize_qat(prepared, cfg)
+    qat = torchshrink.quantize(m, cfg, data=calib, train_data=train, finetune=torchshrink.Finetune(epochs=3, lr=5e-4))
     a2 = accuracy(qat, test)
     res["digits"].update({"qat_w4a4_acc": a2, "qat_drop_pp": (a0 - a2) * 100,
                           "qat_note": "LSQ W4A4 training, 3 epochs; integer model: 4-bit weight grid on int8 kernels, "

@@ -208,6 +208,7 @@ def test_calibration_tuples_are_all_model_inputs():
             return self.fc(a * b)
 
     torch.manual_seed(0)
-    data = [(torch.randn(8, 16), torch.rand(8, 16))]
-    out = ts.factorize(TwoIn(), SVDConfig(method="rank", rank=4, data_aware=True), data=data)
+    a, b = torch.randn(8, 16), torch.rand(8, 16)
+    # two float tensors read as (inputs, labels); several inputs are ((a, b), {kwargs}) (torchshrink.core.data)
+    out = ts.factorize(TwoIn(), SVDConfig(method="rank", rank=4, data_aware=True), data=[((a, b), {})])
     assert out.fc[0].out_features == 4

@@ -12,6 +12,7 @@ from typing import Any, Literal
 from torch import nn
 
 from torchshrink.core.config import Config, check_range, register
+from torchshrink.core.data import as_batches
 from torchshrink.core.errors import ConfigError, DataError
 from torchshrink.core.select import Select
 from torchshrink.core.train import Finetune
@@ -19,7 +20,6 @@ from torchshrink.distill.distiller import Distiller, FeaturePair
 from torchshrink.distill.losses import check_kd_settings
 from torchshrink.distill.self_distill import reinitialize
 from torchshrink.distill.students import as_student, drop_layers, shrink_width
-from torchshrink.measure.quality import iter_batches
 
 log = logging.getLogger(__name__)
 
@@ -67,14 +67,8 @@ def _apply(
 
 
 def _first_inputs(data: Any) -> tuple[Any, ...] | None:
-    if data is None:
-        return None
-    if isinstance(data, tuple) and data and all(hasattr(t, "shape") for t in data):
-        return data
-    if hasattr(data, "shape"):
-        return (data,)
-    first = next(iter(iter_batches(data)), None)
-    return first[0] if first is not None else None
+    first = next(as_batches(data, limit=1), None)
+    return first.inputs if first is not None else None
 
 
 def _build_student(teacher: nn.Module, config: DistillConfig, given: nn.Module | None, example: Any) -> nn.Module:

@@ -12,9 +12,9 @@ import torch
 from torch import nn
 
 from torchshrink.core.config import Config, check_range
+from torchshrink.core.data import as_batches
 from torchshrink.core.errors import ConfigError, DataError, UnsupportedLayerError
 from torchshrink.measure.latency import time_interleaved
-from torchshrink.measure.quality import iter_batches
 
 log = logging.getLogger(__name__)
 
@@ -96,18 +96,9 @@ def conv_skip_reason(conv: nn.Conv2d) -> str | None:
 
 
 def calibration_inputs(data: Any) -> Iterator[tuple[torch.Tensor, ...]]:
-    """Model inputs of each calibration batch: a tensor, a tuple of input tensors (all of them are
-    passed to the model), or a tokenizer dict (input_ids, attention_mask)."""
-    for batch in data:
-        if isinstance(batch, torch.Tensor):
-            yield (batch,)
-        elif isinstance(batch, tuple | list) and all(isinstance(t, torch.Tensor) for t in batch):
-            yield tuple(batch)
-        elif isinstance(batch, dict):
-            yield next(iter(iter_batches([batch])))[0]
-        else:
-            raise DataError(f"unsupported calibration batch of type {type(batch).__name__}; "
-                            "use a tensor, a tuple of input tensors, or a tokenizer dict")
+    """Model inputs of each calibration batch (the one data contract, :mod:`torchshrink.core.data`)."""
+    for b in as_batches(data):
+        yield b.inputs
 
 
 def token_mask(inputs: tuple[torch.Tensor, ...]) -> torch.Tensor | None:
@@ -149,8 +140,9 @@ def run_calibration(model: nn.Module, data: Any, hooks: dict[str, Callable[..., 
 
 def first_inputs(model: nn.Module, data: Any) -> tuple[torch.Tensor, ...] | None:
     """One batch of example inputs: the first calibration batch, else the model's recorded input."""
-    if data:
-        return next(calibration_inputs(data[:1] if isinstance(data, list) else [next(iter(data))]))
+    first = next(as_batches(data, limit=1), None) if data is not None else None
+    if first is not None:
+        return first.inputs
     if getattr(model, "_torchshrink_input", None) is not None:
         from torchshrink.models import example_inputs
 

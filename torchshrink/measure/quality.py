@@ -23,19 +23,12 @@ def main_output(out: Any) -> torch.Tensor:
     raise DataError(f"cannot find an output tensor in a {type(out).__name__}")
 
 
-def iter_batches(data: Iterable[Any]) -> Iterable[tuple[tuple[torch.Tensor, ...], torch.Tensor | None]]:
-    for batch in data:
-        if isinstance(batch, dict):
-            inputs = tuple(batch[k] for k in ("input_ids", "attention_mask") if k in batch)
-            yield inputs, batch.get("labels")
-        elif isinstance(batch, tuple | list) and len(batch) == 2:
-            yield (batch[0],), batch[1]
-        elif isinstance(batch, torch.Tensor):
-            yield (batch,), None
-        else:
-            raise DataError(
-                f"unsupported batch of type {type(batch).__name__}; use (inputs, labels), a tensor, or a tokenizer dict"
-            )
+def iter_batches(data: Any) -> Iterable[tuple[tuple[torch.Tensor, ...], torch.Tensor | None]]:
+    """``(inputs, labels)`` of each batch, read by the one data contract (:mod:`torchshrink.core.data`)."""
+    from torchshrink.core.data import as_batches
+
+    for b in as_batches(data):
+        yield b.inputs, b.labels
 
 
 @torch.inference_mode()

@@ -15,10 +15,10 @@ import torch
 from torch import nn
 
 from torchshrink.core.config import Config, check_range, register
+from torchshrink.core.data import as_batch, calibration
 from torchshrink.core.errors import ConfigError, DataError
 from torchshrink.core.select import Select, config_for, select_modules
 from torchshrink.core.surgery import set_module
-from torchshrink.measure.quality import iter_batches
 from torchshrink.quant.dynamic import backend_summary, choose_kernel, gelu_followers
 from torchshrink.quant.fused import check_fused, fuse_add_norms, fuse_block, link_codes, qkv_blocks, unfuse_block
 from torchshrink.quant.modules import Int8DynamicLinear, WeightOnlyLinear
@@ -53,27 +53,12 @@ def note_float(model: nn.Module, name: str, reason: str) -> None:
 
 
 def batch_inputs(batch: Any) -> tuple[torch.Tensor, ...]:
-    """Model inputs of one batch: a tensor, a tokenizer dict, (inputs, labels) with 1-D integer
-    labels, or a tuple of input tensors."""
-    if isinstance(batch, tuple | list) and len(batch) == 2 and isinstance(batch[1], torch.Tensor) \
-            and batch[1].dim() == 1 and not batch[1].is_floating_point() and batch[0].dim() > 1:
-        return (batch[0],)
-    if isinstance(batch, tuple | list) and all(isinstance(t, torch.Tensor) for t in batch):
-        return tuple(batch)
-    return next(iter(iter_batches([batch])))[0]
+    """Model inputs of one batch (the one data contract, :mod:`torchshrink.core.data`)."""
+    return as_batch(batch).inputs
 
 
 def calibration_batches(data: Any, limit: int) -> list[tuple[torch.Tensor, ...]]:
-    if data is None:
-        raise DataError("this quantization needs calibration data (data=[batches]); none was given")
-    out = []
-    for batch in data:
-        out.append(batch_inputs(batch))
-        if len(out) >= limit:
-            break
-    if not out:
-        raise DataError("the calibration data is empty; give at least one batch")
-    return out
+    return [b.inputs for b in calibration(data, limit=limit, what="this quantization")]
 
 
 @torch.no_grad()

@@ -1,0 +1,70 @@
+"""The one data contract: every accepted batch form reads the same way in every technique."""
+
+import pytest
+import torch
+from torch import nn
+
+import torchshrink as ts
+from torchshrink.core.data import Batch, as_batch, as_batches, calibration
+from torchshrink.core.errors import DataError
+
+X = torch.randn(4, 6)
+Y = torch.tensor([0, 1, 2, 1])
+IDS = torch.randint(5, 50, (2, 7))
+MASK = torch.ones(2, 7, dtype=torch.long)
+
+
+@pytest.mark.parametrize("item,inputs,labels,kwargs", [
+    (X, (X,), None, {}),
+    ((X, Y), (X,), Y, {}),
+    ([X, Y], (X,), Y, {}),
+    ((IDS, MASK), (IDS, MASK), None, {}),                       # a token pair is two inputs
+    ((IDS, IDS), (IDS,), IDS, {}),                              # same shape, token ids: (inputs, labels) of an LM
+    (((X, X), Y), (X, X), Y, {}),
+    (((X,), {"scale": 2.0}), (X,), None, {"scale": 2.0}),
+    ({"input_ids": IDS, "attention_mask": MASK, "token_type_ids": MASK * 0, "labels": Y[:2]},
+     (IDS, MASK), Y[:2], {"token_type_ids": MASK * 0}),
+    (({"input_ids": IDS}, Y[:2]), (IDS,), Y[:2], {}),
+    ((X, X, X), (X, X, X), None, {}),
+    ((X, None), (X,), None, {}),
+])
+def test_every_form_becomes_one_batch(item, inputs, labels, kwargs):
+    b = as_batch(item)
+    assert len(b.inputs) == len(inputs) and all(torch.equal(a, e) for a, e in zip(b.inputs, inputs, strict=True))
+    assert (b.labels is None) == (labels is None) and (labels is None or torch.equal(b.labels, labels))
+    assert set(b.kwargs) == set(kwargs)
+
+
+def test_one_batch_or_many():
+    assert len(list(as_batches(X))) == 1  # a tensor is one batch, not its rows
+    assert len(list(as_batches((X, Y)))) == 1  # a tuple is one batch
+    assert len(list(as_batches([(X, Y)] * 3))) == 3  # a list (or a loader) holds batches
+    assert len(list(as_batches([X] * 5, limit=2))) == 2
+    assert as_batch(Batch((X,))).size == 4
+
+
+def test_bad_batches_are_one_line():
+    for bad in ("text", [object()], ({"labels": Y},)):
+        with pytest.raises(DataError, match="use a tensor, a tokenizer dict") as e:
+            list(as_batches(bad))
+        assert "\n" not in str(e.value)
+    with pytest.raises(DataError, match="needs calibration data"):
+        calibration(None)
+    with pytest.raises(DataError, match="empty"):
+        calibration([])
+
+
+def test_a_batch_runs_a_model_with_its_keyword_inputs():
+    class Scaled(nn.Module):
+        def forward(self, x, scale=1.0):
+            return x * scale
+
+    assert torch.equal(as_batch(((X,), {"scale": 3.0}))(Scaled()), X * 3)
+
+
+def test_labelled_batches_calibrate_data_aware_svd():
+    """(inputs, labels) used to be read as two inputs by low-rank calibration (a raw TypeError)."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(6, 32), nn.ReLU(), nn.Linear(32, 3))
+    out = ts.factorize(m, ts.config_from_dict({"kind": "svd", "data_aware": True, "rank": 2}), data=[(X, Y)])
+    assert out(X).shape == (4, 3)
