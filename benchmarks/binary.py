@@ -123,7 +123,7 @@ def storage_section(teacher: nn.Module, calib: list[torch.Tensor]) -> list[dict]
                  BWNConfig(keep_dtype="float32", param_dtype="float32", fold=False))]
     for tag, cfg in variants:
         m = finalized(teacher, cfg, calib)
-        names = m._torchshrink_binary_report["binarized"]
+        names = torchshrink.report(m)[-1].notes["binarized"]
         fp_t, b_t = _layer_tensor_bytes(teacher, names), _layer_tensor_bytes(m, names)
         rows.append({"what": "digits-cnn binarized layers (tensors)", "kind": cfg.kind + tag, "fp32_bytes": fp_t,
                      "bytes": b_t, "ratio": round(fp_t / b_t, 2)})

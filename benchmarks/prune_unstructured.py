@@ -84,7 +84,7 @@ def _prune_row(name: str, teacher: nn.Module, sp: float, seeds: int, quick: bool
            "val_mean_drop_pp": round(sum((base_val - v) * 100 for v in vals) / len(vals), 2), "limit_pp": limit,
            "pass": mean_drop <= limit, "seconds": round(time.perf_counter() - t0, 1), "dense_bytes": dense_bytes,
            "file_bytes": saved_bytes(first), "agp": agp, "finetune": dataclasses.asdict(ft),
-           "sparse_kernel_layers": [k for k, v in getattr(first, "_torchshrink_sparse_kernels", {}).items()
+           "sparse_kernel_layers": [k for k, v in ts.report(first)[-1].notes.get("sparse_kernels", {}).items()
                                     if v["used"]]}
     row["file_ratio"] = round(row["file_bytes"] / dense_bytes, 4)
     print(f"{name} @ {sp:.0%}: acc {base_acc:.4f} -> {accs} (drops {drops} pp, mean {mean_drop:.2f}, limit {limit}) "

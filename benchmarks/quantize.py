@@ -139,9 +139,9 @@ def minilm_section(res: dict, quick: bool) -> None:
             acts[x.activation] = acts.get(x.activation, 0) + 1
     res["minilm"] = {
         "setting": f"batch 16 x 128 tokens, {THREADS} threads, {runs} interleaved runs after 3 warm-up",
-        "chosen": chosen, "backend": ours._torchshrink_quant_backend, "int8_linear_layers": q_layers,
+        "chosen": chosen, "backend": torchshrink.report(ours)[-1].notes["backend"], "int8_linear_layers": q_layers,
         "activation_scales": ", ".join(f"per-{a}: {n} layers" for a, n in sorted(acts.items())),
-        "float_layers": sorted(getattr(ours, "_torchshrink_float_layers", {}) or sel["exclude"]),
+        "float_layers": sorted(torchshrink.report(ours)[-1].skipped or sel["exclude"]),
         "timing": {k: v.to_dict() for k, v in t.items()},
         "speedup_vs_fp32": {k: fp / v.p50_ms for k, v in t.items()},
         "timing_1_thread": {k: v.to_dict() for k, v in t1.items()},

@@ -74,7 +74,7 @@ def test_fully_binary_layer_output_is_integer_dot_of_signs(tiny):
 def test_first_and_last_layers_stay_float_by_default(tiny):
     out = torchshrink.prepare(tiny, XNORConfig())
     assert type(out.conv) is nn.Conv2d and type(out.fc2) is nn.Linear and isinstance(out.fc1, BinaryLinear)
-    assert out._torchshrink_binary_report["kept_float"] == ["conv", "fc2"]
+    assert torchshrink.report(out)[-1].notes["kept_float"] == ["conv", "fc2"]
     explicit = torchshrink.prepare(tiny, BWNConfig(), select={"include": ["conv"]})
     assert isinstance(explicit.conv, BinaryConv2d)
 
@@ -109,7 +109,7 @@ class WithOddLayers(nn.Module):
 def test_unsupported_layers_raise_or_are_reported():
     net = WithOddLayers()
     out = torchshrink.prepare(net, BWNConfig(keep_first_last=False))
-    assert set(out._torchshrink_binary_report["skipped"]) == {"refl", "same"}
+    assert set(torchshrink.report(out)[-1].notes["skipped"]) == {"refl", "same"}
     assert isinstance(out.a, BinaryConv2d) and isinstance(out.b, BinaryLinear)
     with pytest.raises(UnsupportedLayerError, match="padding_mode='reflect'.*only 'zeros'"):
         torchshrink.prepare(net, BWNConfig(), select={"include": ["refl"]})

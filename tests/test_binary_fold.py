@@ -29,7 +29,7 @@ def test_digits_thresholds_fold_into_batchnorm_and_outputs_stay(digits_cnn, cls,
     calib, x = _digits()
     cfg = cls(keep_dtype="float32", param_dtype="float32")
     prepared = torchshrink.prepare(digits_cnn, cfg, data=calib).eval()
-    report = prepared._torchshrink_binary_report
+    report = torchshrink.report(prepared)[-1].notes
     assert report["threshold_into"] == {"features.3": "features.1", "features.7": "features.4",
                                         "classifier.1": "features.8"}
     # ReLUs feeding binary layers became Identity; the one feeding the float classifier layer stays
@@ -85,8 +85,8 @@ def test_no_fold_where_the_relu_has_other_consumers_or_no_batchnorm():
     torch.manual_seed(0)
     x = torch.randn(6, 3, 5, 5)
     prepared = torchshrink.prepare(_Residual().eval(), XNORConfig(), data=[x]).eval()
-    assert prepared._torchshrink_binary_report["binarized"] == ["conv1", "conv2"]
-    assert prepared._torchshrink_binary_report["threshold_into"] == {}
+    assert torchshrink.report(prepared)[-1].notes["binarized"] == ["conv1", "conv2"]
+    assert torchshrink.report(prepared)[-1].notes["threshold_into"] == {}
     assert type(prepared.relu) is nn.ReLU
     packed = convert(prepared, fold=True)
     assert packed.conv1.thresholded and packed.conv2.thresholded
@@ -104,11 +104,11 @@ def _mlp() -> nn.Sequential:
 def test_no_fold_when_disabled_functional_relu_or_untraceable(tiny):
     x = torch.randn(4, 3, 4, 4)
     off = torchshrink.prepare(_mlp(), XNORConfig(fold_threshold=False), data=[torch.randn(16, 6)]).eval()
-    assert off._torchshrink_binary_report["threshold_into"] == {} and type(off[2]) is nn.ReLU
+    assert torchshrink.report(off)[-1].notes["threshold_into"] == {} and type(off[2]) is nn.ReLU
     assert fold_thresholds(off) == [] and convert(off, fold=True)[3].thresholded  # the ReLU blocks the fold
     # tiny: torch.relu (a function, not a module) between its BN and fc1 cannot be swapped
     prepared = torchshrink.prepare(tiny, BNNConfig(), data=[x]).eval()
-    assert prepared._torchshrink_binary_report["threshold_into"] == {}
+    assert torchshrink.report(prepared)[-1].notes["threshold_into"] == {}
     assert convert(prepared, fold=True).fc1.thresholded
 
     class Branching(nn.Sequential):
@@ -117,13 +117,13 @@ def test_no_fold_when_disabled_functional_relu_or_untraceable(tiny):
 
     net = Branching(nn.Linear(6, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 8), nn.Linear(8, 2)).eval()
     assert sign_sources(net, allow_relu=True) == {}
-    assert torchshrink.prepare(net, BNNConfig())._torchshrink_binary_report["threshold_into"] == {}
+    assert torchshrink.report(torchshrink.prepare(net, BNNConfig()))[-1].notes["threshold_into"] == {}
 
 
 def test_batchnorm1d_mlp_folds_and_uneven_packed_thresholds_do_not():
     x = torch.randn(32, 6)
     prepared = torchshrink.prepare(_mlp(), XNORConfig(), data=[x]).eval()
-    assert prepared._torchshrink_binary_report["threshold_into"] == {"3": "1", "7": "4"}
+    assert torchshrink.report(prepared)[-1].notes["threshold_into"] == {"3": "1", "7": "4"}
     plain = convert(prepared)  # no fold: per-feature thresholds stored
     assert plain[3].act_threshold.shape == (16,)
     plain[7].act_threshold.copy_(torch.linspace(-1, 1, 8))
@@ -144,7 +144,7 @@ def test_batchnorm1d_mlp_folds_and_uneven_packed_thresholds_do_not():
     net3 = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.MaxPool1d(2),
                          nn.Linear(4, 5), nn.Linear(5, 2)).eval()
     prepared3 = torchshrink.prepare(net3, XNORConfig(), data=[torch.randn(8, 3, 1, 2)])
-    assert prepared3._torchshrink_binary_report["threshold_into"] == {} and type(prepared3[2]) is nn.ReLU
+    assert torchshrink.report(prepared3)[-1].notes["threshold_into"] == {} and type(prepared3[2]) is nn.ReLU
 
 
 def test_shared_threshold_layer_and_its_errors():

@@ -89,7 +89,7 @@ def test_finalize_stores_kept_layers_at_keep_dtype_and_reloads(tmp_path):
             ref = prepared(_x())
         out = finalize_binarize(prepared, cfg)
         assert type(out[0]) is first and type(out[11]) is last
-        assert out._torchshrink_binary_report["kept_float"] == ["0", "11"]
+        assert torchshrink.report(out)[-1].notes["kept_float"] == ["0", "11"]
         with torch.no_grad():
             assert torch.allclose(out(_x()), ref, atol=0.05, rtol=0.05)
         torchshrink.save(out, tmp_path / kd)

@@ -101,6 +101,9 @@ def test_apply_returns_a_finished_model_and_leaves_the_input(kind):
     for (k, a), b in zip(reference.state_dict().items(), model.state_dict().values(), strict=True):
         assert torch.equal(a, b), f"{kind} changed the input's {k}"
     assert not hasattr(out, PENDING) and not out.training
+    rep = ts.report(out)[-1]  # one report: what changed, what was skipped and why
+    assert rep.kind == kind and rep.changed, f"{kind} reports no change"
+    assert all(isinstance(v, str) and v for v in rep.skipped.values())
     assert not any(parametrize.is_parametrized(m) for m in out.modules()), f"{kind} left training parametrizations"
     y = _out(out, inputs)
     assert torch.isfinite(y).all()

@@ -162,7 +162,7 @@ def test_public_distill_verb_with_a_given_teacher(teacher, loaders):
     torch.manual_seed(0)
     student = mlp(32)
     out = ts.distill(student, cfg, teacher=teacher, train_data=loaders[0])
-    assert out is not student and out._torchshrink_distill_history[-1]["loss"] > 0
+    assert out is not student and ts.report(out)[-1].notes["history"][-1]["loss"] > 0
     assert accuracy(out, loaders[2]) > accuracy(student, loaders[2])
     with pytest.raises(DataError, match="needs data"):
         ts.distill(mlp(32), cfg, teacher=teacher)

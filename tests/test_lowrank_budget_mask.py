@@ -4,7 +4,7 @@ from torch import nn
 
 import torchshrink as ts
 from torchshrink.core.errors import ConfigError
-from torchshrink.lowrank import BudgetConfig, SVDConfig, report
+from torchshrink.lowrank import BudgetConfig, SVDConfig
 from torchshrink.lowrank import budget as budget_mod
 from torchshrink.lowrank.common import token_mask
 from torchshrink.measure import count_macs
@@ -56,13 +56,13 @@ def test_budget_moves_the_cut_off_layers_that_are_not_faster(monkeypatch):
     monkeypatch.setattr(budget_mod, "speedup", fake_speedup)
     out = ts.factorize(net, BudgetConfig(macs_ratio=0.5, check_latency=True, min_speedup=1.5, channels_last=True),
                        data=[x])
-    rep = report(out)
-    assert "not 1.5x faster" in rep["skipped"]["4"] and "0.80x" in rep["skipped"]["4"]
-    assert isinstance(out[4], nn.Conv2d) and rep["factorized"]
-    assert all(v["measured_speedup"] == 2.0 for v in rep["factorized"].values())
-    assert rep["budget"]["achieved_ratio"] <= 0.5 and timed and all(timed)
+    rep = ts.report(out)[-1]
+    assert "not 1.5x faster" in rep.skipped["4"] and "0.80x" in rep.skipped["4"]
+    assert isinstance(out[4], nn.Conv2d) and rep.changed
+    assert all(v["measured_speedup"] == 2.0 for v in rep.changed.values())
+    assert rep.notes["budget"]["achieved_ratio"] <= 0.5 and timed and all(timed)
     assert count_macs(out, (x,)) <= 0.5 * count_macs(net, (x,)) * 1.01
     floor = ts.factorize(net, BudgetConfig(macs_ratio=0.6, min_layer_ratio=0.3), data=[x])
-    assert report(floor)["factorized"] and all(v["macs_ratio"] >= 0.3 for v in report(floor)["factorized"].values())
+    assert ts.report(floor)[-1].changed and all(v["macs_ratio"] >= 0.3 for v in ts.report(floor)[-1].changed.values())
     with pytest.raises(ConfigError, match="min_speedup"):
         BudgetConfig(min_speedup=-1)

@@ -17,7 +17,6 @@ from torchshrink.lowrank import (
     factorize_cp,
     factorize_separable,
     factorize_tucker2,
-    report,
     svd_factors,
     tail_energy,
     vbmf_rank,
@@ -100,12 +99,12 @@ def test_bad_input_gives_clear_errors(tiny):
 def test_grouped_conv_skipped_and_larger_layers_listed():
     net = nn.Sequential(nn.Conv2d(8, 8, 3, groups=4), nn.Conv2d(8, 16, 3), nn.Conv2d(16, 2, 1))
     out = ts.factorize(net, Tucker2Config(ratio=0.5))
-    rep = report(out)
-    assert "grouped conv" in rep["skipped"]["0"]
-    assert "1" in rep["factorized"] and rep["factorized"]["1"]["macs_ratio"] <= 0.5
+    rep = ts.report(out)[-1]
+    assert "grouped conv" in rep.skipped["0"]
+    assert "1" in rep.changed and rep.changed["1"]["macs_ratio"] <= 0.5
     assert isinstance(out[0], nn.Conv2d) and isinstance(out[1], nn.Sequential)
     fused = ts.factorize(net, Tucker2Config(method="rank", rank=2, no_gain="fuse"), select={"include": ["2"]})
-    assert "larger" in report(fused)["skipped"]["2"] and isinstance(fused[2], nn.Conv2d)
+    assert "larger" in ts.report(fused)[-1].skipped["2"] and isinstance(fused[2], nn.Conv2d)
     assert not torch.equal(fused[2].weight, net[2].weight)  # holds the rank-2 approximation
 
 
@@ -140,11 +139,11 @@ def test_budget_spends_mac_target_and_lists_skipped():
                         nn.Conv2d(32, 32, 3, padding=1), nn.Flatten(), nn.Linear(32 * 36, 64))
     x = torch.randn(1, 3, 6, 6)
     out = ts.factorize(net, BudgetConfig(macs_ratio=0.5), data=[x])
-    rep = report(out)
-    assert rep["budget"]["achieved_ratio"] <= 0.5
+    rep = ts.report(out)[-1]
+    assert rep.notes["budget"]["achieved_ratio"] <= 0.5
     sel_before = count_macs(net, (x,))
     assert count_macs(out, (x,)) <= 0.5 * sel_before * 1.01
-    assert rep["factorized"] and all(isinstance(v, str) for v in rep["skipped"].values())
+    assert rep.changed and all(isinstance(v, str) for v in rep.skipped.values())
     with pytest.raises(DataError, match="needs an example input"):
         ts.factorize(net, BudgetConfig())
 

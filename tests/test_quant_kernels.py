@@ -109,7 +109,7 @@ def test_quantize_fuses_gelu_and_round_trips(tmp_path):
     x = torch.randn(30, 64)
     q = torchshrink.quantize(m, Int8DynamicConfig(kernel="onednn", activation="token", reduce_range="on"))
     assert isinstance(q[1], nn.Identity) and q[0].post_op == "gelu" and q[2].post_op == "none"
-    assert "GELU fused into 1 GEMMs" in q._torchshrink_quant_backend and "oneDNN" in q._torchshrink_quant_backend
+    assert "GELU fused into 1 GEMMs" in torchshrink.report(q)[-1].notes["backend"] and "oneDNN" in torchshrink.report(q)[-1].notes["backend"]
     with torch.no_grad():
         assert float(_rel_err(q(x), m(x)).max()) < 0.05
     torchshrink.save(q, tmp_path / "q")
@@ -203,7 +203,7 @@ def test_fused_add_norm_equals_unfused_round_trips_and_exports(tmp_path, act):
     fused = torchshrink.quantize(m, Int8DynamicConfig(**base, fuse_add_norm=True), data=data)
     names = sorted(n for n, x in fused.named_modules() if isinstance(x, LinearAddNorm))
     assert names == sorted(f"encoder.layer.{i}.{p}" for i in range(2) for p in ("attention.output", "output"))
-    assert "residual add + LayerNorm fused after 4 GEMMs" in fused._torchshrink_quant_backend
+    assert "residual add + LayerNorm fused after 4 GEMMs" in torchshrink.report(fused)[-1].notes["backend"]
     assert isinstance(m.encoder.layer[0].output.LayerNorm, nn.LayerNorm)  # the float input is untouched
     ids, am = data[1]
     with torch.no_grad():
@@ -269,7 +269,7 @@ def test_next_quant_hand_over_is_exact_skips_requantization_and_round_trips(tmp_
     emitters = sorted(n for n, x in linked.named_modules() if getattr(x, "emit_codes", 0))
     assert emitters == ["encoder.layer.0.intermediate.dense", "encoder.layer.1.intermediate.dense"]
     assert all(x.emit_codes == 127 for n, x in linked.named_modules() if n in emitters)
-    assert "codes written by 2 epilogues" in linked._torchshrink_quant_backend
+    assert "codes written by 2 epilogues" in torchshrink.report(linked)[-1].notes["backend"]
     calls = []
     real = kernels.quant_rows
     monkeypatch.setattr(kernels, "quant_rows", lambda x, q=255: calls.append(x.shape) or real(x, q))
@@ -308,7 +308,7 @@ def test_bert_int8_recipe_applies_every_fusion():
     m, data = tiny_bert()
     (stage,) = load_recipe("bert-int8").stages
     q = torchshrink.quantize(m, stage.config, select=stage.select, data=data)
-    line = q._torchshrink_quant_backend
+    line = torchshrink.report(q)[-1].notes["backend"]
     assert "8 layers" in line and "per-tensor + per-token" in line
     for part in ("GELU fused into 2 GEMMs", "LayerNorm fused after 4 GEMMs", "codes written by 2 epilogues"):
         assert part in line

@@ -31,13 +31,13 @@ def test_dynamic_int8_runs_integer_kernel_and_is_close():
     assert isinstance(m[0], nn.Linear)  # input untouched
     cos = nn.functional.cosine_similarity(q(x).flatten(), m(x).flatten(), dim=0)
     assert float(cos) > 0.999
-    assert "linear_dynamic" in q._torchshrink_quant_backend
+    assert "linear_dynamic" in torchshrink.report(q)[-1].notes["backend"]
 
 
 def test_dynamic_keep_float_override_is_listed():
     q = torchshrink.quantize(_mlp(), Int8DynamicConfig(), select={"overrides": {"2": {"keep_float": True}}})
     assert type(q[2]) is nn.Linear and isinstance(q[0], Int8DynamicLinear)
-    assert "2" in q._torchshrink_float_layers
+    assert "2" in torchshrink.report(q)[-1].skipped
 
 
 def test_smoothquant_needs_data_and_checks_its_shape():
@@ -77,7 +77,7 @@ def test_weight_only_mixed_precision_and_fallback():
     m = nn.Sequential(nn.Linear(64, 32), nn.Linear(32, 30), nn.Linear(30, 8))
     q = torchshrink.quantize(m, WeightOnlyConfig(bits=4, group_size=32), select={"overrides": {"1": {"bits": 8}}})
     assert q[0].bits == 4 and q[1].bits == 8
-    assert type(q[2]) is nn.Linear and "group_size" in q._torchshrink_float_layers["2"]
+    assert type(q[2]) is nn.Linear and "group_size" in torchshrink.report(q)[-1].skipped["2"]
 
 
 def test_bad_configs_raise_config_errors():

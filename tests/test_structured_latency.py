@@ -65,7 +65,7 @@ def test_latency_allocation_meets_macs_target_and_reports_weights(tmp_path):
     p = torchshrink.prune(net, cfg, data=[x])
     assert 0.4 <= batch_macs(p, x) / batch_macs(net, x) <= 0.5
     assert p(x).shape == (1, 10) and p[0].out_channels % 4 == 0
-    w = p._torchshrink_prune_report["latency_weights"]
+    w = torchshrink.report(p)[-1].notes["latency_weights"]
     assert sorted(w) == ["0", "3", "6"] and all(v > 0 for v in w.values())
     torchshrink.save(p, tmp_path / "m")
     with torch.no_grad():

@@ -126,7 +126,7 @@ def test_unknown_op_leaves_layers_unpruned_and_named():
     m = Rolled().eval()
     p = torchshrink.prune(m, ChannelPruneConfig(amount=0.5), data=[x])
     assert p.c1.out_channels == 8 and p.c2.out_channels == 4
-    rep = p._torchshrink_prune_report
+    rep = torchshrink.report(p)[-1].notes
     assert any("c1" in u["layers"] and "roll" in u["reason"] for u in rep["unpruned"])
     only = nn.Sequential(nn.Conv2d(3, 8, 1)).eval()
     with pytest.raises(UnsupportedLayerError, match="no prunable channel group.*model output"):

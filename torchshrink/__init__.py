@@ -18,6 +18,7 @@ from torchshrink.core import (  # noqa: E402
 )
 from torchshrink.core import api as _api  # noqa: E402
 from torchshrink.core.api import apply, binarize, factorize, finalize, prepare, quantize, run, step, trains  # noqa: E402
+from torchshrink.core.report import Report, report  # noqa: E402
 from torchshrink.core.train import Finetune  # noqa: E402
 from torchshrink.export import load, save  # noqa: E402
 from torchshrink.measure import compare, measure  # noqa: E402
@@ -45,5 +46,5 @@ distill = _verb_package("distill")
 __all__ = [
     "Config", "ConfigError", "Finetune", "Select", "TorchshrinkError", "__version__", "apply", "binarize",
     "compare", "config_from_dict", "config_from_yaml", "config_to_yaml", "distill", "factorize", "finalize",
-    "known_kinds", "load", "load_model", "measure", "prepare", "prune", "quantize", "run", "save", "step", "trains",
+    "known_kinds", "load", "load_model", "measure", "prepare", "prune", "quantize", "Report", "report", "run", "save", "step", "trains",
 ]

@@ -9,7 +9,7 @@ per-channel scales / biases into a following BatchNorm or float layer where exac
 ``param_dtype``. For the fully binary kinds (bnn, xnor) with ``fold_threshold`` (default), a ReLU
 between a BatchNorm and a binarized layer is replaced by Identity when binarizing, so that finalize
 folds the layer's activation threshold into the BatchNorm (``fold.fold_thresholds``); the report
-``model._torchshrink_binary_report["threshold_into"]`` lists {layer: BatchNorm}.
+``ts.report(model)[-1].notes["threshold_into"]`` lists {layer: BatchNorm}.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from torchshrink.binary.layers import FULLY_BINARY, TRAINING_LAYERS, BinaryConv2
 from torchshrink.binary.modules import to_packed
 from torchshrink.core.config import Config, check_range, register
 from torchshrink.core.errors import UnsupportedLayerError
+from torchshrink.core.report import current
 from torchshrink.core.select import Select, config_for, select_modules
 from torchshrink.core.surgery import get_module, set_module
 from torchshrink.measure.quality import iter_batches
@@ -149,7 +150,10 @@ def apply_binarize(model: nn.Module, config: BinarizeConfig, *, select: Select |
             calibrate_thresholds(model, [m], data)
     for m in fully:
         m.act_threshold.requires_grad_(getattr(config, "learn_threshold", True))
-    model._torchshrink_binary_report = report
+    rep = current(model)
+    rep.changed.update({n: config.kind for n in report["binarized"]})
+    rep.skipped.update(report["skipped"])
+    rep.notes.update(report)
     return model
 
 
@@ -225,9 +229,9 @@ def store_kept_layers(model: nn.Module, names: list[str], keep_dtype: str) -> di
 def finalize_binarize(model: nn.Module, config: BinarizeConfig) -> nn.Module:
     model = convert(model, getattr(config, "backend", "auto"), inplace=True, param_dtype=config.param_dtype,
                     fold=config.fold)
-    report = getattr(model, "_torchshrink_binary_report", None)
-    if report is not None:
-        report["kept_stored_as"] = store_kept_layers(model, report["kept_float"], config.keep_dtype)
+    notes = current(model).notes
+    if "kept_float" in notes:
+        notes["kept_stored_as"] = store_kept_layers(model, notes["kept_float"], config.keep_dtype)
     return model
 
 

@@ -27,6 +27,7 @@ from torch import nn
 
 from torchshrink.core.config import Config, Entry, get_entry, known_kinds
 from torchshrink.core.errors import ConfigError
+from torchshrink.core.report import carry, current, note_changes, open_report
 from torchshrink.core.select import Select
 
 PENDING = "_torchshrink_pending"  # the configs prepared on a model and not yet finalized, in order
@@ -74,7 +75,9 @@ def prepare(model: nn.Module, config: Config, *, select: Select | dict[str, Any]
     _check_options(entry, config, options)
     sel = Select.from_dict(select) if isinstance(select, dict) else select
     work = model if inplace else copy.deepcopy(model)
+    open_report(work, config.kind)
     out = entry.handler(work, config, select=sel, data=data, **options)
+    carry(work, out)
     pending = list(getattr(model, PENDING, []))
     pending.append(config)
     setattr(out, PENDING, pending)
@@ -113,6 +116,7 @@ def finalize(model: nn.Module, config: Config | None = None, *, inplace: bool = 
         entry = get_entry(config)
         if entry.finalize is not None:
             new = entry.finalize(out, config)
+            carry(out, new)
             for attr in (*_CARRY, "_torchshrink_history"):
                 if hasattr(out, attr) and not hasattr(new, attr):
                     setattr(new, attr, getattr(out, attr))
@@ -126,9 +130,15 @@ def run(model: nn.Module, config: Config, *, select: Select | dict[str, Any] | N
         train: Trainer | None = None, inplace: bool = False, **options: Any) -> tuple[nn.Module, list[dict[str, float]]]:
     """The one stage driver: prepare, ``train(prepared, step)`` when given, finalize. Returns the
     finished model and the training history."""
+    original = model if not inplace else None
     prepared = prepare(model, config, select=select, data=data, inplace=inplace, **options)
     history = train(prepared, step) if train is not None else []
-    return finalize(prepared, inplace=True), history
+    out = finalize(prepared, inplace=True)
+    if original is not None:
+        note_changes(original, out)
+    if history:
+        current(out).notes.setdefault("history", history)
+    return out, history
 
 
 def apply(

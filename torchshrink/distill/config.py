@@ -14,6 +14,7 @@ from torch import nn
 from torchshrink.core.config import Config, check_range, register
 from torchshrink.core.data import as_batches
 from torchshrink.core.errors import ConfigError, DataError
+from torchshrink.core.report import carry, current
 from torchshrink.core.select import Select
 from torchshrink.core.train import Finetune
 from torchshrink.distill.distiller import Distiller, FeaturePair
@@ -46,6 +47,7 @@ def _apply(
     else:
         the_teacher = model
         the_student = _build_student(model, config, student, example if example is not None else data)
+    carry(model, the_student)  # the student's report is this kind's
     if config.epochs > 0:
         batches = train_data if train_data is not None else data
         if batches is None:
@@ -59,7 +61,7 @@ def _apply(
         settings = Finetune(epochs=config.epochs, lr=config.lr, seed=config.seed,
                             temperature=config.temperature, alpha=config.alpha)
         history = d.fit(batches, settings, evaluate=evaluate)
-        the_student._torchshrink_distill_history = history
+        current(the_student).notes["history"] = history
     for attr in ("_torchshrink_source", "_torchshrink_input"):
         if hasattr(the_teacher, attr) and not hasattr(the_student, attr):
             setattr(the_student, attr, getattr(the_teacher, attr))

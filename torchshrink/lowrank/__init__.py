@@ -3,7 +3,6 @@ of convolutions, rank selection (energy, ratio, VBMF, global MAC / weight budget
 refitting of the factors to the original model's outputs."""
 
 from torchshrink.lowrank.budget import BudgetConfig
-from torchshrink.lowrank.common import report
 from torchshrink.lowrank.cp import CPConfig, factorize_cp
 from torchshrink.lowrank.rank import energy_rank, tail_energy, vbmf_rank
 from torchshrink.lowrank.refit import RefitSettings, refit, refit_blocks
@@ -13,6 +12,6 @@ from torchshrink.lowrank.tucker import Tucker2Config, dense_weight, factorize_tu
 
 __all__ = [
     "BudgetConfig", "CPConfig", "RefitSettings", "SVDConfig", "SeparableConfig", "Tucker2Config", "dense_weight", "energy_rank", "factorize_cp",
-    "factorize_linear", "factorize_separable", "factorize_tucker2", "fused_conv", "fused_linear", "refit", "refit_blocks", "report",
+    "factorize_linear", "factorize_separable", "factorize_tucker2", "fused_conv", "fused_linear", "refit", "refit_blocks",
     "svd_factors", "tail_energy", "vbmf_rank",
 ]

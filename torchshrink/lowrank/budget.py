@@ -27,6 +27,7 @@ from torch import nn
 
 from torchshrink.core.config import Config, check_range, register
 from torchshrink.core.errors import DataError
+from torchshrink.core.report import current
 from torchshrink.core.select import Select, select_modules
 from torchshrink.core.surgery import set_module
 from torchshrink.lowrank.common import (
@@ -36,7 +37,6 @@ from torchshrink.lowrank.common import (
     io_shapes,
     note_done,
     note_skip,
-    report,
     speedup,
 )
 from torchshrink.lowrank.rank import Option, allocate, fast_svd, round_rank
@@ -187,8 +187,8 @@ def apply_budget(model: nn.Module, config: BudgetConfig, *, select: Select | Non
         if sp is not None:
             info["measured_speedup"] = round(sp, 3)
         note_done(model, name, **info)
-    report(model)["budget"] = {"target_ratio": config.macs_ratio, "achieved_ratio": achieved / max(total, 1),
-                               "selected_macs": total}
+    current(model).notes["budget"] = {"target_ratio": config.macs_ratio, "achieved_ratio": achieved / max(total, 1),
+                                      "selected_macs": total}
     return model
 
 

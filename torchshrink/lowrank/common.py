@@ -14,13 +14,13 @@ from torch import nn
 from torchshrink.core.config import Config, check_range
 from torchshrink.core.data import as_batches
 from torchshrink.core.errors import ConfigError, DataError, UnsupportedLayerError
+from torchshrink.core.report import current
 from torchshrink.measure.latency import time_interleaved
 
 log = logging.getLogger(__name__)
 
 # Attribute set on every factorized nn.Sequential (a plain attribute, so save/load keeps it).
 MARK = "torchshrink_lowrank"
-REPORT = "_torchshrink_lowrank"
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -53,22 +53,13 @@ class LowRankConfig(Config):
             raise ConfigError(f"{self.kind}.rank={self.rank!r} is not allowed; method 'rank' needs a rank >= 1")
 
 
-def report(model: nn.Module) -> dict[str, dict[str, Any]]:
-    """``{"factorized": {layer: info}, "skipped": {layer: reason}}`` of the last low-rank stages."""
-    rep = getattr(model, REPORT, None)
-    if rep is None:
-        rep = {"factorized": {}, "skipped": {}}
-        object.__setattr__(model, REPORT, rep)
-    return rep
-
-
 def note_done(model: nn.Module, name: str, **info: Any) -> None:
-    report(model)["factorized"][name] = info
+    current(model).changed[name] = info
     log.info("factorized %s: %s", name, info)
 
 
 def note_skip(model: nn.Module, name: str, reason: str) -> None:
-    report(model)["skipped"][name] = reason
+    current(model).skipped[name] = reason
     log.info("skipped %s: %s", name, reason)
 
 

@@ -98,7 +98,7 @@ class SeparableConfig(Config):
 
 def apply_separable(model: nn.Module, config: SeparableConfig, *, select: Select | None = None, data: Any = None,
                     **kwargs: Any) -> nn.Module:
-    from torchshrink.lowrank.common import report
+    from torchshrink.core.report import current
 
     if config.fit == "data" and not data:
         raise DataError("separable with fit='data' needs calibration batches (data=[...]); none were given")
@@ -123,7 +123,7 @@ def apply_separable(model: nn.Module, config: SeparableConfig, *, select: Select
     acts = layer_inputs(model, list(originals), data) if config.fit == "data" else {}
     out = replace_convs(model, config, select, data, "separable", plan,
                         lambda conv, s: factorize_separable(conv, s[0]), cost)
-    for name in report(out)["factorized"]:
+    for name in current(out).changed:
         if name in acts and acts[name]:
             refit_pointwise(dict(out.named_modules())[name], originals[name], acts[name])
     return out

@@ -15,6 +15,7 @@ from torch import nn
 
 from torchshrink.core.config import Config, check_range, register
 from torchshrink.core.errors import ConfigError, UnsupportedLayerError
+from torchshrink.core.report import current
 from torchshrink.core.select import Select, config_for
 from torchshrink.prune.common import accumulate_grads, prunable_layers
 from torchshrink.prune.hold import apply_masks, make_permanent, original_weight
@@ -32,6 +33,7 @@ def prune_nm(model: nn.Module, config: NMConfig, *, select: Select | None = None
         width = input_last(original_weight(m)).shape[-1]
         (layers if width % lc.m == 0 else skipped).append((name, m, lc, width))
     for name, _, lc, width in skipped:
+        current(model).skipped[name] = f"input dimension {width} is not a multiple of m={lc.m}"
         log.warning("N:M: layer %s left dense: its input dimension %d is not a multiple of m=%d", name, width, lc.m)
     if not layers:
         got = ", ".join(f"{n} (inputs {w})" for n, _, _, w in skipped[:4])

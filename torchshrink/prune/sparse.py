@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from torchshrink.core.report import current
 from torchshrink.core.surgery import set_module
 from torchshrink.export.formats import Encoded, Format, register_format
 from torchshrink.export.modules import register_module
@@ -163,7 +164,7 @@ def use_sparse_kernels(model: nn.Module, *, batch: int = 1, threads: int | None 
     """Swap each plain ``nn.Linear`` with at least ``min_sparsity`` zeros and ``min_numel`` weights for a
     :class:`SparseLinear` where CSR timed at least ``min_speedup`` x faster (medians, interleaved) at
     ``batch`` rows. Smaller or denser layers are never timed (CSR cannot pay there). Returns, and stores
-    as ``model._torchshrink_sparse_kernels``, a record per candidate layer."""
+    in ``ts.report(model)[-1].notes['sparse_kernels']``, a record per candidate layer."""
     report: dict[str, dict] = {}
     for name, m in list(model.named_modules()):
         if type(m) is not nn.Linear or m.weight.numel() < min_numel:
@@ -180,7 +181,7 @@ def use_sparse_kernels(model: nn.Module, *, batch: int = 1, threads: int | None 
             set_module(model, name, cand)
         log.info("%s: sparsity %.3f, dense %.3f ms, CSR %.3f ms -> %s", name, sp, dense_ms, sparse_ms,
                  "CSR" if used else "dense")
-    model._torchshrink_sparse_kernels = report
+    current(model).notes["sparse_kernels"] = report
     return report
 
 

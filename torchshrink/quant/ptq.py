@@ -1,7 +1,7 @@
 """Post-training quantization of Linear layers: INT8 dynamic (real integer GEMM) and weight-only
 INT8 / INT4 (group-wise, packed two per byte). Static INT8 for CNNs lives in ``static.py``.
 
-Layers that get no integer kernel stay in float and are listed in ``model._torchshrink_float_layers``
+Layers that get no integer kernel stay in float and are listed in ``ts.report(model)[-1].skipped``
 (name -> reason), so a report never presents a float layer as quantized.
 """
 
@@ -17,6 +17,7 @@ from torch import nn
 from torchshrink.core.config import Config, check_range, register
 from torchshrink.core.data import as_batch, calibration
 from torchshrink.core.errors import ConfigError, DataError
+from torchshrink.core.report import current
 from torchshrink.core.select import Select, config_for, select_modules
 from torchshrink.core.surgery import set_module
 from torchshrink.quant.dynamic import backend_summary, choose_kernel, gelu_followers
@@ -47,9 +48,7 @@ def resolve_engine(name: str) -> str:
 
 
 def note_float(model: nn.Module, name: str, reason: str) -> None:
-    layers = dict(getattr(model, "_torchshrink_float_layers", {}) or {})
-    layers[name] = reason
-    model._torchshrink_float_layers = layers
+    current(model).skipped[name] = reason
 
 
 def batch_inputs(batch: Any) -> tuple[torch.Tensor, ...]:
@@ -145,7 +144,7 @@ def apply_int8_dynamic(model: nn.Module, config: Int8DynamicConfig, *, select: S
         linked, why = link_codes(model, check)
         if why:
             log.warning("fuse_next_quant: nothing linked (%s)", why)
-    model._torchshrink_quant_backend = backend_summary(model, eng, config.activation)
+    current(model).notes["backend"] = backend_summary(model, eng, config.activation)
     return model
 
 

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from torchshrink.core.config import Config, check_range, register
+from torchshrink.core.report import carry, current
 from torchshrink.core.select import Select, config_for, select_modules
 from torchshrink.core.surgery import set_module
 from torchshrink.quant.ptq import calibration_batches
@@ -106,8 +107,9 @@ def finalize_qat(model: nn.Module, config: QATConfig) -> nn.Module:
     calib = getattr(model, "_torchshrink_qat_calibration", None)
     sel = Select(overrides={n: {"weight_bits": b} for n, b in bits.items()}) if bits else None
     out = apply_int8_static(model.eval(), Int8StaticConfig(weight_bits=8), select=sel, data=calib)
-    out._torchshrink_qat = {"weight_bits": config.weight_bits, "act_bits": config.act_bits,
-                            "execution": "int8 kernels; weights on the trained low-bit grid, quint8 activations"}
+    carry(model, out)
+    current(out).notes.update({"weight_bits": config.weight_bits, "act_bits": config.act_bits,
+                               "execution": "int8 kernels; weights on the trained low-bit grid, quint8 activations"})
     return out
 
 

@@ -18,6 +18,7 @@ from torch import fx, nn
 
 from torchshrink.core.config import Config, check_range, register
 from torchshrink.core.errors import DataError, UnsupportedLayerError
+from torchshrink.core.report import carry, current
 from torchshrink.core.select import Select, config_for, select_modules
 from torchshrink.quant.modules import DequantizeActivation, Int8Conv2d, Int8Linear, QuantizeActivation, QuantizedAdd
 from torchshrink.quant.observers import Observer, make_observer
@@ -212,6 +213,7 @@ def apply_int8_static(model: nn.Module, config: Int8StaticConfig, *, select: Sel
             f"static INT8 needs a torch.fx-traceable model; tracing {type(model).__name__} failed: {str(e).splitlines()[0]}. "
             "Use int8-dynamic or weight-only for this model"
         ) from None
+    carry(model, gm)  # notes about this kind land in its report
     gm = fuse_graph(gm, targets)
     watch: dict[str, Observer] = {}
     for n in gm.graph.nodes:
@@ -233,7 +235,7 @@ def apply_int8_static(model: nn.Module, config: Int8StaticConfig, *, select: Sel
     for attr in ("_torchshrink_source", "_torchshrink_input"):
         if hasattr(model, attr):
             setattr(out, attr, getattr(model, attr))
-    out._torchshrink_quant_backend = f"torch.ops.quantized conv2d/linear/add ({resolve_engine(config.engine)} engine)"
+    current(out).notes["backend"] = f"torch.ops.quantized conv2d/linear/add ({resolve_engine(config.engine)} engine)"
     return out.eval()
 
 

@@ -15,6 +15,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from torchshrink.core.config import Config, check_range, register
 from torchshrink.core.errors import ConfigError, DataError, UnsupportedLayerError
+from torchshrink.core.report import current
 from torchshrink.core.select import Select, config_for, name_matches, select_modules
 from torchshrink.prune.structured.groups import Group, build_groups, prune_groups
 from torchshrink.prune.structured.importance import CRITERIA, group_scores, taylor_grads
@@ -230,7 +231,7 @@ def prune_channels(model: nn.Module, config: ChannelPruneConfig, *, select: Sele
     }
     for p, r in plan.skipped:
         log.info("channel-prune: left unpruned %s (%s)", ", ".join(p) or "?", r)
-    model._torchshrink_prune_report = report
+    current(model).notes.update(report)
     return model
 
 

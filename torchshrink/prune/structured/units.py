@@ -15,6 +15,7 @@ from torch import nn
 
 from torchshrink.core.config import Config, check_range, register
 from torchshrink.core.errors import ConfigError, ModelLoadError, UnsupportedLayerError
+from torchshrink.core.report import current
 from torchshrink.core.select import Select, name_matches
 from torchshrink.core.surgery import set_module
 from torchshrink.prune.structured.channel import first_batch
@@ -232,7 +233,7 @@ def layer_drop(model: nn.Module, config: LayerDropConfig, *, select: Select | No
     else:
         for n in names:
             set_module(model, n, nn.Identity())
-    model._torchshrink_prune_report = {"dropped": sorted(names)}
+    current(model).changed.update({n: "dropped" for n in sorted(names)})
     return model
 
 
