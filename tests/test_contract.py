@@ -212,3 +212,11 @@ def test_finalize_with_other_settings_of_the_same_kind():
     assert saved_bytes(small) < saved_bytes(wide)
     with pytest.raises(ConfigError, match="prepared with 'bwn'"):
         ts.finalize(prepared, ts.config_from_dict({"kind": "cast"}))
+
+
+def test_every_config_is_importable_from_torchshrink_under_one_name():
+    for kind in ts.known_kinds():
+        cls = get_config_class(kind)
+        assert getattr(ts, cls.__name__) is cls and cls.__name__ in ts.CONFIGS, kind
+        assert cls.__name__.endswith("Config")
+    assert len(ts.CONFIGS) == len(ts.known_kinds())

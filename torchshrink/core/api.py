@@ -190,22 +190,35 @@ def apply(
     return out
 
 
-def _verb(family: str, doc: str) -> Any:
-    def verb(model: nn.Module, config: Config, **kwargs: Any) -> nn.Module:
-        if getattr(config, "family", None) != family:
-            raise ConfigError(
-                f"{family}() got a config of kind {getattr(config, 'kind', '?')!r}; "
-                f"{family} kinds: {', '.join(known_kinds(family)) or '(none registered)'}"
-            )
-        return apply(model, config, **kwargs)
-
-    verb.__name__ = family
-    verb.__doc__ = doc
-    return verb
+def _family_apply(family: str, model: nn.Module, config: Config, kwargs: dict[str, Any]) -> nn.Module:
+    if getattr(config, "family", None) != family:
+        raise ConfigError(
+            f"{family}() got a config of kind {getattr(config, 'kind', '?')!r}; "
+            f"{family} kinds: {', '.join(known_kinds(family)) or '(none registered)'}"
+        )
+    return apply(model, config, **kwargs)
 
 
-prune = _verb("prune", "Prune ``model`` with a pruning config (see ``known_kinds('prune')``).")
-quantize = _verb("quantize", "Quantize or cast ``model`` with a quantization config.")
-factorize = _verb("factorize", "Factorize layers of ``model`` with a low-rank config.")
-binarize = _verb("binarize", "Binarize / ternarize layers of ``model``.")
-distill = _verb("distill", "Distill into ``model`` (the student) with a distillation config.")
+def prune(model: nn.Module, config: Config, **kwargs: Any) -> nn.Module:
+    """Prune ``model`` with a pruning config (``known_kinds('prune')``); arguments as :func:`apply`."""
+    return _family_apply("prune", model, config, kwargs)
+
+
+def quantize(model: nn.Module, config: Config, **kwargs: Any) -> nn.Module:
+    """Quantize or cast ``model`` with a quantization config; arguments as :func:`apply`."""
+    return _family_apply("quantize", model, config, kwargs)
+
+
+def factorize(model: nn.Module, config: Config, **kwargs: Any) -> nn.Module:
+    """Factorize layers of ``model`` with a low-rank config; arguments as :func:`apply`."""
+    return _family_apply("factorize", model, config, kwargs)
+
+
+def binarize(model: nn.Module, config: Config, **kwargs: Any) -> nn.Module:
+    """Binarize / ternarize layers of ``model``; arguments as :func:`apply`."""
+    return _family_apply("binarize", model, config, kwargs)
+
+
+def distill(model: nn.Module, config: Config, **kwargs: Any) -> nn.Module:
+    """Distill with a distillation config (``model`` is the teacher, or the student with ``teacher=``)."""
+    return _family_apply("distill", model, config, kwargs)

@@ -19,7 +19,6 @@ What loading does with each part of a folder (the trust model, see the README):
 from __future__ import annotations
 
 import inspect
-import json
 import os
 import re
 import types
@@ -34,7 +33,7 @@ from torchshrink.core.errors import ModelLoadError
 from torchshrink.export.container import CONTAINER, read_container
 from torchshrink.export.formats import decode_tensor, known_format
 from torchshrink.export.modules import build_module, init_args, type_name
-from torchshrink.export.schema import DTYPES, check_manifest
+from torchshrink.export.schema import DTYPES, check_manifest, read_json
 
 WEIGHTS = "model.safetensors"
 MANIFEST = "manifest.json"
@@ -50,16 +49,7 @@ def read_manifest(directory: Path) -> dict[str, Any]:
     path = directory / MANIFEST
     if not path.is_file():
         raise ModelLoadError(f"{directory} is not a torchshrink model folder: {MANIFEST} is missing")
-    size = path.stat().st_size
-    if size > MAX_MANIFEST_BYTES:
-        raise ModelLoadError(f"{path} is {size:,} bytes; a manifest may have at most {MAX_MANIFEST_BYTES:,}")
-    try:
-        manifest = json.loads(path.read_bytes())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ModelLoadError(f"{path} is not valid JSON ({e})") from None
-    except RecursionError:
-        raise ModelLoadError(f"{path} is nested too deeply to be a manifest") from None
-    return check_manifest(manifest, str(path))
+    return check_manifest(read_json(path, MAX_MANIFEST_BYTES, "a manifest"), str(path))
 
 
 def read_tensors(path: Path) -> dict[str, torch.Tensor]:

@@ -7,6 +7,7 @@ becomes one :class:`ModelLoadError` line naming the field, never a traceback.
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import torch
@@ -25,6 +26,20 @@ _TOP = {"fx_graph", "format", "format_version", "torchshrink_version", "torch_ve
         "hf_config", "modules", "tensors", "recipe"}
 _STUB = {"format", "format_version", "container"}
 _RECORD = {"name", "type", "init", "attrs", "formats"}
+
+
+def read_json(path: Any, max_bytes: int, what: str) -> Any:
+    """A JSON file from a folder someone may have handed over: at most ``max_bytes``, valid UTF-8
+    JSON, not nested beyond the parser's limit; else one ModelLoadError line."""
+    size = path.stat().st_size
+    if size > max_bytes:
+        raise ModelLoadError(f"{path} is {size:,} bytes; {what} may have at most {max_bytes:,}")
+    try:
+        return json.loads(path.read_bytes())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ModelLoadError(f"{path} is not valid JSON ({e})") from None
+    except RecursionError:
+        raise ModelLoadError(f"{path} is nested too deeply to be {what}") from None
 
 
 def _fail(where: str, msg: str) -> ModelLoadError:

@@ -119,19 +119,13 @@ def regenerate(directory: str | Path) -> Path:
     import tempfile
 
     from torchshrink.core.errors import ModelLoadError
+    from torchshrink.export.schema import read_json
 
     d = Path(directory)
     path = d / "report.json"
     if not path.is_file():
         raise ModelLoadError(f"{d} has no report.json; give the output folder of `torchshrink compress`")
-    if path.stat().st_size > 256 << 20:
-        raise ModelLoadError(f"{path} is larger than 256 MiB; not a torchshrink report")
-    try:
-        report = json.loads(path.read_bytes())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ModelLoadError(f"{path} is not valid JSON ({e})") from None
-    except RecursionError:
-        raise ModelLoadError(f"{path} is nested too deeply to be a report") from None
+    report = read_json(path, 256 << 20, "a report")
     try:
         if not isinstance(report, dict):
             raise TypeError("not an object")
