@@ -85,3 +85,17 @@ def test_finetune_without_training_data_fails_before_any_work(tmp_path):
     code, _, err = run("compress", "--model", "tests.conftest:tiny_net", "--recipe", "prune-quantize", "--out", str(tmp_path / "o"))
     _one_line_error(code, err, "has no training data")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_measure_of_a_saved_folder_reports_its_bytes_on_disk(tmp_path):
+    import torch
+
+    import torchshrink as ts
+
+    net = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
+    net._torchshrink_input = {"shape": [1, 8], "dtype": "float32"}
+    ts.save(net, tmp_path / "m", recipe={"name": "a recipe that makes the manifest longer " * 20})
+    on_disk = sum(p.stat().st_size for p in (tmp_path / "m").iterdir())
+    code, out, err = run("measure", "--model", str(tmp_path / "m"), "--json", "--threads", "1")
+    assert code == 0, err
+    assert json.loads(out)["file_bytes"] == on_disk > ts.export.saved_bytes(net)  # the recipe is part of it

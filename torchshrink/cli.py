@@ -91,6 +91,13 @@ def measure(
     positive("--batch", batch)
     net = load_model(model, trust_code=trust_code)
     m = do_measure(net, _inputs(net, input_shape, batch), threads=threads)
+    folder = Path(model)
+    if folder.is_dir() and (folder / "manifest.json").is_file():  # a saved model: its bytes on disk
+        import dataclasses
+
+        from torchshrink.recipe.workdir import folder_bytes
+
+        m = dataclasses.replace(m, file_bytes=folder_bytes(folder))
     if as_json:
         out.print_json(json.dumps(m.to_dict()))
         return
