@@ -242,8 +242,8 @@ C = TypeVar("C", bound=type)
 
 @dataclass_transform(frozen_default=True, kw_only_default=True)
 def _binarize_kind(cls: C) -> C:
-    """Make ``cls`` a frozen keyword-only config dataclass registered with the binarize handler."""
-    return register(apply_binarize, finalize=finalize_binarize, trains=True)(dataclasses.dataclass(frozen=True, kw_only=True)(cls))
+    """Make ``cls`` a frozen keyword-only config dataclass (registered with the binarize handler below)."""
+    return dataclasses.dataclass(frozen=True, kw_only=True)(cls)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -330,3 +330,7 @@ class TTQConfig(BinarizeConfig):
     kind = "ttq"
     ranges = {"threshold": (0, 1, True, True)}
     threshold: float = 0.05
+
+
+for _kind in (BinaryConnectConfig, BWNConfig, BNNConfig, XNORConfig, TWNConfig, TTQConfig):
+    register(_kind, apply_binarize, finalize=finalize_binarize, trains=True)

@@ -184,7 +184,6 @@ def finalize_kmeans(model: nn.Module, config: KMeansConfig) -> nn.Module:
     return model
 
 
-@register(apply_kmeans, finalize=finalize_kmeans)
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class KMeansConfig(Config):
     """k-means weight sharing: ``bits`` per code for Linear (Deep Compression used 5 for FC layers),
@@ -209,3 +208,6 @@ class KMeansConfig(Config):
         if self.conv_bits is not None:
             check_range("kmeans.conv_bits", self.conv_bits, 1, 8)
         check_range("kmeans.iters", self.iters, 1, 1000)
+
+
+register(KMeansConfig, apply_kmeans, finalize=finalize_kmeans)

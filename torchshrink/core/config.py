@@ -131,24 +131,23 @@ _REGISTRY: dict[str, Entry] = {}
 
 
 def register(
-    handler: Handler, *, on_step: Callable[..., None] | None = None, finalize: Callable[..., Any] | None = None,
-    trains: bool | Callable[[Any], bool] = False,
-) -> Callable[[type[C]], type[C]]:
-    """Class decorator: ``@register(apply_fn)`` binds a config class's ``kind`` to its handler.
+    config_cls: type[C], handler: Handler, *, on_step: Callable[..., None] | None = None,
+    finalize: Callable[..., Any] | None = None, trains: bool | Callable[[Any], bool] = False,
+) -> type[C]:
+    """Bind a config class's ``kind`` to its handler (the one registration spelling, written after
+    both are defined): ``register(SVDConfig, apply_svd)``.
 
     The handler is called as ``handler(model, config, select=..., data=...)`` and returns the
     compressed model (for multi-step methods: the prepared model; see :class:`Entry`).
     """
-
-    def deco(cls: type[C]) -> type[C]:
-        if not cls.kind:
-            raise TypeError(f"{cls.__name__} needs a class-level `kind`")
-        if cls.kind in _REGISTRY and _REGISTRY[cls.kind].config_cls is not cls:
-            raise TypeError(f"config kind {cls.kind!r} is registered twice")
-        _REGISTRY[cls.kind] = Entry(cls, handler, on_step, finalize, trains)
-        return cls
-
-    return deco
+    if not (isinstance(config_cls, type) and issubclass(config_cls, Config)) or not callable(handler):
+        raise TypeError("register(ConfigClass, handler, ...): a Config subclass, then its handler")
+    if not config_cls.kind:
+        raise TypeError(f"{config_cls.__name__} needs a class-level `kind`")
+    if config_cls.kind in _REGISTRY and _REGISTRY[config_cls.kind].config_cls is not config_cls:
+        raise TypeError(f"config kind {config_cls.kind!r} is registered twice")
+    _REGISTRY[config_cls.kind] = Entry(config_cls, handler, on_step, finalize, trains)
+    return config_cls
 
 
 def known_kinds(family: str | None = None) -> list[str]:

@@ -96,7 +96,6 @@ def _build_student(teacher: nn.Module, config: DistillConfig, given: nn.Module |
     return shrink_width(teacher, config.width, inputs)
 
 
-@register(_apply)
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class DistillConfig(Config):
     """Knowledge distillation from a teacher into a student.
@@ -144,3 +143,6 @@ class DistillConfig(Config):
             FeaturePair.parse(f)
         if self.output_loss == "none" and not self.features:
             raise ConfigError("distill.output_loss='none' needs `features`, or nothing is distilled")
+
+
+register(DistillConfig, _apply)

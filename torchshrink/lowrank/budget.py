@@ -192,4 +192,4 @@ def apply_budget(model: nn.Module, config: BudgetConfig, *, select: Select | Non
     return model
 
 
-register(apply_budget)(BudgetConfig)
+register(BudgetConfig, apply_budget)

@@ -106,4 +106,4 @@ def apply_cp(model: nn.Module, config: CPConfig, *, select: Select | None = None
     return replace_convs(model, config, select, data, "cp", cp_rank, lambda conv, s: factorize_cp(conv, s[0], config.n_iter), cost)
 
 
-register(apply_cp)(CPConfig)
+register(CPConfig, apply_cp)

@@ -129,4 +129,4 @@ def apply_separable(model: nn.Module, config: SeparableConfig, *, select: Select
     return out
 
 
-register(apply_separable)(SeparableConfig)
+register(SeparableConfig, apply_separable)

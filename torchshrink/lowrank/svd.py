@@ -209,4 +209,4 @@ def apply_svd(model: nn.Module, config: SVDConfig, *, select: Select | None = No
     return model
 
 
-register(apply_svd)(SVDConfig)
+register(SVDConfig, apply_svd)

@@ -270,4 +270,4 @@ def apply_tucker2(model: nn.Module, config: Tucker2Config, *, select: Select | N
                          lambda conv, s: factorize_tucker2(conv, s[0], s[1], config.solver), _tucker_cost)
 
 
-register(apply_tucker2)(Tucker2Config)
+register(Tucker2Config, apply_tucker2)

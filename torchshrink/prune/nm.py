@@ -61,7 +61,6 @@ def finalize_nm(model: nn.Module, config: NMConfig) -> nn.Module:
     return model
 
 
-@register(prune_nm, on_step=on_step_nm, finalize=finalize_nm)
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class NMConfig(Config):
     """Keep ``n`` of every ``m`` consecutive weights along the input dimension (2:4, 4:8, ...)."""
@@ -78,3 +77,6 @@ class NMConfig(Config):
         check_range("nm.n", self.n, 1, 1024)
         if self.n > self.m:
             raise ConfigError(f"nm: n={self.n} > m={self.m}; N:M keeps n of every m weights, so 1 <= n <= m")
+
+
+register(NMConfig, prune_nm, on_step=on_step_nm, finalize=finalize_nm)

@@ -175,8 +175,6 @@ def finalize_unstructured(model: nn.Module, config: UnstructuredConfig) -> nn.Mo
     return model
 
 
-@register(prune_unstructured, on_step=on_step_unstructured, finalize=finalize_unstructured,
-          trains=lambda c: c.schedule != "oneshot")
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class UnstructuredConfig(Config):
     """Zero the ``sparsity`` share of the least important weights of Linear / Conv layers.
@@ -226,3 +224,7 @@ class UnstructuredConfig(Config):
             raise ConfigError(
                 f"unstructured.initial_sparsity={self.initial_sparsity} must not exceed sparsity={self.sparsity}"
             )
+
+
+register(UnstructuredConfig, prune_unstructured, on_step=on_step_unstructured, finalize=finalize_unstructured,
+         trains=lambda c: c.schedule != "oneshot")

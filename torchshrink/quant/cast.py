@@ -56,7 +56,6 @@ def apply_cast(model: nn.Module, config: CastConfig, *, select: Select | None = 
     return model
 
 
-@register(apply_cast)
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class CastConfig(Config):
     """Cast selected layers (default: Linear, Conv, Embedding, LayerNorm) to float16 or bfloat16."""
@@ -64,3 +63,6 @@ class CastConfig(Config):
     kind = "cast"
     family = "quantize"
     dtype: Literal["float16", "bfloat16"] = "bfloat16"
+
+
+register(CastConfig, apply_cast)

@@ -182,7 +182,6 @@ def fuse_attention_projections(model: nn.Module, config: Int8DynamicConfig, sele
     return [(n, m) for n, m in linears if n not in done]
 
 
-@register(apply_int8_dynamic)
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class Int8DynamicConfig(Config):
     """INT8 dynamic quantization of Linear layers: int8 per-channel weights, activations quantized at
@@ -224,6 +223,9 @@ class Int8DynamicConfig(Config):
         check_range("int8-dynamic.calib_batches", self.calib_batches, 1, 100000)
 
 
+register(Int8DynamicConfig, apply_int8_dynamic)
+
+
 # --------------------------------------------------------------------------- weight-only
 
 
@@ -244,7 +246,6 @@ def apply_weight_only(model: nn.Module, config: WeightOnlyConfig, *, select: Sel
     return model
 
 
-@register(apply_weight_only)
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class WeightOnlyConfig(Config):
     """Weight-only quantization of Linear layers: int8 (per channel or per group) or int4 per group,
@@ -261,3 +262,6 @@ class WeightOnlyConfig(Config):
             raise ConfigError(f"weight-only.group_size={self.group_size} is not allowed; allowed: 0 (per channel), 16, 32, 64, 128, 256")
         if self.bits == 4 and self.group_size == 0:
             pass  # per-channel int4 is allowed (lower quality)
+
+
+register(WeightOnlyConfig, apply_weight_only)

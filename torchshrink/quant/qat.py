@@ -113,7 +113,6 @@ def finalize_qat(model: nn.Module, config: QATConfig) -> nn.Module:
     return out
 
 
-@register(apply_qat, finalize=finalize_qat, trains=True)
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class QATConfig(Config):
     """QAT with LSQ at ``weight_bits`` / ``act_bits`` (2..8; per-layer via overrides). Needs calibration
@@ -127,3 +126,6 @@ class QATConfig(Config):
     def validate(self) -> None:
         check_range("qat.weight_bits", self.weight_bits, 2, 8)
         check_range("qat.act_bits", self.act_bits, 2, 8)
+
+
+register(QATConfig, apply_qat, finalize=finalize_qat, trains=True)

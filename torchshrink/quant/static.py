@@ -239,7 +239,6 @@ def apply_int8_static(model: nn.Module, config: Int8StaticConfig, *, select: Sel
     return out.eval()
 
 
-@register(apply_int8_static)
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class Int8StaticConfig(Config):
     """Static INT8: calibrated quint8 activations, int8 per-channel weights, BN folding and ReLU fusion,
@@ -256,6 +255,9 @@ class Int8StaticConfig(Config):
     def validate(self) -> None:
         check_range("int8-static.calib_batches", self.calib_batches, 1, 100000)
         check_range("int8-static.weight_bits", self.weight_bits, 2, 8)
+
+
+register(Int8StaticConfig, apply_int8_static)
 
 
 __all__ = ["Int8StaticConfig", "apply_int8_static", "convert_graph", "fuse_graph"]

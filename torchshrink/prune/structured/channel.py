@@ -235,4 +235,4 @@ def prune_channels(model: nn.Module, config: ChannelPruneConfig, *, select: Sele
     return model
 
 
-register(prune_channels)(ChannelPruneConfig)
+register(ChannelPruneConfig, prune_channels)

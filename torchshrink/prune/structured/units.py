@@ -237,9 +237,9 @@ def layer_drop(model: nn.Module, config: LayerDropConfig, *, select: Select | No
     return model
 
 
-register(head_prune)(HeadPruneConfig)
-register(ffn_prune)(FfnPruneConfig)
-register(layer_drop)(LayerDropConfig)
+register(HeadPruneConfig, head_prune)
+register(FfnPruneConfig, ffn_prune)
+register(LayerDropConfig, layer_drop)
 
 
 def from_pretrained(path: str | Path, model_class: Any = None) -> nn.Module:
