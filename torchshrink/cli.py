@@ -2,54 +2,18 @@
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import sys
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import typer
-from rich.console import Console
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from torchshrink.core.errors import TorchshrinkError
+from torchshrink.cli_support import TRUST_HELP, friendly, out, positive, progress_bar
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Make trained PyTorch models smaller and faster, with measured evidence.")
-out = Console()
-err = Console(stderr=True)
-
-
-def _friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Errors a user can cause: one line on stderr, exit code 2."""
-
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return fn(*args, **kwargs)
-        except TorchshrinkError as e:
-            err.print(f"[red]error:[/red] {str(e).splitlines()[0] if str(e) else type(e).__name__}", highlight=False, soft_wrap=True)
-            raise typer.Exit(2) from None
-        except KeyboardInterrupt:
-            err.print("interrupted (an interrupted `compress` continues with --resume; other commands wrote nothing)")
-            raise typer.Exit(130) from None
-
-    return wrapper
-
-
-def positive(flag: str, value: int | None) -> None:
-    """A count option (--threads, --batch) must be 1 or more when given."""
-    from torchshrink.core.errors import ConfigError
-
-    if value is not None and value < 1:
-        raise ConfigError(f"{flag} {value}: must be a whole number of 1 or more (leave it out for the default)")
-
-
-TRUST_HELP = "allow model files that run code when read (a torch.export .pt2 is unpickled); only for files you trust"
-
-
 def _inputs(model: Any, input_shape: str | None, batch: int | None) -> tuple:
     import torch
 
@@ -60,21 +24,8 @@ def _inputs(model: Any, input_shape: str | None, batch: int | None) -> tuple:
     return example_inputs(model, batch=batch)
 
 
-def _progress() -> tuple[Progress, Callable[[str, int, int], None]]:
-    bar = Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                   TimeElapsedColumn(), console=err, transient=False)
-    ids: dict[str, Any] = {}
-
-    def update(desc: str, done: int, total: int) -> None:
-        if desc not in ids:
-            ids[desc] = bar.add_task(desc, total=max(total, 1))
-        bar.update(ids[desc], completed=done, total=max(total, 1))
-
-    return bar, update
-
-
 @app.command()
-@_friendly
+@friendly
 def measure(
     model: str = typer.Option(..., "--model", "-m", help="model spec, e.g. torchvision:resnet18, zoo:digits-cnn, a saved folder"),
     input_shape: str = typer.Option(None, "--input-shape", help="e.g. 1,3,224,224 (default: the model's own)"),
@@ -113,7 +64,7 @@ def measure(
 
 
 @app.command()
-@_friendly
+@friendly
 def inspect(
     model: str = typer.Option(..., "--model", "-m", help="model spec"),
     input_shape: str = typer.Option(None, "--input-shape", help="e.g. 1,3,224,224"),
@@ -139,7 +90,7 @@ def inspect(
 
 
 @app.command()
-@_friendly
+@friendly
 def compress(
     model: str = typer.Option(..., "--model", "-m", help="model spec"),
     recipe: str = typer.Option(None, "--recipe", "-r", help="recipe YAML file or built-in name (not needed with --resume)"),
@@ -160,7 +111,7 @@ def compress(
     if recipe is None and not resume:
         raise ConfigError("--recipe is required (a YAML file or a built-in name) unless --resume is given")
     rec = load_recipe(recipe) if recipe else None
-    bar, update = _progress()
+    bar, update = progress_bar()
     with bar:
         result = run(model, rec, out_dir, force=force, resume=resume, threads=threads, progress=update, seed=seed,
                      trust_code=trust_code)
@@ -172,7 +123,7 @@ def compress(
 
 
 @app.command()
-@_friendly
+@friendly
 def report(directory: Path = typer.Argument(..., help="output folder of `torchshrink compress`")) -> None:
     """Regenerate report.md and report.html from a run's report.json."""
     from torchshrink.recipe.report import regenerate
@@ -181,7 +132,7 @@ def report(directory: Path = typer.Argument(..., help="output folder of `torchsh
 
 
 @app.command()
-@_friendly
+@friendly
 def demo(
     out_dir: Path = typer.Option(Path("demo-out"), "--out", "-o", help="output folder for the report"),
     recipe: str = typer.Option("demo", "--recipe", "-r", help="recipe to run (built-in name or file)"),

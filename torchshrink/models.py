@@ -21,24 +21,17 @@ from __future__ import annotations
 import importlib
 import os
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
 
 from torchshrink.core.errors import ModelLoadError
+from torchshrink.export.skeleton import tag, torchvision_model
 
 SPEC_HELP = (
     "use torchvision:NAME, zoo:NAME, package.module:factory, a saved folder, a Hugging Face folder, "
     "FILE.pt2, or SPEC@WEIGHTS.safetensors"
 )
-
-
-def _tag(model: nn.Module, source: str, inp: dict[str, Any] | None) -> nn.Module:
-    model._torchshrink_source = source
-    if inp is not None:
-        model._torchshrink_input = inp
-    return model
 
 
 def load_model(spec: str, *, trust_code: bool = False) -> nn.Module:
@@ -73,7 +66,7 @@ def load_model(spec: str, *, trust_code: bool = False) -> nn.Module:
             f"{spec} holds weights only; name the architecture too, e.g. torchvision:resnet18@{spec}"
         )
     if spec.startswith("torchvision:"):
-        return _torchvision(spec.split(":", 1)[1])
+        return torchvision_model(spec.split(":", 1)[1])
     if spec.startswith("zoo:"):
         from torchshrink.zoo import load_zoo_model
 
@@ -83,22 +76,6 @@ def load_model(spec: str, *, trust_code: bool = False) -> nn.Module:
     if ":" in spec:
         return _from_factory(spec)
     raise ModelLoadError(f"cannot understand model spec {spec!r}; {SPEC_HELP}")
-
-
-def _torchvision(name: str) -> nn.Module:
-    try:
-        import torchvision
-    except ImportError:
-        raise ModelLoadError("torchvision is not installed: pip install 'torchshrink[vision]'") from None
-    names = torchvision.models.list_models()
-    if name not in names:
-        import difflib
-
-        close = difflib.get_close_matches(name, names, n=3)
-        raise ModelLoadError(f"unknown torchvision model {name!r}; close names: {', '.join(close) or 'none'}")
-    model = torchvision.models.get_model(name, weights=None)
-    size = 299 if name.startswith("inception") else 224
-    return _tag(model.eval(), f"torchvision:{name}", {"shape": [1, 3, size, size], "dtype": "float32"})
 
 
 def _from_factory(spec: str) -> nn.Module:
@@ -118,7 +95,7 @@ def _from_factory(spec: str) -> nn.Module:
         raise ModelLoadError(f"{spec} raised {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}") from None
     if not isinstance(model, nn.Module):
         raise ModelLoadError(f"{spec} returned {type(model).__name__}, not a torch.nn.Module")
-    return _tag(model, spec, getattr(model, "_torchshrink_input", None))
+    return tag(model, spec, getattr(model, "_torchshrink_input", None))
 
 
 def _from_folder(path: Path) -> nn.Module:
@@ -138,7 +115,7 @@ def _from_folder(path: Path) -> nn.Module:
             model = AutoModel.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
         except Exception as e:
             raise ModelLoadError(f"{path} is not a loadable Hugging Face model folder ({type(e).__name__}: {e})") from None
-        return _tag(model.eval(), f"hf:{path.resolve()}", {"kind": "tokens", "shape": [1, 128], "vocab": model.config.vocab_size})
+        return tag(model.eval(), f"hf:{path.resolve()}", {"kind": "tokens", "shape": [1, 128], "vocab": model.config.vocab_size})
     raise ModelLoadError(f"{path} is neither a torchshrink save (manifest.json) nor a Hugging Face folder (config.json)")
 
 
@@ -182,81 +159,6 @@ def _load_weights(model: nn.Module, path: Path) -> None:
         model.load_state_dict(state)
     except RuntimeError as e:
         raise ModelLoadError(f"{path} does not fit the architecture: {str(e).splitlines()[1:2] or e}") from None
-
-
-def _zoo_skeleton(name: str) -> nn.Module:
-    from torchshrink.zoo.digits import DigitsCNN, DigitsMLP
-
-    classes = {"digits-cnn": DigitsCNN, "digits-mlp": DigitsMLP}
-    if name not in classes:
-        raise ModelLoadError(f"unknown zoo architecture {name[:40]!r} in the manifest; known: {', '.join(classes)}")
-    return classes[name]()
-
-
-def _hf_skeleton(hf: dict[str, Any], cls_name: str | None) -> nn.Module:
-    """A transformers model from its config: the config class is picked by ``model_type`` among the
-    ones transformers registers, the model class among the auto classes registered for it."""
-    try:
-        import transformers
-        from transformers import AutoConfig
-        from transformers.models.auto import modeling_auto
-        from transformers.models.auto.configuration_auto import CONFIG_MAPPING
-    except ImportError:
-        raise ModelLoadError("this saved model is a transformers model: pip install 'torchshrink[nlp]'") from None
-    model_type = hf.get("model_type")
-    if not isinstance(model_type, str) or model_type not in CONFIG_MAPPING:
-        raise ModelLoadError(f"the saved transformers config has unknown model_type {str(model_type)[:40]!r}")
-    fields = {k: v for k, v in hf.items() if k not in ("model_type", "auto_map", "trust_remote_code")}
-    try:
-        cfg = AutoConfig.for_model(model_type, **fields)
-    except Exception as e:  # transformers validates config values with several error types
-        raise ModelLoadError(f"the saved transformers config is invalid ({type(e).__name__}: {str(e)[:160]})") from None
-    cls: Any = None
-    short = (cls_name or "").rsplit(".", 1)[-1]
-    for mapping_name in dir(modeling_auto):
-        mapping = getattr(modeling_auto, mapping_name)
-        if not mapping_name.startswith("MODEL_") or not mapping_name.endswith("_MAPPING_NAMES") or not isinstance(mapping, dict):
-            continue
-        entry = mapping.get(model_type)
-        names = entry if isinstance(entry, tuple | list) else (entry,)
-        if short in names:
-            cls = getattr(transformers, short, None)
-            break
-    if cls is None:
-        from transformers import AutoModel
-
-        return AutoModel.from_config(cfg)
-    try:
-        return cls(cfg)
-    except Exception as e:
-        raise ModelLoadError(f"cannot build {short} from the saved config ({type(e).__name__}: {str(e)[:160]})") from None
-
-
-def build_skeleton(manifest: dict[str, Any]) -> nn.Module:
-    """The architecture a (validated) manifest was made from, before its recorded changes are applied.
-    Only known sources are rebuilt: a transformers config, a torchvision name, a zoo name, or a
-    torch.nn / registered torchshrink root class. Nothing named in the file is imported or called."""
-    source = manifest.get("source") or ""
-    hf = manifest.get("hf_config")
-    inp = manifest.get("input")
-    arch = source.split("@", 1)[0]
-    if hf is not None:
-        return _tag(_hf_skeleton(hf, manifest.get("class")).eval(), source or "hf", inp)
-    if arch.startswith("torchvision:"):
-        return _torchvision(arch.split(":", 1)[1])
-    if arch.startswith("zoo:"):
-        return _tag(_zoo_skeleton(arch.split(":", 1)[1]), arch, inp)
-    from torchshrink.export.modules import build_module, rebuildable
-
-    cls_path = manifest.get("class") or ""
-    root = next((r for r in manifest.get("modules", []) if r.get("name") == ""), None)
-    if root is not None and root.get("type") == cls_path and root.get("init") is not None and rebuildable(cls_path):
-        return build_module(cls_path, root["init"])
-    raise ModelLoadError(
-        f"the saved model's architecture ({cls_path[:120] or 'unknown'}, from {source[:120] or 'an unknown source'}) "
-        "is not one torchshrink rebuilds from a file; give it: torchshrink.load(dir, model=MyModel(...)), "
-        "or on the command line --model package.module:factory@DIR"
-    )
 
 
 def example_inputs(model: nn.Module, batch: int | None = None, seq: int | None = None) -> tuple[torch.Tensor, ...]:

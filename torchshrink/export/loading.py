@@ -5,7 +5,7 @@ What loading does with each part of a folder (the trust model, see the README):
 - ``manifest.json`` is read as JSON (at most 64 MiB) and checked against the schema
   (:mod:`torchshrink.export.schema`) before any field is used;
 - the architecture is rebuilt only from sources torchshrink knows (torchvision names, zoo names,
-  transformers config classes; :func:`torchshrink.models.build_skeleton`) and from torch.nn or
+  transformers config classes; :func:`torchshrink.export.skeleton.build_skeleton`) and from torch.nn or
   registered torchshrink module classes; nothing named in the file is imported or called;
 - every module built from declared arguments is first built on the meta device and its tensor
   shapes compared with the declared tensors, so a declared size cannot allocate memory the file
@@ -34,6 +34,7 @@ from torchshrink.export.container import CONTAINER, read_container
 from torchshrink.export.formats import decode_tensor, known_format
 from torchshrink.export.modules import build_module, init_args, type_name
 from torchshrink.export.schema import DTYPES, check_manifest, read_json
+from torchshrink.export.skeleton import build_skeleton
 
 WEIGHTS = "model.safetensors"
 MANIFEST = "manifest.json"
@@ -219,8 +220,6 @@ def _order_like(net: nn.Module, records: list[dict[str, Any]]) -> None:
 
 def _skeleton(manifest: dict[str, Any]) -> nn.Module:
     """The architecture, built first on the meta device: one much larger than the file is refused."""
-    from torchshrink.models import build_skeleton
-
     with torch.device("meta"):
         probe = build_skeleton(manifest)
     size = sum(t.numel() * t.element_size() for t in [*probe.parameters(), *probe.buffers()])

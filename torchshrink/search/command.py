@@ -10,10 +10,10 @@ import typer
 
 def register(app: typer.Typer) -> None:
     """Add the ``search`` command to the torchshrink typer app."""
-    from torchshrink.cli import _friendly, _progress, err, out, positive
+    from torchshrink.cli_support import err, friendly, out, positive, progress_bar
 
     @app.command()
-    @_friendly
+    @friendly
     def search(
         model: str = typer.Option(..., "--model", "-m", help="model spec, e.g. zoo:digits-cnn"),
         budget: str = typer.Option(..., "--budget", "-b", help='e.g. "--max-size 0.25x --max-accuracy-drop 1.0"'),
@@ -56,7 +56,7 @@ def register(app: typer.Typer) -> None:
             raise ConfigError(f"--data {data!r} is not known; allowed: auto, digits, sentences")
         out_dir.mkdir(parents=True, exist_ok=True)
         url = storage or f"sqlite:///{(out_dir / 'search.db').resolve()}"
-        bar, update = _progress()
+        bar, update = progress_bar()
         with bar:
             result = run_search(net, parsed, task=task, method=method, n_trials=trials, storage=url, study_name=study,
                                 finetune=Finetune(epochs=epochs) if epochs > 0 else None, workers=workers,
