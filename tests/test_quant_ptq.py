@@ -177,7 +177,9 @@ def test_qat_lsq_prepare_train_finalize_to_integer_modules():
     before = p[0].wq.step.detach().clone()
     finetune(p, [(x, y)] * 4, Finetune(epochs=2, lr=1e-2), on_step=torchshrink.step)
     assert not torch.equal(before, p[0].wq.step.detach())  # the steps are learned
-    q = torchshrink.finalize(p)
+    with pytest.raises(DataError, match="calibration data"):  # its integer activation scales are calibrated
+        torchshrink.finalize(p)
+    q = torchshrink.finalize(p, data=[x])
     assert isinstance(p[0], QATLayer)  # finalize copies: the prepared model is untouched
     one_call = torchshrink.quantize(m, cfg, data=[x], train_data=[(x, y)] * 4, finetune=Finetune(epochs=2, lr=1e-2))
     assert torch.equal(one_call(x), q(x))  # apply with train_data = prepare + the shared loop + finalize

@@ -99,10 +99,11 @@ def step(model: nn.Module, step: int, total: int) -> None:
             entry.on_step(model, config, step, total)
 
 
-def finalize(model: nn.Module, config: Config | None = None, *, inplace: bool = False) -> nn.Module:
+def finalize(model: nn.Module, config: Config | None = None, *, data: Any = None, inplace: bool = False) -> nn.Module:
     """Turn a prepared (and trained) model into the deployable one: fake-quant into integer modules,
     masks into sparse weights and kernels, training layers into packed ones. ``config`` (of the kind
-    prepared last) finalizes with other finalize-time settings (e.g. the stored dtype)."""
+    prepared last) finalizes with other finalize-time settings (e.g. the stored dtype); ``data``
+    calibrates kinds whose finalize measures activations (QAT's integer activation scales)."""
     if not isinstance(model, nn.Module):
         raise ConfigError(f"expected a torch.nn.Module, got {type(model).__name__}")
     pending = list(getattr(model, PENDING, []))
@@ -115,7 +116,8 @@ def finalize(model: nn.Module, config: Config | None = None, *, inplace: bool = 
     for config in pending:
         entry = get_entry(config)
         if entry.finalize is not None:
-            new = entry.finalize(out, config)
+            takes_data = "data" in inspect.signature(entry.finalize).parameters
+            new = entry.finalize(out, config, data=data) if takes_data else entry.finalize(out, config)
             carry(out, new)
             for attr in (*_CARRY, "_torchshrink_history"):
                 if hasattr(out, attr) and not hasattr(new, attr):
@@ -133,7 +135,7 @@ def run(model: nn.Module, config: Config, *, select: Select | dict[str, Any] | N
     original = model if not inplace else None
     prepared = prepare(model, config, select=select, data=data, inplace=inplace, **options)
     history = train(prepared, step) if train is not None else []
-    out = finalize(prepared, inplace=True)
+    out = finalize(prepared, data=data, inplace=True)
     if original is not None:
         note_changes(original, out)
     if history:

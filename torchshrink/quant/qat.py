@@ -81,7 +81,7 @@ class QATLayer(nn.Module):
 
 def apply_qat(model: nn.Module, config: QATConfig, *, select: Select | None = None, data: Any = None,
               **_: Any) -> nn.Module:
-    calib = calibration_batches(data, 8)  # kept for finalize's activation scales (and to init the steps)
+    calib = calibration_batches(data, 8)  # initializes the steps; finalize calibrates again on its data
     for name, m in select_modules(model, select, ("Conv2d", "Linear")):
         if type(m) not in (nn.Conv2d, nn.Linear):
             continue
@@ -92,11 +92,13 @@ def apply_qat(model: nn.Module, config: QATConfig, *, select: Select | None = No
     with torch.no_grad():
         model(*calib[0])
     model.train(was)
-    model._torchshrink_qat_calibration = calib
     return model
 
 
-def finalize_qat(model: nn.Module, config: QATConfig) -> nn.Module:
+def finalize_qat(model: nn.Module, config: QATConfig, *, data: Any = None) -> nn.Module:
+    """Weights onto their trained grid, then static INT8 modules whose activation scales are
+    calibrated on ``data`` (ts.finalize(model, data=calib); apply / the stage runner pass theirs)."""
+    calib = calibration_batches(data, 8)
     bits: dict[str, int] = {}
     for name, m in list(model.named_modules()):
         if isinstance(m, QATLayer):
@@ -104,7 +106,6 @@ def finalize_qat(model: nn.Module, config: QATConfig) -> nn.Module:
             layer.weight.data = m.wq.quantized(layer.weight.detach())
             set_module(model, name, layer)
             bits[name] = m.wq.bits
-    calib = getattr(model, "_torchshrink_qat_calibration", None)
     sel = Select(overrides={n: {"weight_bits": b} for n, b in bits.items()}) if bits else None
     out = apply_int8_static(model.eval(), Int8StaticConfig(weight_bits=8), select=sel, data=calib)
     carry(model, out)

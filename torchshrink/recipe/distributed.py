@@ -180,11 +180,12 @@ def _spawned(rank: int, world: int, port: int, model: nn.Module, stage: Stage, t
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
-        trained = ddp_finetune_stage(model, stage, task_factory(), seed)
+        task = task_factory()
+        trained = ddp_finetune_stage(model, stage, task, seed)
         if rank == 0:  # finalize once and hand the result over in torchshrink's own save format
             from torchshrink.export.io import save
 
-            save(finalize(trained, inplace=True), out)
+            save(finalize(trained, data=task.calibration, inplace=True), out)
         dist.barrier()
     finally:
         dist.destroy_process_group()
@@ -218,7 +219,8 @@ def run_stage_ddp(model: nn.Module, stage: Stage, task_factory: TaskFactory, *, 
             if not Path(out).is_dir():
                 raise RuntimeError("DDP fine-tuning ended without a model from rank 0")
             return load(out).eval()
-    return finalize(prepare_stage(model, stage, task_factory(), seed), inplace=True)
+    task = task_factory()
+    return finalize(prepare_stage(model, stage, task, seed), data=task.calibration, inplace=True)
 
 
 def main(argv: list[str] | None = None) -> None:  # pragma: no cover - exercised through torchrun
@@ -241,7 +243,8 @@ def main(argv: list[str] | None = None) -> None:  # pragma: no cover - exercised
         task = task_for(model)
         current = model
         for i, stage in enumerate(recipe.stages):
-            current = finalize(ddp_finetune_stage(current, stage, task, args.seed * 1000 + i), inplace=True)
+            current = finalize(ddp_finetune_stage(current, stage, task, args.seed * 1000 + i), data=task.calibration,
+                               inplace=True)
         if dist.get_rank() == 0:
             save(current, args.out, recipe=recipe.to_dict(), force=True)
             log.info("wrote %s", args.out)
