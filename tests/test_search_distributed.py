@@ -63,6 +63,7 @@ def _sync_norm_worker(rank: int, port: int, out: str) -> None:
         if rank == 0:
             torch.save({"n": n, "y": y.detach(), "xgrad": xs.grad / 2, "grads": grads / 2, "mean": bn.running_mean,
                         "var": bn.running_var, "forward_restored": "forward" not in vars(bn)}, out)
+        dist.barrier()  # both ranks done talking before teardown (gloo aborts on a pair torn down mid-exchange)
     finally:
         dist.destroy_process_group()
 
@@ -116,6 +117,7 @@ def _out_of_sync_worker(rank: int, port: int, out: str) -> None:
             msg = str(e)
         if rank == 0:
             torch.save(msg, out)
+        dist.barrier()  # both ranks done talking before teardown (gloo aborts on a pair torn down mid-exchange)
     finally:
         dist.destroy_process_group()
 
