@@ -286,6 +286,12 @@ def t_hf_huge(d, mk):
     _write(d, m)
 
 
+def t_hf_layers(d, mk):
+    m = _manifest(d)
+    m["hf_config"]["num_hidden_layers"] = 10**9
+    _write(d, m)
+
+
 def t_input_huge(d, mk):
     m = _manifest(d)
     m["input"] = {"shape": [1 << 20, 1 << 20], "dtype": "float32"}
@@ -397,7 +403,8 @@ CASES = {
     "shape-2**50": (SEQ, t_shape_2_50, "declares more than"),
     "shape-2**36-bitmask": (SEQ, t_shape_2_36, "the file \\[262144, 262144\\]"),
     "init-huge": (SEQ, t_init_huge, "needs tensor|the file"),
-    "hf-config-huge": (HF, t_hf_huge, "far more than"),
+    "hf-config-huge": (HF, t_hf_huge, "far more than|refused"),
+    "hf-config-billion-layers": (HF, t_hf_layers, "num_hidden_layers=1,000,000,000; refused"),
     "dense-shape-mismatch": (SEQ, t_mask_size, "the file \\[16000, 8\\]"),
     "container-bomb": (SEQ, t_container_bomb, "more than the 16 bytes declared"),
     "container-trailing-data": (SEQ, t_container_trailing, "trailing data"),
@@ -471,6 +478,20 @@ def test_decoders_check_declared_sizes_before_allocating(fmt):
         peak = tracemalloc.get_traced_memory()[1]
         tracemalloc.stop()
     assert peak < 16 << 20
+
+
+@pytest.mark.parametrize("case", ["graph-node-name", "graph-torch-os-system", "source-factory-beside-artifact",
+                                  "module-type-popen", "container-bomb", "manifest-json-list"])
+def test_load_model_refuses_the_same_folders(tmp_path, monkeypatch, case):
+    kind, tamper, msg = CASES[case]
+    d = _saved(tmp_path, kind)
+    marker = tmp_path / "PWNED"
+    tamper(d, marker)
+    monkeypatch.chdir(d)
+    monkeypatch.syspath_prepend(str(d))
+    with pytest.raises(ModelLoadError, match=msg):
+        ts.load_model(str(d))
+    assert not marker.exists() and "evil" not in sys.modules
 
 
 def test_torch_export_archive_needs_trust_code(tmp_path):

@@ -58,6 +58,10 @@ def _hf_skeleton(hf: dict[str, Any], cls_name: str | None) -> nn.Module:
     if not isinstance(model_type, str) or model_type not in CONFIG_MAPPING:
         raise ModelLoadError(f"the saved transformers config has unknown model_type {str(model_type)[:40]!r}")
     fields = {k: v for k, v in hf.items() if k not in ("model_type", "auto_map", "trust_remote_code")}
+    for k, v in fields.items():  # counts that would build millions of modules even on the meta device
+        limit = 4096 if "layer" in k or "head" in k or "expert" in k else 1 << 24
+        if isinstance(v, int) and not isinstance(v, bool) and v > limit:
+            raise ModelLoadError(f"the saved transformers config sets {k[:40]}={v:,}; refused (more than {limit:,})")
     try:
         cfg = AutoConfig.for_model(model_type, **fields)
     except Exception as e:  # transformers validates config values with several error types
