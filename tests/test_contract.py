@@ -73,11 +73,14 @@ def _model(which: str) -> tuple[nn.Module, list, tuple]:
     return (conv_net() if which == CONV else tiny_net()), CALIB, (X,)
 
 
-def _out(model: nn.Module, inputs: tuple) -> torch.Tensor:
-    with torch.no_grad():
-        y = model(*inputs)
+def _main(y: Any) -> torch.Tensor:
     y = getattr(y, "last_hidden_state", y)
     return (y[0] if isinstance(y, tuple) else y).float()
+
+
+def _out(model: nn.Module, inputs: tuple) -> torch.Tensor:
+    with torch.no_grad():
+        return _main(model(*inputs))
 
 
 def _apply(kind: str) -> tuple[nn.Module, nn.Module, tuple, Any]:
@@ -201,6 +204,24 @@ def test_saved_models_reload_identically_in_a_fresh_process(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     results = dict(line.split() for line in r.stdout.splitlines())
     assert results == {k: "True" for k in CASES}, results
+
+
+@pytest.mark.parametrize("kind", sorted(CASES))
+def test_onnx_and_torch_export_work_or_refuse_in_one_line(kind, tmp_path):
+    from torchshrink.core.errors import UnsupportedLayerError
+    from torchshrink.export.onnx import export_onnx, export_program
+
+    _, out, inputs, _ = _apply(kind)
+    try:
+        path = export_onnx(out, inputs, tmp_path / "m.onnx")
+        assert path.stat().st_size > 0
+    except UnsupportedLayerError as e:
+        assert "\n" not in str(e) and not (tmp_path / "m.onnx").exists()
+    try:
+        program = export_program(out, inputs)
+        assert torch.allclose(_out(program.module(), inputs), _out(out, inputs), rtol=1e-4, atol=1e-5)
+    except UnsupportedLayerError as e:
+        assert "\n" not in str(e)
 
 
 def test_finalize_with_other_settings_of_the_same_kind():

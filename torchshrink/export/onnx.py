@@ -86,6 +86,7 @@ def export_twin(model: nn.Module) -> nn.Module:
     """A copy of ``model`` whose quantized modules are replaced by exportable QDQ equivalents."""
     import copy
 
+    from torchshrink.binary.modules import _PackedTernary
     from torchshrink.core.surgery import set_module
     from torchshrink.quant.fused import LinearAddNorm
     from torchshrink.quant.modules import Int8Conv2d, Int8DynamicLinear, Int8Linear, QuantizedAdd, WeightOnlyLinear
@@ -106,6 +107,11 @@ def export_twin(model: nn.Module) -> nn.Module:
                 f"layer {name!r} ({type(m).__name__}) runs on quint8 tensors and cannot be exported to ONNX yet; "
                 "exportable: int8-dynamic, weight-only and float layers"
             )
+        elif isinstance(m, _PackedTernary):
+            raise UnsupportedLayerError(
+                f"layer {name!r} ({type(m).__name__}) unpacks 2-bit codes with integer bit operations ONNX export "
+                "lacks; exportable: int8-dynamic, weight-only, packed binary and float layers"
+            )
     return twin.eval()
 
 
@@ -117,10 +123,35 @@ def export_onnx(model: nn.Module, inputs: Sequence[torch.Tensor], path: str | os
     names = list(input_names or [f"input{i}" for i in range(len(inputs))])
     axes = {n: {0: "batch"} for n in names}
     tmp = out.with_name(f".{out.name}.tmp")
-    torch.onnx.export(export_twin(model), tuple(inputs), str(tmp), input_names=names, output_names=["output"],
-                      dynamic_axes=axes, opset_version=opset, dynamo=False)
+    twin = export_twin(model)
+    try:
+        torch.onnx.export(twin, tuple(inputs), str(tmp), input_names=names, output_names=["output"],
+                          dynamic_axes=axes, opset_version=opset, dynamo=False)
+    except Exception as e:  # the exporter raises many types; the user gets one line and no partial file
+        tmp.unlink(missing_ok=True)
+        raise UnsupportedLayerError(f"ONNX export of {type(model).__name__} failed: {type(e).__name__}: "
+                                    f"{(str(e).splitlines() or [''])[0][:200]}") from None
     os.replace(tmp, out)
     return out
+
+
+def export_program(model: nn.Module, inputs: Sequence[torch.Tensor]) -> torch.export.ExportedProgram:
+    """``torch.export`` of ``model``, or one UnsupportedLayerError line naming what cannot be traced: layers
+    whose kernels run outside torch ops (packed binary / ternary, quint8 modules) are named up front."""
+    from torchshrink.binary.modules import _PackedBase
+    from torchshrink.quant.modules import Int8Conv2d, Int8DynamicLinear, Int8Linear, QuantizedAdd
+
+    for name, m in model.named_modules():
+        if isinstance(m, _PackedBase | Int8Conv2d | Int8Linear | QuantizedAdd | Int8DynamicLinear):
+            raise UnsupportedLayerError(
+                f"layer {name!r} ({type(m).__name__}) runs a kernel torch.export cannot trace (not a torch op yet); "
+                "export the model to ONNX (torchshrink.export.onnx.export_onnx) or keep it in eager torch"
+            )
+    try:
+        return torch.export.export(model, tuple(inputs))
+    except Exception as e:
+        raise UnsupportedLayerError(f"torch.export of {type(model).__name__} failed: {type(e).__name__}: "
+                                    f"{(str(e).splitlines() or [''])[0][:200]}") from None
 
 
 def onnx_parity(model: nn.Module, path: str | os.PathLike[str], inputs: Sequence[torch.Tensor], *,
