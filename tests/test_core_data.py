@@ -68,3 +68,25 @@ def test_labelled_batches_calibrate_data_aware_svd():
     m = nn.Sequential(nn.Linear(6, 32), nn.ReLU(), nn.Linear(32, 3))
     out = ts.factorize(m, ts.config_from_dict({"kind": "svd", "data_aware": True, "rank": 2}), data=[(X, Y)])
     assert out(X).shape == (4, 3)
+
+
+def test_one_calibration_pass_restores_the_model_and_passes_keyword_inputs():
+    from torchshrink.core.data import calibrate
+
+    class Scaled(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(6, 2)
+
+        def forward(self, x, scale=1.0):
+            return self.fc(x * scale)
+
+    m = Scaled().train()
+    seen = []
+    n = calibrate(m, [((X,), {"scale": 2.0}), X], {"fc": lambda mod, args: seen.append(float(args[0].abs().sum()))},
+                  pre=True)
+    assert n == 2 and seen[0] == pytest.approx(2 * seen[1]) and m.training
+    assert not m.fc._forward_pre_hooks
+    with pytest.raises(DataError, match=r"calibration batch of shapes \[\(4, 3\)\] does not fit the model") as e:
+        calibrate(m, [torch.randn(4, 3)], {"fc": lambda *a: None})
+    assert "\n" not in str(e.value) and m.training and not m.fc._forward_hooks

@@ -20,7 +20,7 @@ Anything else is one :class:`DataError` line naming the accepted forms.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -120,3 +120,39 @@ def calibration(data: Any, *, limit: int | None = None, what: str = "this techni
     if not out:
         raise DataError(f"the calibration data for {what} is empty; give at least one batch")
     return out
+
+
+def calibrate(model: nn.Module, data: Any, hooks: dict[str, Callable[..., None]] | None = None, *, pre: bool = False,
+              limit: int | None = None, on_batch: Callable[[Batch], None] | None = None, inference: bool = True) -> int:
+    """The one calibration pass: run ``model`` in eval and inference mode over ``data`` (inputs and
+    keyword inputs of each :class:`Batch`) with forward hooks (``pre=True``: forward pre-hooks) on the
+    named modules (``inference=False``: no_grad, for statistics used later outside inference mode); the
+    training flag is restored and the hooks removed afterwards, whatever happens.
+    ``on_batch(batch)`` runs before each batch. A batch the model cannot take is one DataError line.
+    Returns the number of batches run."""
+    mods = dict(model.named_modules())
+    missing = [n for n in (hooks or {}) if n not in mods]
+    if missing:
+        raise DataError(f"calibration hooks name layers the model lacks: {', '.join(missing[:3])}")
+    register = "register_forward_pre_hook" if pre else "register_forward_hook"
+    handles = [getattr(mods[n], register)(fn) for n, fn in (hooks or {}).items()]
+    was = model.training
+    model.eval()
+    n = 0
+    try:
+        with torch.inference_mode() if inference else torch.no_grad():
+            for batch in as_batches(data, limit=limit):
+                if on_batch is not None:
+                    on_batch(batch)
+                try:
+                    batch(model)
+                except (RuntimeError, TypeError, ValueError, IndexError) as e:
+                    shapes = [tuple(t.shape) for t in batch.inputs]
+                    raise DataError(f"calibration batch of shapes {shapes} does not fit the model: "
+                                    f"{(str(e).splitlines() or [''])[0][:160]}") from None
+                n += 1
+    finally:
+        model.train(was)
+        for h in handles:
+            h.remove()
+    return n

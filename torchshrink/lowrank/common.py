@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from torchshrink.core.config import Config, check_range
-from torchshrink.core.data import as_batches
+from torchshrink.core.data import as_batches, calibrate
 from torchshrink.core.errors import ConfigError, DataError, UnsupportedLayerError
 from torchshrink.core.report import current
 from torchshrink.measure.latency import time_interleaved
@@ -110,23 +110,10 @@ def real_rows(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
 
 def run_calibration(model: nn.Module, data: Any, hooks: dict[str, Callable[..., None]],
                     state: dict[str, Any] | None = None) -> None:
-    """Run the model in eval / inference mode over ``data`` with forward hooks on the named
-    modules, restoring the training flag and removing the hooks afterwards. ``state["mask"]``
-    holds the current batch's :func:`token_mask` while its hooks run."""
-    mods = dict(model.named_modules())
-    handles = [mods[n].register_forward_hook(fn) for n, fn in hooks.items()]
-    was = model.training
-    model.eval()
+    """The shared calibration pass (:func:`torchshrink.core.data.calibrate`) with forward hooks on the
+    named modules; ``state["mask"]`` holds the current batch's :func:`token_mask` while its hooks run."""
     state = {} if state is None else state
-    try:
-        with torch.inference_mode():
-            for inputs in calibration_inputs(data):
-                state["mask"] = token_mask(inputs)
-                model(*inputs)
-    finally:
-        model.train(was)
-        for h in handles:
-            h.remove()
+    calibrate(model, data, hooks, on_batch=lambda b: state.__setitem__("mask", token_mask(b.inputs)))
 
 
 def first_inputs(model: nn.Module, data: Any) -> tuple[torch.Tensor, ...] | None:

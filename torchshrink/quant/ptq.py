@@ -9,14 +9,16 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Callable
 from typing import Any, Literal
 
 import torch
 from torch import nn
 
 from torchshrink.core.config import Config, check_range, register
-from torchshrink.core.data import as_batch, calibration
-from torchshrink.core.errors import ConfigError, DataError
+from torchshrink.core.data import Batch, as_batch, calibration
+from torchshrink.core.data import calibrate as calibrate_pass
+from torchshrink.core.errors import ConfigError
 from torchshrink.core.report import current
 from torchshrink.core.select import Select, config_for, select_modules
 from torchshrink.core.surgery import set_module
@@ -60,31 +62,18 @@ def calibration_batches(data: Any, limit: int) -> list[tuple[torch.Tensor, ...]]
     return [b.inputs for b in calibration(data, limit=limit, what="this quantization")]
 
 
-@torch.no_grad()
 def input_channel_absmax(model: nn.Module, names: list[str], batches: list[tuple[torch.Tensor, ...]]) -> dict[str, torch.Tensor]:
     """Max |x| per input channel of each named Linear over the calibration batches."""
     stats: dict[str, torch.Tensor] = {}
-    hooks = []
-    for name in names:
-        mod = model.get_submodule(name)
 
-        def hook(m: nn.Module, args: tuple, name: str = name) -> None:
+    def hook_for(name: str) -> Callable[..., None]:
+        def hook(m: nn.Module, args: tuple) -> None:
             a = args[0].detach().float().reshape(-1, args[0].shape[-1]).abs().amax(0)
             stats[name] = torch.maximum(stats[name], a) if name in stats else a
 
-        hooks.append(mod.register_forward_pre_hook(hook))
-    was = model.training
-    model.eval()
-    try:
-        for inputs in batches:
-            try:
-                model(*inputs)
-            except (RuntimeError, TypeError, ValueError, IndexError) as e:
-                raise DataError(f"calibration batch does not fit the model: {str(e).splitlines()[0]}") from None
-    finally:
-        for h in hooks:
-            h.remove()
-        model.train(was)
+        return hook
+
+    calibrate_pass(model, [Batch(tuple(b)) for b in batches], {n: hook_for(n) for n in names}, pre=True, inference=False)
     return stats
 
 
