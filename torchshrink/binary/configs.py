@@ -26,11 +26,11 @@ from torchshrink.binary.fold import fold_into_neighbours, fold_thresholds, sign_
 from torchshrink.binary.layers import FULLY_BINARY, TRAINING_LAYERS, BinaryConv2d, BinaryLinear
 from torchshrink.binary.modules import to_packed
 from torchshrink.core.config import Config, check_range, register
+from torchshrink.core.data import calibrate
 from torchshrink.core.errors import UnsupportedLayerError
 from torchshrink.core.report import current
 from torchshrink.core.select import Select, config_for, select_modules
 from torchshrink.core.surgery import get_module, set_module
-from torchshrink.measure.quality import iter_batches
 
 log = logging.getLogger(__name__)
 SUPPORTED = ("Linear", "Conv2d")
@@ -90,20 +90,8 @@ def calibrate_thresholds(model: nn.Module, layers: list[nn.Module], data: Any, m
             ch = x.reshape(-1, n, x.shape[-1] // n).transpose(0, 1).reshape(n, -1)
         seen[id(mod)].append(ch[:, :4096])
 
-    hooks = [m.register_forward_pre_hook(hook) for m in layers]
-    was = model.training
-    model.eval()
-    n = 0
-    try:
-        for inputs, _ in iter_batches(data):
-            model(*inputs)
-            n += 1
-            if n >= max_batches:
-                break
-    finally:
-        for h in hooks:
-            h.remove()
-        model.train(was)
+    names = {id(m): n for n, m in model.named_modules()}
+    n = calibrate(model, data, {names[id(m)]: hook for m in layers}, pre=True, limit=max_batches, inference=False)
     for m in layers:
         if seen[id(m)]:
             m.act_threshold.copy_(_gap_median(torch.cat(seen[id(m)], 1)))  # type: ignore[operator]
