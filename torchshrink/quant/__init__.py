@@ -2,6 +2,7 @@
 and primitives. Quantized modules hold integer tensors and run PyTorch's integer kernels."""
 
 from torchshrink.quant.cast import CastConfig, CastWrapper
+from torchshrink.quant.dynamic import Int8DynamicConfig
 from torchshrink.quant.modules import (
     DequantizeActivation,
     Int8Conv2d,
@@ -11,9 +12,9 @@ from torchshrink.quant.modules import (
     QuantizedAdd,
     WeightOnlyLinear,
 )
-from torchshrink.quant.ptq import Int8DynamicConfig, WeightOnlyConfig
 from torchshrink.quant.qat import QATConfig
 from torchshrink.quant.static import Int8StaticConfig
+from torchshrink.quant.weight_only import WeightOnlyConfig
 
 __all__ = [
     "CastConfig", "CastWrapper", "DequantizeActivation", "Int8Conv2d", "Int8DynamicConfig", "Int8DynamicLinear",

@@ -22,7 +22,7 @@ from torchshrink.core.config import Config, check_range, register
 from torchshrink.core.report import carry, current
 from torchshrink.core.select import Select, config_for, select_modules
 from torchshrink.core.surgery import set_module
-from torchshrink.quant.ptq import calibration_batches
+from torchshrink.quant.common import calibration_batches
 from torchshrink.quant.static import Int8StaticConfig, apply_int8_static
 
 

@@ -20,9 +20,9 @@ from torchshrink.core.config import Config, check_range, register
 from torchshrink.core.errors import DataError, UnsupportedLayerError
 from torchshrink.core.report import carry, current
 from torchshrink.core.select import Select, config_for, select_modules
+from torchshrink.quant.common import Engine, calibration_batches, note_float, resolve_engine
 from torchshrink.quant.modules import DequantizeActivation, Int8Conv2d, Int8Linear, QuantizeActivation, QuantizedAdd
 from torchshrink.quant.observers import Observer, make_observer
-from torchshrink.quant.ptq import Engine, calibration_batches, note_float, resolve_engine
 
 _RELU_FN = (torch.relu, F.relu)
 _ADD_FN = (operator.add, operator.iadd, torch.add)
