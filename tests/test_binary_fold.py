@@ -11,8 +11,8 @@ from torch import nn
 
 import torchshrink
 from torchshrink.binary import BinaryLinear, BNNConfig, XNORConfig, convert
-from torchshrink.binary.configs import finalize_binarize
 from torchshrink.binary.fold import fold_into_neighbours, fold_thresholds, sign_sources
+from torchshrink.binary.handler import finalize_binarize
 from torchshrink.binary.ste import sign
 from torchshrink.zoo import digits_loaders
 

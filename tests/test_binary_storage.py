@@ -10,8 +10,8 @@ from torch import nn
 import torchshrink
 from torchshrink.binary import BNNConfig, BWNConfig, PackedBinaryConv2d, PackedBinaryLinear, XNORConfig, convert
 from torchshrink.binary import kernels as K
-from torchshrink.binary.configs import finalize_binarize
 from torchshrink.binary.fold import fold_into_neighbours
+from torchshrink.binary.handler import finalize_binarize
 from torchshrink.binary.ste import sign
 from torchshrink.core.errors import ConfigError
 from torchshrink.quant.cast import CastWrapper

@@ -9,10 +9,9 @@ from torchshrink.binary.configs import (
     TTQConfig,
     TWNConfig,
     XNORConfig,
-    convert,
-    store_kept_layers,
 )
 from torchshrink.binary.fold import fold_into_neighbours
+from torchshrink.binary.handler import convert, store_kept_layers
 from torchshrink.binary.layers import BinaryConv2d, BinaryLinear
 from torchshrink.binary.modules import (
     PackedBinaryConv2d,
