@@ -63,9 +63,12 @@ def _sync_norm_worker(rank: int, port: int, out: str) -> None:
         if rank == 0:
             torch.save({"n": n, "y": y.detach(), "xgrad": xs.grad / 2, "grads": grads / 2, "mean": bn.running_mean,
                         "var": bn.running_var, "forward_restored": "forward" not in vars(bn)}, out)
-        dist.barrier()  # both ranks done talking before teardown (gloo aborts on a pair torn down mid-exchange)
+        dist.barrier()  # both ranks done talking before teardown
     finally:
         dist.destroy_process_group()
+    # skip the interpreter's teardown: with autograd-aware collectives (torch.distributed.nn) a rank could
+    # abort at exit ("terminate called without an active exception") after its work was done
+    os._exit(0)
 
 
 def test_sync_norms_two_slices_equal_the_whole_batch(tmp_path):
@@ -117,9 +120,12 @@ def _out_of_sync_worker(rank: int, port: int, out: str) -> None:
             msg = str(e)
         if rank == 0:
             torch.save(msg, out)
-        dist.barrier()  # both ranks done talking before teardown (gloo aborts on a pair torn down mid-exchange)
+        dist.barrier()  # both ranks done talking before teardown
     finally:
         dist.destroy_process_group()
+    # skip the interpreter's teardown: with autograd-aware collectives (torch.distributed.nn) a rank could
+    # abort at exit ("terminate called without an active exception") after its work was done
+    os._exit(0)
 
 
 def test_check_in_sync_names_parameters_that_differ_across_ranks(tmp_path):

@@ -1,7 +1,9 @@
 """Config base class, the kind -> (config class, handler) registry, and the YAML/JSON round trip.
 
 A config is a frozen, keyword-only dataclass with a class-level ``kind``. Only registered config
-classes can be built from YAML/JSON (an allow-list: no arbitrary object construction).
+classes can be built from YAML/JSON (an allow-list: no arbitrary object construction). The technique
+packages register their kinds when ``torchshrink`` is imported (``torchshrink/techniques.py``), which
+importing any of its modules does first; core itself imports no technique.
 """
 
 from __future__ import annotations
@@ -151,7 +153,6 @@ def register(
 
 
 def known_kinds(family: str | None = None) -> list[str]:
-    _load_techniques()
     return sorted(k for k, e in _REGISTRY.items() if family is None or e.config_cls.family == family)
 
 
@@ -163,14 +164,12 @@ def _unknown(kind: Any) -> UnknownKindError:
 
 
 def get_config_class(kind: str) -> type[Config]:
-    _load_techniques()
     if kind not in _REGISTRY:
         raise _unknown(kind)
     return _REGISTRY[kind].config_cls
 
 
 def get_entry(config: Config) -> Entry:
-    _load_techniques()
     entry = _REGISTRY.get(config.kind)
     if entry is None:
         raise _unknown(config.kind)
@@ -179,12 +178,6 @@ def get_entry(config: Config) -> Entry:
 
 def get_handler(config: Config) -> Handler:
     return get_entry(config).handler
-
-
-def _load_techniques() -> None:
-    # Technique packages register themselves on import; import them lazily so that
-    # `torchshrink.core` stays importable on its own.
-    import torchshrink.techniques  # noqa: F401
 
 
 # --------------------------------------------------------------------------- round trip

@@ -86,8 +86,6 @@ def register_recovery(name: str, factory: RecoveryFactory) -> None:
 
 
 def known_recoveries() -> list[str]:
-    import torchshrink.techniques  # noqa: F401  (techniques register theirs, e.g. distill)
-
     return sorted(_RECOVERY)
 
 

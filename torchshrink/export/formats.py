@@ -38,13 +38,9 @@ def register_format(fmt: Format) -> Format:
 
 
 def known_format(name: str) -> bool:
-    """Whether ``name`` is ``dense`` or a registered format (importing torchshrink's own technique
-    packages first, which register theirs)."""
-    if name == "dense" or name in _FORMATS:
-        return True
-    import torchshrink.techniques  # noqa: F401
-
-    return name in _FORMATS
+    """Whether ``name`` is ``dense`` or a registered format (the technique packages register theirs when
+    ``torchshrink`` is imported, which importing any of its modules does first)."""
+    return name == "dense" or name in _FORMATS
 
 
 def get_format(name: str) -> Format:

@@ -134,16 +134,8 @@ def _torch_nn_classes() -> dict[str, type[nn.Module]]:
             if isinstance(c, type) and issubclass(c, nn.Module) and c.__module__.startswith("torch.nn.modules.")}
 
 
-def _technique_modules() -> None:
-    """Import every technique package, so that all registered module classes are known. The list
-    is torchshrink's own; nothing named in a saved file is imported."""
-    import torchshrink.techniques  # noqa: F401
-
-
 def rebuildable(tname: str) -> bool:
     _lazy_entry(tname)
-    if tname not in _BUILDERS:
-        _technique_modules()
     return tname in _BUILDERS or tname in _torch_nn_classes()
 
 

@@ -189,6 +189,9 @@ def _spawned(rank: int, world: int, port: int, model: nn.Module, stage: Stage, t
         dist.barrier()
     finally:
         dist.destroy_process_group()
+    # the work is done and saved: skip the interpreter's teardown, where a rank that ran autograd-aware
+    # collectives (sync_norms) could abort ("terminate called without an active exception")
+    os._exit(0)
 
 
 def run_stage_ddp(model: nn.Module, stage: Stage, task_factory: TaskFactory, *, world_size: int = 2,
