@@ -4,7 +4,7 @@ __version__ = "0.1.0"
 
 
 import torchshrink.techniques  # noqa: E402,F401  (registers every technique)
-from torchshrink.binary.configs import (  # noqa: E402
+from torchshrink.binary import (  # noqa: E402
     BinaryConnectConfig,
     BNNConfig,
     BWNConfig,

@@ -124,7 +124,7 @@ def _check_hf_size(path: Path) -> None:
     (built on the meta device to count), before transformers allocates it."""
     from transformers import AutoConfig, AutoModel
 
-    from torchshrink.export.loading import SKELETON_FACTOR, SKELETON_FLOOR
+    from torchshrink.export.loading import check_skeleton_size
 
     try:
         cfg = AutoConfig.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
@@ -132,10 +132,8 @@ def _check_hf_size(path: Path) -> None:
             probe = AutoModel.from_config(cfg, trust_remote_code=False)
     except Exception as e:
         raise ModelLoadError(f"{path} is not a loadable Hugging Face model folder ({type(e).__name__}: {str(e)[:200]})") from None
-    size = sum(t.numel() * t.element_size() for t in [*probe.parameters(), *probe.buffers()])
     stored = sum(f.stat().st_size for f in path.iterdir() if f.suffix in (".safetensors", ".bin", ".pt", ".pth"))
-    if size > max(SKELETON_FLOOR, SKELETON_FACTOR * stored):
-        raise ModelLoadError(f"{path}/config.json declares a model of {size:,} bytes with {stored:,} bytes of weights; refused")
+    check_skeleton_size(probe, stored, f"{path}/config.json")
 
 
 def _load_weights(model: nn.Module, path: Path) -> None:

@@ -36,6 +36,13 @@ Trainer = Callable[[nn.Module, StepHook], list[dict[str, float]]]
 _CARRY = ("_torchshrink_source", "_torchshrink_input")
 
 
+def _inherit(src: nn.Module, dst: nn.Module, attrs: tuple[str, ...]) -> None:
+    """Provenance tags a new module (a traced graph, a student) takes over from the one it replaces."""
+    for attr in attrs:
+        if hasattr(src, attr) and not hasattr(dst, attr):
+            setattr(dst, attr, getattr(src, attr))
+
+
 def _check(model: Any, config: Any) -> Entry:
     if not isinstance(config, Config):
         raise ConfigError(f"expected a torchshrink config, got {type(config).__name__}; known kinds: {', '.join(known_kinds())}")
@@ -84,9 +91,7 @@ def prepare(model: nn.Module, config: Config, *, select: Select | dict[str, Any]
     history = list(getattr(model, "_torchshrink_history", []))
     history.append(config.to_dict())
     out._torchshrink_history = history
-    for attr in _CARRY:
-        if hasattr(model, attr) and not hasattr(out, attr):
-            setattr(out, attr, getattr(model, attr))
+    _inherit(model, out, _CARRY)
     return out
 
 
@@ -119,9 +124,7 @@ def finalize(model: nn.Module, config: Config | None = None, *, data: Any = None
             takes_data = "data" in inspect.signature(entry.finalize).parameters
             new = entry.finalize(out, config, data=data) if takes_data else entry.finalize(out, config)
             carry(out, new)
-            for attr in (*_CARRY, "_torchshrink_history"):
-                if hasattr(out, attr) and not hasattr(new, attr):
-                    setattr(new, attr, getattr(out, attr))
+            _inherit(out, new, (*_CARRY, "_torchshrink_history"))
             out = new
     if hasattr(out, PENDING):
         delattr(out, PENDING)
@@ -163,12 +166,13 @@ def apply(
     The input model is left untouched unless ``inplace=True``.
     """
     entry = _check(model, config)
-    _check_options(entry, config, {k: v for k, v in options.items() if k != "train_data"}, ("train_data", "finetune", "loss"))
+    _check_options(entry, config, options, ("train_data", "finetune", "loss"))
+    training = trains(config)
     if "train_data" in options_of(entry):  # the kind trains inside its handler (distill: epochs, lr in its config)
         if finetune is not None or loss is not None:
             raise ConfigError(f"kind {config.kind!r} takes its training settings from its config, not finetune/loss")
         options["train_data"] = train_data
-    elif trains(config):
+    elif training:
         if train_data is None:
             raise ConfigError(
                 f"kind {config.kind!r} trains: give apply(..., train_data=labelled_batches, finetune=Finetune(...)), "
@@ -177,9 +181,8 @@ def apply(
     elif train_data is not None or finetune is not None or loss is not None:
         raise ConfigError(f"kind {config.kind!r} does not train: drop train_data/finetune/loss "
                           "(to fine-tune after it, use a recipe stage with `finetune:`)")
-    _check_options(entry, config, options, ("train_data", "finetune", "loss"))
     trainer: Trainer | None = None
-    if trains(config) and train_data is not None:
+    if training and train_data is not None:
         from torchshrink.core.train import Finetune
         from torchshrink.core.train import finetune as loop
 

@@ -98,5 +98,5 @@ def note_changes(before: nn.Module, after: nn.Module) -> None:
             continue
         if name in every and type(every[name]) is not type(prev):  # wrapped (e.g. a cast)
             rep.changed[name] = f"{type(prev).__name__} -> {type(every[name]).__name__}"
-        elif name not in every and not any(n.startswith(name + ".") for n in every):
+        elif name not in every:  # named_modules lists every ancestor, so nothing below it is left either
             rep.changed[name] = "removed"

@@ -21,6 +21,8 @@ from torchshrink.core.config import check_range
 from torchshrink.core.errors import ConfigError, DataError, TorchshrinkError
 from torchshrink.measure.quality import iter_batches, main_output
 
+log = logging.getLogger(__name__)
+
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class Finetune:
@@ -67,12 +69,9 @@ class Finetune:
         return cls(**d)
 
 
-
-log = logging.getLogger(__name__)
-
-
 class TrainingError(TorchshrinkError):
     """Fine-tuning failed (e.g. the loss became NaN)."""
+
 
 # loss(student, inputs, labels) -> scalar
 LossFn = Callable[[nn.Module, tuple[torch.Tensor, ...], torch.Tensor | None], torch.Tensor]

@@ -24,10 +24,10 @@ from torch import fx, nn
 
 from torchshrink.core.errors import ModelLoadError
 from torchshrink.export.allowlist import IDENT, TENSOR_ATTRS, methods, name_of, resolve
+from torchshrink.export.schema import DTYPES
 
 MAX_NODES = 1_000_000
 _OPS = ("placeholder", "output", "call_function", "call_module", "call_method", "get_attr")
-_DTYPES = {str(d).removeprefix("torch."): d for d in vars(torch).values() if isinstance(d, torch.dtype)}
 _MEMORY_FORMATS = {n: getattr(torch, n) for n in ("contiguous_format", "channels_last", "channels_last_3d", "preserve_format")}
 
 
@@ -120,8 +120,8 @@ def _dec(a: Any, env: dict[str, fx.Node], depth: int = 0) -> Any:
         return {str(k): _dec(x, env, depth + 1) for k, x in v.items()}
     if tag == "slice" and isinstance(v, list) and len(v) == 3:
         return slice(*(_dec(x, env, depth + 1) for x in v))
-    if tag == "dtype" and isinstance(v, str) and v in _DTYPES:
-        return _DTYPES[v]
+    if tag == "dtype" and isinstance(v, str) and v in DTYPES:
+        return DTYPES[v]
     if tag == "device" and isinstance(v, str) and len(v) < 32:
         try:
             return torch.device(v)

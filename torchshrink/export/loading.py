@@ -31,7 +31,7 @@ from torch import nn
 
 from torchshrink.core.errors import ModelLoadError
 from torchshrink.export.container import CONTAINER, read_container
-from torchshrink.export.formats import decode_tensor, known_format
+from torchshrink.export.formats import decode_tensor, known_format, numel_of
 from torchshrink.export.modules import build_module, init_args, type_name
 from torchshrink.export.schema import DTYPES, check_manifest, read_json
 from torchshrink.export.skeleton import build_skeleton
@@ -63,14 +63,16 @@ def read_tensors(path: Path) -> dict[str, torch.Tensor]:
 
 
 def _declared_bytes(meta: dict[str, Any]) -> int:
-    total = 0
-    for info in meta.values():
-        if info["format"] != "alias":
-            n = 1
-            for s in info["shape"]:
-                n *= s
-            total += n * torch.empty((), dtype=DTYPES[info["dtype"]]).element_size()
-    return total
+    return sum(numel_of(info["shape"]) * DTYPES[info["dtype"]].itemsize for info in meta.values()
+               if info["format"] != "alias")
+
+
+def check_skeleton_size(probe: nn.Module, stored: int, what: str) -> None:
+    """Refuse an architecture (built on the meta device) holding far more bytes than the ``stored``
+    bytes that are to fill it: a declared size must not allocate what the files do not back."""
+    size = sum(t.numel() * t.element_size() for t in [*probe.parameters(), *probe.buffers()])
+    if size > max(SKELETON_FLOOR, SKELETON_FACTOR * stored):
+        raise ModelLoadError(f"{what} declares a model of {size:,} bytes with {stored:,} bytes of weights; refused")
 
 
 def decode_state(flat: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, torch.Tensor]:
@@ -222,11 +224,7 @@ def _skeleton(manifest: dict[str, Any]) -> nn.Module:
     """The architecture, built first on the meta device: one much larger than the file is refused."""
     with torch.device("meta"):
         probe = build_skeleton(manifest)
-    size = sum(t.numel() * t.element_size() for t in [*probe.parameters(), *probe.buffers()])
-    limit = max(SKELETON_FLOOR, SKELETON_FACTOR * _declared_bytes(manifest["tensors"]))
-    if size > limit:
-        raise ModelLoadError(f"the architecture the manifest names holds {size:,} bytes, far more than the "
-                             f"{_declared_bytes(manifest['tensors']):,} bytes of saved tensors; refused")
+    check_skeleton_size(probe, _declared_bytes(manifest["tensors"]), "the manifest")
     return build_skeleton(manifest)
 
 

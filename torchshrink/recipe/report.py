@@ -115,11 +115,9 @@ def regenerate(directory: str | Path) -> Path:
     """``torchshrink report DIR``: rebuild report.md / report.html from report.json. The file is data:
     a report.json of another layout is refused in one line, and nothing is rewritten unless both
     pages were built (each then replaced atomically)."""
-    import os
-    import tempfile
-
     from torchshrink.core.errors import ModelLoadError
     from torchshrink.export.schema import read_json
+    from torchshrink.recipe.workdir import write_atomic
 
     d = Path(directory)
     path = d / "report.json"
@@ -133,13 +131,5 @@ def regenerate(directory: str | Path) -> Path:
     except (KeyError, TypeError, ValueError, AttributeError, IndexError) as e:
         raise ModelLoadError(f"{path} does not have the layout torchshrink writes ({type(e).__name__}: {str(e)[:120]})") from None
     for name, text in pages.items():
-        fd, tmp = tempfile.mkstemp(dir=d, prefix=f".{name}.tmp-")
-        try:
-            with os.fdopen(fd, "w") as f:
-                f.write(text)
-            os.replace(tmp, d / name)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        write_atomic(d / name, text)
     return d / "report.html"

@@ -16,8 +16,6 @@ import dataclasses
 import hashlib
 import json
 import logging
-import os
-import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -33,6 +31,7 @@ from torchshrink.export.io import saved_bytes
 from torchshrink.measure.latency import threads as pin_threads
 from torchshrink.measure.latency import time_interleaved
 from torchshrink.measure.machine import machine_info
+from torchshrink.recipe.workdir import write_atomic
 from torchshrink.search.space import FLOAT, SearchSpace
 
 log = logging.getLogger(__name__)
@@ -143,14 +142,6 @@ def _apply_everywhere(model: nn.Module, space: SearchSpace, label: str, data: An
     return {layer: get_module(out, layer) for layer in layers}
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
 def profile_layers(
     model: nn.Module,
     space: SearchSpace,
@@ -224,7 +215,8 @@ def profile_layers(
     prof = LayerProfile(list(space.layers), lat, size, qual, model_ms, saved_bytes(model), base_q,
                         n_threads, machine_info(), key)
     if cache:
-        _write_atomic(path, json.dumps(prof.to_dict(), indent=1))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(path, json.dumps(prof.to_dict(), indent=1))
     return prof
 
 
