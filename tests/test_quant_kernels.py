@@ -13,7 +13,7 @@ from torchshrink.quant import Int8DynamicConfig, Int8DynamicLinear, kernels
 from torchshrink.quant.fused import FusedQKV, QKVPart
 
 torch.set_num_threads(2)
-needs_c = pytest.mark.skipif(kernels.library() is None, reason="no C compiler: only the torch fallback runs")
+needs_c = pytest.mark.skipif(not kernels.available(), reason="no C compiler: only the torch fallback runs")
 
 
 def _x(rows: int = 64, cols: int = 96) -> torch.Tensor:
@@ -25,8 +25,7 @@ def _x(rows: int = 64, cols: int = 96) -> torch.Tensor:
 
 
 def _torch_only(monkeypatch):
-    monkeypatch.setattr(kernels, "_LIB", None)
-    monkeypatch.setattr(kernels, "_TRIED", True)
+    monkeypatch.setenv("TORCHSHRINK_KERNELS", "torch")
 
 
 @needs_c
@@ -59,7 +58,7 @@ def _epilogue_case(seed: int, zmax: int) -> tuple[torch.Tensor, ...]:
 def test_rows_epilogue_formula(monkeypatch, gelu, c):
     if not c:
         _torch_only(monkeypatch)
-    elif kernels.library() is None:
+    elif not kernels.available():
         pytest.skip("no C compiler")
     acc, colsum, bias, s, z = _epilogue_case(1, 255)
     ref = (acc - z.float()[:, None] * colsum) * s[:, None] + bias
@@ -178,7 +177,7 @@ def test_export_twin_keeps_a_fused_gelu():
 def test_add_layernorm_formula(monkeypatch, mode, c):
     if not c:
         _torch_only(monkeypatch)
-    elif kernels.library() is None:
+    elif not kernels.available():
         pytest.skip("no C compiler")
     g = torch.Generator().manual_seed(2)
     acc, res = torch.randn(30, 48, generator=g) * 20, torch.randn(30, 48, generator=g) * 3
@@ -365,7 +364,7 @@ def test_fused_add_norm_on_the_linear_dynamic_kernel():
 def test_rows_epilogue_codes_equal_quantizing_the_epilogue_output(monkeypatch, gelu, c):
     if not c:
         _torch_only(monkeypatch)
-    elif kernels.library() is None:
+    elif not kernels.available():
         pytest.skip("no C compiler")
     acc, colsum, bias, s, z = _epilogue_case(3, 127)
     y_ref = kernels.rows_epilogue(acc.clone(), s, z, colsum, bias, gelu=gelu)

@@ -142,6 +142,21 @@ def demo(
     compress(model=model, recipe=recipe, out_dir=out_dir, force=True, resume=False, threads=None, seed=0, trust_code=False)
 
 
+@app.command()
+@friendly
+def kernels(
+    build: bool = typer.Option(False, "--build", help="build every instruction-set level into the cache now"),
+    force: bool = typer.Option(False, "--force", help="rebuild even where a build is cached"),
+) -> None:
+    """Say which native kernels run on this machine; build them ahead of use (`make` does at install)."""
+    from torchshrink.core import native
+
+    if build or force:
+        for level in native.LEVELS:
+            out.print(f"{level}: {native.build(level, force=force) or 'not built: the torch fallbacks run'}")
+    out.print(native.describe())
+
+
 def _register_extensions() -> None:
     from torchshrink.search.command import register as register_search
 

@@ -2,16 +2,17 @@
 
 Two backends compute the same integers:
 
-- ``c``: ``_xnor.c`` (our own source), compiled with the system C compiler on first use into the
-  torchshrink cache (``-O3 -march=native``; AVX2 nibble-lookup popcount when the CPU has it) and
-  called through ctypes. Set ``TORCHSHRINK_BINARY_BACKEND=numpy`` to skip it.
+- ``c``: ``_xnor.c`` (our own source, loaded by :mod:`torchshrink.core.native`; AVX2 nibble-lookup
+  popcount in the avx2 / avx512 builds). ``TORCHSHRINK_KERNELS=torch`` turns it off.
 - ``numpy``: ``np.packbits`` + ``np.bitwise_count`` on uint64 words, chunked. Always available;
-  used when no compiler is found or the build fails (logged once).
+  used when the native library is not (no compiler, or turned off).
 
-For a fully binary Linear the C backend runs the whole layer in one call
-(:func:`binary_linear_fused`: sign + pack of the input, GEMM, float epilogue), so a batch-1 call
-costs one ctypes crossing instead of a dozen torch ops (in a network those ops, like the weights,
-come back from DRAM on every call: they were most of the old batch-1 time).
+Each primitive is a torch op (``torch.ops.torchshrink.pack_signs``, ``xnor_gemm``, ``binary_linear``)
+with a fake implementation, so a packed binary model traces with torch.export / torch.compile.
+For a fully binary Linear the C backend runs the whole layer in one call (:func:`binary_linear_fused`:
+sign + pack of the input, GEMM, float epilogue), so a batch-1 call costs one crossing instead of a dozen
+torch ops (in a network those ops, like the weights, come back from DRAM on every call: they were most
+of the old batch-1 time).
 
 ``benchmarks/binary.py`` times both against fp32 torch; the C backend is the default because it
 measured faster (see benchmarks/results/binary.md).
@@ -23,60 +24,18 @@ is column ``64 w + j``, 1 for +1 (value >= 0). Padding bits are 0 in both operan
 
 from __future__ import annotations
 
-import ctypes
-import logging
-import os
-from pathlib import Path
-
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from torchshrink.core.cbuild import build_shared
+from torchshrink.core import native
 from torchshrink.core.errors import ConfigError
 
-log = logging.getLogger(__name__)
-_SRC = Path(__file__).with_name("_xnor.c")
-_LIB: ctypes.CDLL | None = None
-_LIB_TRIED = False
 BACKENDS = ("auto", "c", "numpy")
 
 
 def words_for(k: int) -> int:
     return (k + 63) // 64
-
-
-# --------------------------------------------------------------------------- building the C piece
-
-
-def build_library(force: bool = False) -> Path | None:
-    """Compile ``_xnor.c`` into the cache (once per source + CPU); None when no compiler works."""
-    return build_shared(_SRC, "binary-kernels", ["-std=c99", "-ffp-contract=off"], force=force, what="XNOR kernel")
-
-
-def _load() -> ctypes.CDLL | None:
-    global _LIB, _LIB_TRIED
-    if _LIB_TRIED:
-        return _LIB
-    _LIB_TRIED = True
-    path = build_library()
-    if path is None:
-        return None
-    try:
-        lib = ctypes.CDLL(str(path))
-    except OSError as e:
-        log.warning("cannot load %s (%s); using numpy", path, e)
-        return None
-    vp, i64 = ctypes.c_void_p, ctypes.c_int64
-    lib.ts_pack_signs.argtypes = [vp, i64, i64, i64, vp, i64]
-    lib.ts_pack_signs.restype = None
-    lib.ts_xnor_gemm.argtypes = [vp, vp, vp, i64, i64, i64, i64, ctypes.c_int]
-    lib.ts_xnor_gemm.restype = None
-    lib.ts_has_avx2.restype = ctypes.c_int
-    lib.ts_binary_linear.argtypes = [vp, vp, i64, i64, vp, i64, i64, vp, vp, vp, vp]
-    lib.ts_binary_linear.restype = ctypes.c_int
-    _LIB = lib
-    return lib
 
 
 def check_backend_name(backend: str) -> None:
@@ -85,43 +44,40 @@ def check_backend_name(backend: str) -> None:
 
 
 def resolve_backend(backend: str = "auto") -> str:
-    """The backend that will run: ``c`` when asked for (or auto) and it built, else ``numpy``."""
+    """The backend that will run: ``c`` when asked for (or auto) and the native library loads, else ``numpy``."""
     check_backend_name(backend)
-    if backend == "auto":
-        backend = os.environ.get("TORCHSHRINK_BINARY_BACKEND", "auto")
-        if backend not in BACKENDS:
-            raise ConfigError(f"TORCHSHRINK_BINARY_BACKEND={backend!r}; allowed: {', '.join(BACKENDS)}")
     if backend == "numpy":
         return "numpy"
-    lib = _load()
-    if lib is None:
+    if native.library() is None:
         if backend == "c":
-            raise ConfigError("the C XNOR kernel is not available on this machine (no working C compiler); use backend='numpy'")
+            raise ConfigError("the C XNOR kernel is not available here (no working C compiler, or "
+                              "TORCHSHRINK_KERNELS=torch); use backend='numpy'")
         return "numpy"
     return "c"
 
 
 def describe_backend() -> str:
-    b = resolve_backend()
-    if b == "c":
-        simd = "AVX2 popcount" if _LIB is not None and _LIB.ts_has_avx2() else "scalar popcnt"
-        return f"c ({simd})"
-    return "numpy (np.bitwise_count)"
+    lib = native.library()
+    if lib is None:
+        return "numpy (np.bitwise_count)"
+    return f"c ({'AVX2 popcount' if lib.ts_has_avx2() else 'scalar popcnt'}; {native.describe()})"
 
 
 # --------------------------------------------------------------------------- primitives
 
 
-def pack_signs(x: torch.Tensor, backend: str = "auto") -> torch.Tensor:
-    """``[rows, k]`` float -> ``[rows, words]`` int64 of sign bits (1 where x >= 0), padding bits 0."""
-    if x.dim() != 2:
-        raise ValueError(f"pack_signs expects a 2-d tensor, got shape {tuple(x.shape)}")
-    x = x.detach().to(torch.float32).contiguous()
+def _fake_pack(x: torch.Tensor, backend: str) -> torch.Tensor:
+    return x.new_empty(x.shape[0], words_for(x.shape[1]), dtype=torch.int64)
+
+
+@native.kernel_op("pack_signs", fake=_fake_pack)
+def _pack_signs(x: torch.Tensor, backend: str) -> torch.Tensor:
     rows, k = x.shape
     words = words_for(k)
-    if resolve_backend(backend) == "c":
+    lib = native.library() if backend == "c" else None  # "c" baked into a program run where nothing was built: numpy
+    if lib is not None:
         out = torch.empty(rows, words, dtype=torch.int64)
-        _LIB.ts_pack_signs(x.data_ptr(), rows, k, k, out.data_ptr(), words)  # type: ignore[union-attr]
+        lib.ts_pack_signs(x.data_ptr(), rows, k, k, out.data_ptr(), words)
         return out
     bits = (x >= 0).numpy()
     if k != words * 64:
@@ -130,15 +86,24 @@ def pack_signs(x: torch.Tensor, backend: str = "auto") -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(packed).view(np.int64).reshape(rows, words))
 
 
-def xnor_gemm(a: torch.Tensor, b: torch.Tensor, k: int, backend: str = "auto") -> torch.Tensor:
-    """``[M, words]`` x ``[N, words]`` packed signs -> ``[M, N]`` int32 dot products over ``k`` columns."""
-    if a.dtype != torch.int64 or b.dtype != torch.int64 or a.shape[1] != b.shape[1]:
-        raise ValueError(f"xnor_gemm needs int64 [M, W] and [N, W] operands, got {tuple(a.shape)} and {tuple(b.shape)}")
-    a, b = a.contiguous(), b.contiguous()
+def pack_signs(x: torch.Tensor, backend: str = "auto") -> torch.Tensor:
+    """``[rows, k]`` float -> ``[rows, words]`` int64 of sign bits (1 where x >= 0), padding bits 0."""
+    if x.dim() != 2:
+        raise ValueError(f"pack_signs expects a 2-d tensor, got shape {tuple(x.shape)}")
+    return _pack_signs(x.detach().to(torch.float32).contiguous(), resolve_backend(backend))
+
+
+def _fake_gemm(a: torch.Tensor, b: torch.Tensor, k: int, backend: str) -> torch.Tensor:
+    return a.new_empty(a.shape[0], b.shape[0], dtype=torch.int32)
+
+
+@native.kernel_op("xnor_gemm", fake=_fake_gemm)
+def _xnor_gemm(a: torch.Tensor, b: torch.Tensor, k: int, backend: str) -> torch.Tensor:
     m, n, words = a.shape[0], b.shape[0], a.shape[1]
-    if resolve_backend(backend) == "c":
+    lib = native.library() if backend == "c" else None
+    if lib is not None:
         out = torch.empty(m, n, dtype=torch.int32)
-        _LIB.ts_xnor_gemm(a.data_ptr(), b.data_ptr(), out.data_ptr(), m, n, words, k, 1)  # type: ignore[union-attr]
+        lib.ts_xnor_gemm(a.data_ptr(), b.data_ptr(), out.data_ptr(), m, n, words, k, 1)
         return out
     an, bn = a.numpy().view(np.uint64), b.numpy().view(np.uint64)
     out_np = np.empty((m, n), dtype=np.int32)
@@ -147,6 +112,13 @@ def xnor_gemm(a: torch.Tensor, b: torch.Tensor, k: int, backend: str = "auto") -
         pc = np.bitwise_count(an[s:s + chunk, None, :] ^ bn[None, :, :]).sum(-1, dtype=np.int32)
         out_np[s:s + chunk] = k - 2 * pc
     return torch.from_numpy(out_np)
+
+
+def xnor_gemm(a: torch.Tensor, b: torch.Tensor, k: int, backend: str = "auto") -> torch.Tensor:
+    """``[M, words]`` x ``[N, words]`` packed signs -> ``[M, N]`` int32 dot products over ``k`` columns."""
+    if a.dtype != torch.int64 or b.dtype != torch.int64 or a.shape[1] != b.shape[1]:
+        raise ValueError(f"xnor_gemm needs int64 [M, W] and [N, W] operands, got {tuple(a.shape)} and {tuple(b.shape)}")
+    return _xnor_gemm(a.contiguous(), b.contiguous(), k, resolve_backend(backend))
 
 
 # --------------------------------------------------------------------------- layers
@@ -168,26 +140,42 @@ def _ptr(t: torch.Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 
 
+def _fake_fused(x: torch.Tensor, tau: torch.Tensor | None, w_packed: torch.Tensor, scale: torch.Tensor | None,
+                bias: torch.Tensor | None, beta: torch.Tensor | None) -> torch.Tensor:
+    return x.new_empty(*x.shape[:-1], w_packed.shape[0])
+
+
+@native.kernel_op("binary_linear", fake=_fake_fused)
+def _binary_linear(x: torch.Tensor, tau: torch.Tensor | None, w_packed: torch.Tensor, scale: torch.Tensor | None,
+                   bias: torch.Tensor | None, beta: torch.Tensor | None) -> torch.Tensor:
+    lib = native.library()
+    k, n = x.shape[-1], w_packed.shape[0]
+    out = torch.empty(*x.shape[:-1], n, dtype=torch.float32)
+    if lib is None:  # the same float operations in torch (exported programs run where nothing was built)
+        xs = x if tau is None else x - tau
+        dot = _xnor_gemm(_pack_signs(xs.reshape(-1, k), "numpy"), w_packed, k, "numpy").reshape(out.shape).float()
+        dot = dot if scale is None else dot * scale
+        dot = dot if beta is None else dot * beta
+        return dot if bias is None else dot + bias
+    rc = lib.ts_binary_linear(x.data_ptr(), _ptr(tau), x.numel() // max(k, 1), k, w_packed.data_ptr(), n,
+                              w_packed.shape[1], _ptr(scale), _ptr(beta), _ptr(bias), out.data_ptr())
+    if rc != 0:
+        raise MemoryError("binary_linear_fused: out of memory for the packed input")
+    return out
+
+
 def binary_linear_fused(
     x: torch.Tensor, tau: torch.Tensor | None, w_packed: torch.Tensor, scale: torch.Tensor | None = None,
     bias: torch.Tensor | None = None, beta: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """A whole fully binary Linear in one C call (C backend only), float32 ``[..., out]``:
+    """A whole fully binary Linear in one C call, float32 ``[..., out]``:
     ``(sign(x - tau) . sign(W)) * scale * beta + bias``, in that order of float operations (the
     same as the torch path, so both give the same floats). The dot products are exact integers;
     ``tau``, ``scale``, ``bias`` are float32 vectors, ``beta`` float32 ``[..., 1]``, or None."""
-    if _LIB is None:
-        raise ConfigError("binary_linear_fused needs the C kernel; call resolve_backend('c') first")
     x = x.to(torch.float32).contiguous()
-    k, n = x.shape[-1], w_packed.shape[0]
-    if w_packed.shape[1] != words_for(k):
-        raise ValueError(f"packed weight of {w_packed.shape[1]} words does not fit {k} input features")
-    out = torch.empty(*x.shape[:-1], n, dtype=torch.float32)
-    rc = _LIB.ts_binary_linear(x.data_ptr(), _ptr(tau), x.numel() // max(k, 1), k, w_packed.data_ptr(), n,
-                               w_packed.shape[1], _ptr(scale), _ptr(beta), _ptr(bias), out.data_ptr())
-    if rc != 0:
-        raise MemoryError("binary_linear_fused: out of memory for the packed input")
-    return out
+    if w_packed.shape[1] != words_for(x.shape[-1]):
+        raise ValueError(f"packed weight of {w_packed.shape[1]} words does not fit {x.shape[-1]} input features")
+    return _binary_linear(x, tau, w_packed, scale, bias, beta)
 
 
 def pack_conv_weight(w_sign: torch.Tensor, backend: str = "auto") -> torch.Tensor:

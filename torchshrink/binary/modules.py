@@ -35,6 +35,7 @@ from torchshrink.binary.packing import (
     unpack_binary,
     unpack_ternary_codes,
 )
+from torchshrink.core import native
 from torchshrink.core.errors import ConfigError
 from torchshrink.export.modules import register_module
 
@@ -70,6 +71,8 @@ class _PackedBase(_Geometry):
         t = self._buffers.get(name)
         if t is None or t.dtype == torch.float32:
             return t
+        if not native.eager((t,)):  # tracing: no cache (fake tensors have no storage to key on)
+            return t.float().contiguous()
         ver = (t.data_ptr(), t._version)
         hit = self._cache.get(("f32", name))
         if hit is None or hit[0] != ver:
@@ -158,6 +161,12 @@ class _PackedBinary(_PackedBase):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.mode not in FULLY_BINARY:
             return self._float_forward(x)
+        if not native.eager((x, self.weight_bits)):  # tracing: nothing cached (fake tensors), no timing
+            saved, self._cache = self._cache, {}
+            try:
+                return self._xnor_forward(x.float(), K.resolve_backend(self.backend)).to(x.dtype)
+            finally:
+                self._cache = saved
         self._sync_cache()
         xf = x.float()
         key = ("backend", tuple(x.shape))

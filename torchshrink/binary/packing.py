@@ -64,6 +64,9 @@ def pack_binary(t: torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(np.packbits(bits, bitorder="little"))
 
 
+_BIT_SHIFTS = torch.arange(8, dtype=torch.uint8)
+
+
 def unpack_binary(packed: torch.Tensor, shape: Sequence[int], dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Inverse of :func:`pack_binary`: a tensor of ``shape`` holding -1 / +1."""
     n = _numel(shape)
@@ -72,9 +75,8 @@ def unpack_binary(packed: torch.Tensor, shape: Sequence[int], dtype: torch.dtype
             f"packed binary data of {packed.numel()} {packed.dtype} values cannot hold shape {tuple(shape)}; "
             f"expected {packed_binary_bytes(n)} uint8 bytes"
         )
-    bits = np.unpackbits(packed.detach().cpu().numpy(), count=n, bitorder="little")
-    out = torch.from_numpy(bits).to(dtype) * 2 - 1
-    return out.reshape(tuple(shape))
+    bits = (packed.reshape(-1, 1) >> _BIT_SHIFTS.to(packed.device)) & 1  # torch ops: traceable, any device
+    return (bits.reshape(-1)[:n].to(dtype) * 2 - 1).reshape(tuple(shape))
 
 
 def pack_ternary(t: torch.Tensor) -> torch.Tensor:
@@ -108,7 +110,7 @@ def unpack_ternary_codes(packed: torch.Tensor, numel: int) -> torch.Tensor:
         )
     shifts = torch.tensor([0, 2, 4, 6], dtype=torch.uint8)
     codes = ((packed.reshape(-1, 1) >> shifts) & 3).reshape(-1)[:numel]
-    if bool((codes == 3).any()):
+    if type(codes) is torch.Tensor and bool((codes == 3).any()):  # checked in eager use (not while tracing)
         raise DataError("packed ternary data holds the invalid code 3; the file is corrupt")
     return codes
 

@@ -72,7 +72,7 @@ def docstring_sentences(roots: Iterable[Path], max_files: int | None = None) -> 
 
 
 def _cache_file(roots: Sequence[Path], max_files: int | None) -> Path:
-    from torchshrink.zoo.digits import cache_dir
+    from torchshrink.core.cache import cache_dir
 
     h = hashlib.sha256()
     h.update(f"v1 {sys.version} {max_files}".encode())

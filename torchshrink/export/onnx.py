@@ -82,11 +82,23 @@ class _ExportAddNorm(nn.Module):
         return self.LayerNorm(self.dense(hidden_states) + input_tensor)
 
 
+def _dense_twin(m: nn.Module) -> nn.Module:
+    """A float Linear / Conv2d computing what a weight-binary (binaryconnect / bwn) packed layer computes."""
+    g = m.geometry_args()
+    layer = (nn.Conv2d(**g, bias=m.bias is not None) if m.is_conv
+             else nn.Linear(g["in_features"], g["out_features"], bias=m.bias is not None))
+    layer.weight.data = m.dequantized_weight().float()
+    if m.bias is not None:
+        layer.bias.data = m.bias.detach().float().clone()
+    return layer
+
+
 def export_twin(model: nn.Module) -> nn.Module:
     """A copy of ``model`` whose quantized modules are replaced by exportable QDQ equivalents."""
     import copy
 
-    from torchshrink.binary.modules import _PackedTernary
+    from torchshrink.binary.layers import FULLY_BINARY
+    from torchshrink.binary.modules import _PackedBinary, _PackedTernary
     from torchshrink.core.surgery import set_module
     from torchshrink.quant.fused import LinearAddNorm
     from torchshrink.quant.modules import Int8Conv2d, Int8DynamicLinear, Int8Linear, QuantizedAdd, WeightOnlyLinear
@@ -106,6 +118,14 @@ def export_twin(model: nn.Module) -> nn.Module:
             raise UnsupportedLayerError(
                 f"layer {name!r} ({type(m).__name__}) runs on quint8 tensors and cannot be exported to ONNX yet; "
                 "exportable: int8-dynamic, weight-only and float layers"
+            )
+        elif isinstance(m, _PackedBinary) and m.mode not in FULLY_BINARY:  # dense in the file (see #21)
+            set_module(twin, name, _dense_twin(m))
+        elif isinstance(m, _PackedBinary):
+            raise UnsupportedLayerError(
+                f"layer {name!r} ({type(m).__name__}, mode {m.mode!r}) runs torchshrink's XNOR-popcount op, which ONNX "
+                "has no operator for; exportable: int8-dynamic, weight-only, binaryconnect / bwn and float layers "
+                "(torch.export keeps it: torchshrink.export.onnx.export_program)"
             )
         elif isinstance(m, _PackedTernary):
             raise UnsupportedLayerError(
@@ -136,16 +156,18 @@ def export_onnx(model: nn.Module, inputs: Sequence[torch.Tensor], path: str | os
 
 
 def export_program(model: nn.Module, inputs: Sequence[torch.Tensor]) -> torch.export.ExportedProgram:
-    """``torch.export`` of ``model``, or one UnsupportedLayerError line naming what cannot be traced: layers
-    whose kernels run outside torch ops (packed binary / ternary, quint8 modules) are named up front."""
-    from torchshrink.binary.modules import _PackedBase
+    """``torch.export`` of ``model`` (torchshrink's kernels appear as ``torch.ops.torchshrink.*`` ops), or one
+    UnsupportedLayerError line: layers on quint8 tensors or torch's packed dynamic-quantization handles
+    (which torch.export cannot trace) are named up front."""
     from torchshrink.quant.modules import Int8Conv2d, Int8DynamicLinear, Int8Linear, QuantizedAdd
 
     for name, m in model.named_modules():
-        if isinstance(m, _PackedBase | Int8Conv2d | Int8Linear | QuantizedAdd | Int8DynamicLinear):
+        if isinstance(m, Int8Conv2d | Int8Linear | QuantizedAdd) or (
+                isinstance(m, Int8DynamicLinear) and m.kernel != "onednn"):
             raise UnsupportedLayerError(
-                f"layer {name!r} ({type(m).__name__}) runs a kernel torch.export cannot trace (not a torch op yet); "
-                "export the model to ONNX (torchshrink.export.onnx.export_onnx) or keep it in eager torch"
+                f"layer {name!r} ({type(m).__name__}) runs on quantized tensors torch.export cannot trace; "
+                "exportable: int8-dynamic with kernel='onednn', packed binary / ternary, CSR sparse and float layers; "
+                "or export to ONNX (torchshrink.export.onnx.export_onnx)"
             )
     try:
         return torch.export.export(model, tuple(inputs))

@@ -1,7 +1,7 @@
 """Sparse execution: a CSR Linear, used per layer only where it measured faster than dense here.
 
 :class:`SparseLinear` keeps its weight as a CSR matrix (int32 indices) and multiplies with our C
-kernel (``backend="c"``, see kernels.py) or torch's CSR ops (``backend="torch"``: ``torch.mv`` for
+kernel (``backend="c"``: the op ``torchshrink::csr_linear``, see kernels.py) or torch's CSR ops (``backend="torch"``: ``torch.mv`` for
 one row, ``torch.mm`` for a batch). Its state dict holds the dense ``weight`` like ``nn.Linear``
 does, so the saved file uses the exporter's bitmask format (packed mask + nonzero values), reloads
 bit for bit, and loads into a plain Linear too. :func:`use_sparse_kernels` times each candidate
@@ -24,23 +24,26 @@ from torchshrink.core.report import current
 from torchshrink.core.surgery import set_module
 from torchshrink.export.formats import Encoded, Format, register_format
 from torchshrink.export.modules import register_module
-from torchshrink.prune.kernels import csr_linear, library
+from torchshrink.prune.kernels import available, csr_linear
 
 log = logging.getLogger(__name__)
 
 
-def to_csr(weight: torch.Tensor) -> torch.Tensor:
-    """Dense 2-D weight -> CSR tensor with int32 indices (measured faster than int64 here)."""
+def to_csr(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Dense 2-D weight -> (row pointers, column indices, values) with int32 indices (measured faster
+    than int64 here)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         csr = weight.detach().to_sparse_csr()
-        return torch.sparse_csr_tensor(csr.crow_indices().to(torch.int32), csr.col_indices().to(torch.int32),
-                                       csr.values(), weight.shape, check_invariants=False)
+    return csr.crow_indices().to(torch.int32), csr.col_indices().to(torch.int32), csr.values().clone()
 
 
 @register_module
 class SparseLinear(nn.Module):
-    """``nn.Linear`` whose weight is stored and multiplied as CSR (inference only)."""
+    """``nn.Linear`` whose weight is stored and multiplied as CSR (inference only). The CSR parts are
+    plain buffers (``crow``, ``col``, ``values``: deep copies, ``.to()`` and tracing treat them like any
+    tensor); the product is the op ``torch.ops.torchshrink.csr_linear`` (``backend="c"``) or torch's
+    CSR product (``"torch"``)."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True,
                  weight: torch.Tensor | None = None, backend: str = "c", kernel_threads: int = 0) -> None:
@@ -49,10 +52,10 @@ class SparseLinear(nn.Module):
         self.backend = backend
         self.kernel_threads = kernel_threads  # our kernel's threads; 0 = torch.get_num_threads()
         self.bias = nn.Parameter(torch.zeros(out_features), requires_grad=False) if bias else None
+        # the state dict holds the dense weight instead (see _save_to_state_dict): not persistent
         if weight is None:  # an empty CSR of the declared shape (nothing dense allocated; meta-device safe)
-            self._csr = torch.sparse_csr_tensor(torch.zeros(out_features + 1, dtype=torch.int32),
-                                                torch.zeros(0, dtype=torch.int32), torch.zeros(0),
-                                                (out_features, in_features), check_invariants=False)
+            self._set_parts(torch.zeros(out_features + 1, dtype=torch.int32), torch.zeros(0, dtype=torch.int32),
+                            torch.zeros(0))
         else:
             self._set_weight(weight)
 
@@ -63,22 +66,31 @@ class SparseLinear(nn.Module):
             new.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
         return new
 
+    def _set_parts(self, crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor) -> None:
+        self.register_buffer("crow", crow, persistent=False)
+        self.register_buffer("col", col, persistent=False)
+        self.register_buffer("values", values, persistent=False)
+
     def _set_weight(self, weight: torch.Tensor) -> None:
-        self._csr = to_csr(weight.float() if not weight.dtype.is_floating_point else weight)
+        self._set_parts(*to_csr(weight.float() if not weight.dtype.is_floating_point else weight))
+
+    def csr(self) -> torch.Tensor:
+        return torch.sparse_csr_tensor(self.crow, self.col, self.values, (self.out_features, self.in_features),
+                                       check_invariants=False)
 
     def init_args(self) -> dict[str, Any]:
         return {"in_features": self.in_features, "out_features": self.out_features, "bias": self.bias is not None}
 
     def dense_weight(self) -> torch.Tensor:
-        if self._csr.is_meta:
+        if self.values.is_meta:
             return torch.empty(self.out_features, self.in_features, device="meta")
-        with torch.inference_mode(self._csr.is_inference()):  # built under inference_mode: densify there
-            w = self._csr.to_dense()
+        with torch.inference_mode(self.values.is_inference()):  # built under inference_mode: densify there
+            w = self.csr().to_dense()
         return w.clone() if w.is_inference() else w
 
     @property
     def nnz(self) -> int:
-        return int(self._csr.values().numel())
+        return int(self.values.numel())
 
     def logical_params(self) -> int:
         return self.in_features * self.out_features + (self.bias.numel() if self.bias is not None else 0)
@@ -90,21 +102,16 @@ class SparseLinear(nn.Module):
         return self.nnz * (args[0].numel() // self.in_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        flat = x.reshape(-1, self.in_features).to(self._csr.dtype)
-        if self.backend == "c" and flat.dtype == torch.float32 and not flat.requires_grad and library() is not None:
-            bias = self.bias.detach() if self.bias is not None else None
-            y = csr_linear(self._csr.crow_indices(), self._csr.col_indices(), self._csr.values(), bias, flat,
-                           self.kernel_threads)
+        flat = x.reshape(-1, self.in_features).to(self.values.dtype)
+        bias = self.bias.detach() if self.bias is not None else None
+        if self.backend == "c" and flat.dtype == torch.float32 and not flat.requires_grad:
+            y = csr_linear(self.crow, self.col, self.values, bias, flat, self.kernel_threads)
             return y.reshape(*x.shape[:-1], self.out_features)
-        y = torch.mv(self._csr, flat[0]).unsqueeze(0) if flat.shape[0] == 1 else torch.mm(self._csr, flat.t()).t()
-        if self.bias is not None:
-            y = y + self.bias
+        w = self.csr()
+        y = torch.mv(w, flat[0]).unsqueeze(0) if flat.shape[0] == 1 else torch.mm(w, flat.t()).t()
+        if bias is not None:
+            y = y + bias
         return y.reshape(*x.shape[:-1], self.out_features)
-
-    def _apply(self, fn: Any, recurse: bool = True) -> SparseLinear:
-        super()._apply(fn, recurse)
-        self._csr = fn(self._csr)
-        return self
 
     def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:
         super()._save_to_state_dict(destination, prefix, keep_vars)
@@ -148,7 +155,7 @@ def _fastest_backend(linear: nn.Linear, batch: int, threads: int | None, runs: i
     """The fastest of our C kernel (all threads, or one: an OpenMP region can cost more than a small
     product) and torch's CSR ops for this layer, with (dense_ms, sparse_ms)."""
     best: tuple[SparseLinear, float, float] | None = None
-    options = [("c", 0), ("c", 1), ("torch", 0)] if library() is not None else [("torch", 0)]
+    options = [("c", 0), ("c", 1), ("torch", 0)] if available() else [("torch", 0)]
     for backend, kthreads in options:
         cand = SparseLinear.from_linear(linear)
         cand.backend, cand.kernel_threads = backend, kthreads

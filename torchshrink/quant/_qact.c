@@ -12,7 +12,12 @@
  * Grids always contain 0.0 exactly (min <= 0 <= max), so a zero row gives exactly the bias.
  */
 #include <math.h>
+#ifdef _OPENMP
 #include <omp.h>
+#else /* built without OpenMP (torch ships no libgomp here): one thread */
+static inline int omp_get_thread_num(void) { return 0; }
+static inline int omp_get_num_threads(void) { return 1; }
+#endif
 #include <stdint.h>
 
 static inline void row_grid(float mn, float mx, float qmax, float *scale, int32_t *zp) {

@@ -1,56 +1,26 @@
 """Activation quantization for INT8 dynamic Linear layers on oneDNN's integer GEMM.
 
-Our C kernel (``_qact.c``: per-row or per-tensor asymmetric uint8 codes in one sweep, and the
-per-row epilogue) is compiled on first use into the torchshrink cache and called through ctypes.
-Without a C compiler (or with ``TORCHSHRINK_QUANT_BACKEND=torch``) the same arithmetic runs as torch
-ops: identical codes, several passes slower.
+Our C kernels (``_qact.c``: per-row or per-tensor asymmetric uint8 codes in one sweep, and the per-row
+epilogue, loaded by :mod:`torchshrink.core.native`) are the torch ops ``torch.ops.torchshrink.quant_rows``,
+``quant_tensor``, ``rows_epilogue_``, ``rows_epilogue_codes_`` and ``add_layernorm_`` (a trailing ``_``:
+the op writes into its first argument). Without the native library (or with ``TORCHSHRINK_KERNELS=torch``)
+each op runs the same arithmetic as torch ops: identical codes, several passes slower.
 """
 
 from __future__ import annotations
 
-import ctypes
-import logging
-import os
-from pathlib import Path
-
 import torch
+import torch.nn.functional as F
 from torch.profiler import record_function
 
-from torchshrink.core.cbuild import build_shared
+from torchshrink.core import native
 
-log = logging.getLogger(__name__)
-_SRC = Path(__file__).with_name("_qact.c")
-_LIB: ctypes.CDLL | None = None
-_TRIED = False
 SERIAL_BELOW = 1 << 21
 
 
-def library() -> ctypes.CDLL | None:
-    """The compiled kernel, or None (torch fallback)."""
-    global _LIB, _TRIED
-    if _TRIED or os.environ.get("TORCHSHRINK_QUANT_BACKEND") == "torch":
-        return _LIB
-    _TRIED = True
-    # finite-math lets gcc turn the clamps into vector min/max (inputs with NaN/inf give undefined codes)
-    path = build_shared(_SRC, "quant-kernels", ["-fopenmp", "-ffinite-math-only"], what="activation quantization kernel")
-    if path is None:
-        return None
-    try:
-        lib = ctypes.CDLL(str(path))
-    except OSError as e:
-        log.warning("loading the activation quantization kernel failed (%s); using torch ops", e)
-        return None
-    vp, i64, c_int = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-    lib.ts_quant_rows_u8.argtypes = [vp, i64, i64, vp, vp, vp, c_int, c_int]
-    lib.ts_quant_tensor_u8.argtypes = [vp, i64, vp, vp, vp, c_int, c_int]
-    lib.ts_rows_epilogue.argtypes = [vp, i64, i64, vp, vp, vp, vp, c_int, c_int]
-    lib.ts_add_layernorm.argtypes = [vp, vp, i64, i64, vp, vp, vp, vp, vp, vp, ctypes.c_float, vp, c_int]
-    lib.ts_rows_epilogue_codes.argtypes = [vp, i64, i64, vp, vp, vp, vp, c_int, vp, vp, vp, c_int, c_int]
-    for f in (lib.ts_quant_rows_u8, lib.ts_quant_tensor_u8, lib.ts_rows_epilogue, lib.ts_add_layernorm,
-              lib.ts_rows_epilogue_codes):
-        f.restype = None
-    _LIB = lib
-    return _LIB
+def available() -> bool:
+    """True when the C kernels run here (else the torch fallbacks)."""
+    return native.library() is not None
 
 
 def _grid(mn: torch.Tensor, mx: torch.Tensor, qmax: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -65,10 +35,16 @@ def _codes(x: torch.Tensor, s: torch.Tensor, z: torch.Tensor, qmax: int) -> torc
     return (torch.round(x * (1.0 / s)) + z).clamp_(0, qmax).to(torch.uint8)
 
 
-def quant_rows(x: torch.Tensor, qmax: int = 255) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _fake_rows(x: torch.Tensor, qmax: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return (x.new_empty(x.shape, dtype=torch.uint8), x.new_empty(x.shape[0]),
+            x.new_empty(x.shape[0], dtype=torch.int32))
+
+
+@native.kernel_op("quant_rows", fake=_fake_rows)
+def quant_rows(x: torch.Tensor, qmax: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """x [M, K] float32 contiguous -> (codes uint8 [M, K] in [0, qmax], scale float32 [M], zero point int32 [M])."""
     rows, cols = x.shape
-    lib = library()
+    lib = native.library()
     if lib is None:
         mn, mx = torch.aminmax(x, dim=1, keepdim=True)
         s, z = _grid(mn, mx, qmax)
@@ -81,50 +57,73 @@ def quant_rows(x: torch.Tensor, qmax: int = 255) -> tuple[torch.Tensor, torch.Te
     return q, s, z
 
 
-def quant_tensor(x: torch.Tensor, qmax: int = 255) -> tuple[torch.Tensor, float, int]:
-    """x float32 contiguous -> (codes uint8 in [0, qmax], scale, zero point) on one grid for the whole tensor."""
-    lib = library()
+def _fake_tensor(x: torch.Tensor, qmax: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return x.new_empty(x.shape, dtype=torch.uint8), x.new_empty(()), x.new_empty((), dtype=torch.int32)
+
+
+@native.kernel_op("quant_tensor", fake=_fake_tensor)
+def quant_tensor(x: torch.Tensor, qmax: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x float32 contiguous -> (codes uint8 in [0, qmax], scale float32 [], zero point int32 []) on one
+    grid for the whole tensor."""
+    lib = native.library()
     if lib is None:
         mn, mx = torch.aminmax(x)
         s, z = _grid(mn, mx, qmax)
-        return _codes(x, s, z, qmax), float(s), int(z)
+        return _codes(x, s, z, qmax), s.reshape(()), z.reshape(()).to(torch.int32)
     q = torch.empty(x.shape, dtype=torch.uint8)
-    s = torch.empty(1, dtype=torch.float32)
-    z = torch.empty(1, dtype=torch.int32)
+    s = torch.empty((), dtype=torch.float32)
+    z = torch.empty((), dtype=torch.int32)
     # below ~2M values one thread is about as fast as two and skips the region's three synchronisations,
     # each of which costs a scheduler slice on a loaded machine (measured: 25% of MiniLM's time there)
     n_threads = torch.get_num_threads() if x.numel() >= SERIAL_BELOW else 1
     with record_function("torchshrink::quant_tensor"):
         lib.ts_quant_tensor_u8(x.data_ptr(), x.numel(), q.data_ptr(), s.data_ptr(), z.data_ptr(), qmax, n_threads)
-    return q, float(s), int(z)
+    return q, s, z
 
 
-def rows_epilogue(acc: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor, colsum: torch.Tensor,
-                  bias: torch.Tensor | None, gelu: bool = False) -> torch.Tensor:
-    """In place on acc [M, N] float32: acc = scale[i] * (acc - zp[i] * colsum[j]) + bias[j], then the
-    exact (erf) GELU if ``gelu`` (C: rational erf, max error 4.2e-7)."""
-    lib = library()
+def _fake_none(*args: object) -> None:
+    return None
+
+
+@native.kernel_op("rows_epilogue_", fake=_fake_none, mutates_args=("acc",))
+def _rows_epilogue(acc: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor, colsum: torch.Tensor,
+                   bias: torch.Tensor | None, gelu: bool) -> None:
+    lib = native.library()
     if lib is None:
         acc.sub_(zp.float()[:, None] * colsum[None, :]).mul_(scale[:, None])
         if bias is not None:
             acc.add_(bias)
-        return torch.nn.functional.gelu(acc) if gelu else acc
+        if gelu:
+            acc.copy_(F.gelu(acc))
+        return
     rows, cols = acc.shape
     bias = bias if bias is not None else torch.zeros(cols)
     with record_function("torchshrink::rows_epilogue"):
         lib.ts_rows_epilogue(acc.data_ptr(), rows, cols, scale.data_ptr(), zp.data_ptr(), colsum.data_ptr(),
                              bias.data_ptr(), int(gelu), torch.get_num_threads())
+
+
+def rows_epilogue(acc: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor, colsum: torch.Tensor,
+                  bias: torch.Tensor | None, gelu: bool = False) -> torch.Tensor:
+    """In place on acc [M, N] float32: acc = scale[i] * (acc - zp[i] * colsum[j]) + bias[j], then the
+    exact (erf) GELU if ``gelu`` (C: rational erf, max error 4.2e-7). Returns acc."""
+    _rows_epilogue(acc, scale, zp, colsum, bias, gelu)
     return acc
 
 
-def rows_epilogue_codes(acc: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor, colsum: torch.Tensor,
-                        bias: torch.Tensor | None, gelu: bool, qmax: int
-                        ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """:func:`rows_epilogue` in place on acc, plus ``quant_rows(result, qmax)`` computed in the same sweep."""
-    lib = library()
+def _fake_epi_codes(acc: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor, colsum: torch.Tensor,
+                    bias: torch.Tensor | None, gelu: bool, qmax: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _fake_rows(acc, qmax)
+
+
+@native.kernel_op("rows_epilogue_codes_", fake=_fake_epi_codes, mutates_args=("acc",))
+def _rows_epilogue_codes(acc: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor, colsum: torch.Tensor,
+                         bias: torch.Tensor | None, gelu: bool, qmax: int
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    lib = native.library()
     if lib is None:
-        y = rows_epilogue(acc, scale, zp, colsum, bias, gelu)
-        return y, quant_rows(y.contiguous(), qmax)
+        _rows_epilogue(acc, scale, zp, colsum, bias, gelu)
+        return quant_rows(acc.contiguous(), qmax)
     rows, cols = acc.shape
     bias = bias if bias is not None else torch.zeros(cols)
     q = torch.empty(rows, cols, dtype=torch.uint8)
@@ -134,7 +133,38 @@ def rows_epilogue_codes(acc: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor
         lib.ts_rows_epilogue_codes(acc.data_ptr(), rows, cols, scale.data_ptr(), zp.data_ptr(), colsum.data_ptr(),
                                    bias.data_ptr(), int(gelu), q.data_ptr(), s.data_ptr(), z.data_ptr(), qmax,
                                    torch.get_num_threads())
-    return acc, (q, s, z)
+    return q, s, z
+
+
+def rows_epilogue_codes(acc: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor, colsum: torch.Tensor,
+                        bias: torch.Tensor | None, gelu: bool, qmax: int
+                        ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """:func:`rows_epilogue` in place on acc, plus ``quant_rows(result, qmax)`` computed in the same sweep."""
+    codes = _rows_epilogue_codes(acc, scale, zp, colsum, bias, gelu, qmax)
+    return acc, codes
+
+
+@native.kernel_op("add_layernorm_", fake=_fake_none, mutates_args=("acc",))
+def _add_layernorm(acc: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float,
+                   scale: torch.Tensor | None, zp: torch.Tensor | None, colsum: torch.Tensor | None,
+                   lin_bias: torch.Tensor | None) -> None:
+    lib = native.library()
+    rows, cols = acc.shape
+    if lib is None:
+        if scale is not None and zp is not None and colsum is not None:
+            _rows_epilogue(acc, scale, zp, colsum, lin_bias, False)
+        elif lin_bias is not None:
+            acc.add_(lin_bias)
+        acc.copy_(F.layer_norm(acc + residual, (cols,), weight, bias, eps))
+        return
+    if scale is not None and zp is not None and colsum is not None:
+        lb = lin_bias if lin_bias is not None else torch.zeros(cols)
+        ptrs = (scale.data_ptr(), zp.data_ptr(), colsum.data_ptr(), lb.data_ptr())
+    else:
+        ptrs = (None, None, None, lin_bias.data_ptr() if lin_bias is not None else None)
+    with record_function("torchshrink::add_layernorm"):
+        lib.ts_add_layernorm(acc.data_ptr(), residual.data_ptr(), rows, cols, *ptrs, weight.data_ptr(),
+                             bias.data_ptr(), eps, acc.data_ptr(), torch.get_num_threads())
 
 
 def add_layernorm(acc: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float,
@@ -144,19 +174,6 @@ def add_layernorm(acc: torch.Tensor, residual: torch.Tensor, weight: torch.Tenso
     v = acc (+ lin_bias) or, with ``grid = (scale [M], zero point [M], colsum [N])``, the per-row
     epilogue ``scale[i] * (acc - zp[i] * colsum[j]) + lin_bias[j]``. One sweep per row in C."""
     weight, bias = weight.detach().float().contiguous(), bias.detach().float().contiguous()  # 1-D, cheap
-    lib = library()
-    rows, cols = acc.shape
-    if lib is None:
-        v = rows_epilogue(acc, *grid, lin_bias) if grid is not None else (acc + lin_bias if lin_bias is not None else acc)
-        return torch.nn.functional.layer_norm(v + residual, (cols,), weight, bias, eps)
-    res = residual.float().contiguous()
-    if grid is not None:
-        s, z, colsum = grid
-        lb = lin_bias if lin_bias is not None else torch.zeros(cols)
-        ptrs = (s.data_ptr(), z.data_ptr(), colsum.data_ptr(), lb.data_ptr())
-    else:
-        ptrs = (None, None, None, lin_bias.data_ptr() if lin_bias is not None else None)
-    with record_function("torchshrink::add_layernorm"):
-        lib.ts_add_layernorm(acc.data_ptr(), res.data_ptr(), rows, cols, *ptrs, weight.data_ptr(), bias.data_ptr(),
-                             eps, acc.data_ptr(), torch.get_num_threads())
+    s, z, colsum = grid if grid is not None else (None, None, None)
+    _add_layernorm(acc, residual.float().contiguous(), weight, bias, float(eps), s, z, colsum, lin_bias)
     return acc

@@ -190,8 +190,8 @@ class Int8DynamicLinear(_Packed):
                                                       ""), (s, z, colsum)
         q, s, z = kernels.quant_tensor(x2, self.qmax)
         bias = None if self.bias is None else self.bias.float()
-        return torch.ops.onednn.qlinear_pointwise(q, s, z, wp, ws, wzp, bias, 1.0, 0, torch.float32, self.post_op, [],
-                                                  "none" if self.post_op == "gelu" else ""), None
+        return torch.ops.onednn.qlinear_pointwise.tensor(q, s, z, wp, ws, wzp, bias, 1.0, 0, torch.float32,
+                                                         self.post_op, [], "none" if self.post_op == "gelu" else ""), None
 
     def _onednn(self, x: torch.Tensor, x2: torch.Tensor
                 ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None]:

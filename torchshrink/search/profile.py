@@ -93,7 +93,7 @@ class LayerProfile:
 
 
 def cache_dir() -> Path:
-    from torchshrink.zoo.digits import cache_dir as base
+    from torchshrink.core.cache import cache_dir as base
 
     return base() / "search"
 

@@ -19,6 +19,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from torchshrink.core.cache import cache_dir
+
 log = logging.getLogger(__name__)
 _DATA = Path(__file__).parent / "data" / "digits.csv.gz"
 SPLIT_SEED = 20240611
@@ -122,13 +124,6 @@ def train_digits(name: str, seed: int = 0, epochs: int | None = None) -> nn.Modu
             opt.step()
             sched.step()
     return model.eval()
-
-
-def cache_dir() -> Path:
-    base = os.environ.get("TORCHSHRINK_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "torchshrink"
-    )
-    return Path(base)
 
 
 def _cache_key(name: str) -> str:
