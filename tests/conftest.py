@@ -9,6 +9,8 @@ import torch
 _CACHE = tempfile.mkdtemp(prefix="torchshrink-test-cache-")
 os.environ.setdefault("TORCHSHRINK_CACHE", _CACHE)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+from torchshrink.core import state  # noqa: E402  (after the cache folder is set)
+
 torch.set_num_threads(1)  # tiny models: one thread is fastest and avoids oversubscription
 
 
@@ -42,7 +44,7 @@ class TinyNet(torch.nn.Module):
 def tiny_net():
     torch.manual_seed(0)
     net = TinyNet().eval()
-    net._torchshrink_input = {"shape": [2, 3, 4, 4], "dtype": "float32"}
+    state.put(net, input={"shape": [2, 3, 4, 4], "dtype": "float32"})
     return net
 
 
@@ -51,7 +53,7 @@ def conv_net():
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Conv2d(3, 32, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(32, 32, 3, padding=1),
                               torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(32, 10)).eval()
-    net._torchshrink_input = {"shape": [2, 3, 4, 4], "dtype": "float32"}
+    state.put(net, input={"shape": [2, 3, 4, 4], "dtype": "float32"})
     return net
 
 

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 import torchshrink as ts
+from torchshrink.core import state
 
 PY = sys.executable
 
@@ -412,7 +413,7 @@ def _tiny_bert() -> nn.Module:
 def saved_folder(tmp_path: Path, kind: str) -> Path:
     d = tmp_path / "artifact"
     model = {SEQ: _seq, GRAPH: graph_model, HF: _tiny_bert, USER: UserNet}[kind]()
-    model._torchshrink_input = {"shape": [2, 8], "dtype": "float32"} if kind != HF else \
-        {"kind": "tokens", "shape": [2, 8], "vocab": 50}
+    state.put(model, input={"shape": [2, 8], "dtype": "float32"} if kind != HF else
+              {"kind": "tokens", "shape": [2, 8], "vocab": 50})
     ts.save(model, d)
     return d

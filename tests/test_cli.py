@@ -6,6 +6,7 @@ import pytest
 from typer.testing import CliRunner
 
 from torchshrink.cli import app
+from torchshrink.core import state
 
 runner = CliRunner()
 
@@ -93,7 +94,7 @@ def test_measure_of_a_saved_folder_reports_its_bytes_on_disk(tmp_path):
     import torchshrink as ts
 
     net = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
-    net._torchshrink_input = {"shape": [1, 8], "dtype": "float32"}
+    state.put(net, input={"shape": [1, 8], "dtype": "float32"})
     ts.save(net, tmp_path / "m", recipe={"name": "a recipe that makes the manifest longer " * 20})
     on_disk = sum(p.stat().st_size for p in (tmp_path / "m").iterdir())
     code, out, err = run("measure", "--model", str(tmp_path / "m"), "--json", "--threads", "1")

@@ -5,6 +5,7 @@ from hypothesis import strategies as st
 import torchshrink as ts
 from torchshrink.cluster import ClusteredLayer, KMeansConfig, kmeans_1d
 from torchshrink.cluster.entropy import decode_codes, encode_codes
+from torchshrink.core import state
 from torchshrink.core.errors import ConfigError
 
 
@@ -132,7 +133,7 @@ def test_deep_compressed_model_uses_the_compact_container_and_reloads_exactly(tm
     assert saved_bytes(small) == sum(p.stat().st_size for p in (tmp_path / "k").iterdir())
     assert saved_bytes(digits_mlp) / saved_bytes(small) > 25  # 8% density, 4-bit codes, fp16 biases
     back = ts.load(tmp_path / "k")
-    assert back.net[1]._torchshrink_formats["codes"] == "relidx"
+    assert state.get(back.net[1], "formats")["codes"] == "relidx"
     x = torch.randn(7, 1, 8, 8)
     assert torch.equal(back(x), small(x))
     assert torch.equal(ts.load_model(str(tmp_path / "k"))(x), small(x))  # a folder spec finds it too
@@ -178,7 +179,7 @@ def test_models_saved_with_the_older_entropy_format_still_load(tmp_path, digits_
     small = ts.quantize(digits_mlp, KMeansConfig(bits=4))
     for m in small.modules():
         if isinstance(m, ClusteredLayer):
-            m._torchshrink_formats = {"codes": "entropy"}  # what files written before relidx hold
+            state.put(m, formats={"codes": "entropy"})  # what files written before relidx hold
     ts.save(small, tmp_path / "old")
     assert sorted(p.name for p in (tmp_path / "old").iterdir()) == ["manifest.json", "model.safetensors"]
     back = ts.load(tmp_path / "old")

@@ -25,7 +25,7 @@ from torch.nn.utils import parametrize
 
 import torchshrink as ts
 from tests.conftest import conv_net, tiny_bert, tiny_net
-from torchshrink.core.api import PENDING
+from torchshrink.core import state
 from torchshrink.core.config import get_config_class
 from torchshrink.core.errors import ConfigError
 from torchshrink.export.io import saved_bytes
@@ -103,11 +103,13 @@ def test_apply_returns_a_finished_model_and_leaves_the_input(kind):
     model, out, inputs, cfg = _apply(kind)
     for (k, a), b in zip(reference.state_dict().items(), model.state_dict().values(), strict=True):
         assert torch.equal(a, b), f"{kind} changed the input's {k}"
-    assert not hasattr(out, PENDING) and not out.training
+    assert not state.get(out, "pending") and not out.training
     rep = ts.report(out)[-1]  # one report: what changed, what was skipped and why
     assert rep.kind == kind and rep.changed, f"{kind} reports no change"
     assert all(isinstance(v, str) and v for v in rep.skipped.values())
     assert not any(parametrize.is_parametrized(m) for m in out.modules()), f"{kind} left training parametrizations"
+    tags = {k for m in (*out.modules(), *model.modules()) for k in vars(m) if "torchshrink" in k}
+    assert tags <= {state.ATTR}, f"{kind} set attributes outside torchshrink's one state: {tags}"
     y = _out(out, inputs)
     assert torch.isfinite(y).all()
     assert saved_bytes(out) <= saved_bytes(model), f"{kind}: the file grew"

@@ -5,6 +5,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import torchshrink as ts
+from torchshrink.core import state
 from torchshrink.core.errors import ConfigError, DataError, UnsupportedLayerError
 from torchshrink.lowrank import (
     BudgetConfig,
@@ -116,7 +117,7 @@ def test_svd_ratio_halves_params_and_save_load_round_trips(tiny, tmp_path):
     x = torch.randn(2, 3, 4, 4)
     ts.save(out, tmp_path / "m")
     back = ts.load(tmp_path / "m", model=type(tiny)())
-    assert back.fc1.torchshrink_lowrank == "svd"
+    assert state.get(back.fc1, "lowrank") == "svd"
     torch.testing.assert_close(back(x), out(x))
 
 
@@ -157,7 +158,7 @@ def test_configs_round_trip_and_recipe_with_finetune():
 
     torch.manual_seed(0)
     model = DigitsCNN().eval()  # untrained: the structure and the loop are under test, not accuracy
-    model._torchshrink_source = "zoo:digits-cnn"
+    state.put(model, source="zoo:digits-cnn")
     recipe = recipe_from_yaml("""
 stages:
   - kind: tucker2

@@ -4,13 +4,14 @@ import pytest
 import torch
 
 import torchshrink as ts
+from torchshrink.core import state
 from torchshrink.core.errors import ModelLoadError
 from torchshrink.models import example_inputs, parse_shape
 
 
 def test_specs_build_models(tmp_path):
     m = ts.load_model("tests.conftest:tiny_net")
-    assert m._torchshrink_source == "tests.conftest:tiny_net"
+    assert state.get(m, "source") == "tests.conftest:tiny_net"
     torch.save(m.state_dict(), tmp_path / "w.pt")
     import safetensors.torch
 

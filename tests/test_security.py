@@ -22,6 +22,7 @@ from torch import nn
 
 import torchshrink as ts
 from tests.security_cases import CASES, HF, PY, evil_pt2, graph_model, saved_folder
+from torchshrink.core import state
 from torchshrink.core.errors import ModelLoadError
 
 
@@ -160,7 +161,7 @@ def test_a_saved_zoo_model_loads_from_its_own_files_without_training(tmp_path, m
     cache = tmp_path / "empty-cache"
     monkeypatch.setenv("TORCHSHRINK_CACHE", str(cache))
     net = DigitsMLP().eval()
-    net._torchshrink_source = "zoo:digits-mlp"
+    state.put(net, source="zoo:digits-mlp")
     ts.save(net, tmp_path / "m")
     t0 = time.perf_counter()
     back = ts.load(tmp_path / "m")

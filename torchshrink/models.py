@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from torchshrink.core import state
 from torchshrink.core.errors import ModelLoadError
 from torchshrink.export.skeleton import tag, torchvision_model
 
@@ -95,7 +96,7 @@ def _from_factory(spec: str) -> nn.Module:
         raise ModelLoadError(f"{spec} raised {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}") from None
     if not isinstance(model, nn.Module):
         raise ModelLoadError(f"{spec} returned {type(model).__name__}, not a torch.nn.Module")
-    return tag(model, spec, getattr(model, "_torchshrink_input", None))
+    return tag(model, spec, state.get(model, "input"))
 
 
 def _from_folder(path: Path) -> nn.Module:
@@ -142,26 +143,26 @@ def _load_weights(model: nn.Module, path: Path) -> None:
     if path.suffix == ".safetensors":
         from torchshrink.export.io import read_tensors
 
-        state = read_tensors(path)
+        weights = read_tensors(path)
     else:
         try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
+            weights = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:
             raise ModelLoadError(
                 f"{path} could not be read as a state dict with weights_only=True ({type(e).__name__}); "
                 "torchshrink never unpickles arbitrary objects: save a state_dict or safetensors"
             ) from None
-    if not isinstance(state, dict):
+    if not isinstance(weights, dict):
         raise ModelLoadError(f"{path} does not hold a state dict")
     try:
-        model.load_state_dict(state)
+        model.load_state_dict(weights)
     except RuntimeError as e:
         raise ModelLoadError(f"{path} does not fit the architecture: {str(e).splitlines()[1:2] or e}") from None
 
 
 def example_inputs(model: nn.Module, batch: int | None = None, seq: int | None = None) -> tuple[torch.Tensor, ...]:
     """Example inputs recorded for a model by its loader (zoo, torchvision, Hugging Face)."""
-    inp = getattr(model, "_torchshrink_input", None)
+    inp = state.get(model, "input")
     if inp is None:
         raise ModelLoadError(
             f"no example input is known for {type(model).__name__}; give one (e.g. --input-shape 1,3,224,224)"

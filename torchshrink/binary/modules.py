@@ -35,7 +35,7 @@ from torchshrink.binary.packing import (
     unpack_binary,
     unpack_ternary_codes,
 )
-from torchshrink.core import native
+from torchshrink.core import native, state
 from torchshrink.core.errors import ConfigError
 from torchshrink.export.modules import register_module
 
@@ -63,7 +63,7 @@ class _PackedBase(_Geometry):
             self.register_buffer(name, torch.ones(n, dtype=dt) if "scale" in name else torch.zeros(n, dtype=dt))
         if "bias" not in names:
             self.bias = None
-        self._torchshrink_formats = {self.packed_name: BITS_FORMAT}
+        state.put(self, formats={self.packed_name: BITS_FORMAT})
         self._cache: dict[Any, Any] = {}
 
     def _f32(self, name: str) -> torch.Tensor | None:

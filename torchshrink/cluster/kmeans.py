@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from torchshrink.core import state
 from torchshrink.core.config import Config, check_range, register
 from torchshrink.core.select import Select, config_for, select_modules
 from torchshrink.core.surgery import get_module, set_module
@@ -72,7 +73,7 @@ class ClusteredLayer(nn.Module):
         live[0] = 0.0 if self.zero_code else 1.0
         self.register_buffer("live", live, persistent=False)
         self.bias = nn.Parameter(torch.zeros(self.shape[0])) if has_bias else None
-        self._torchshrink_formats = {"codes": "relidx", "centroids": "half-exact", "bias": "half-exact"}
+        state.put(self, formats={"codes": "relidx", "centroids": "half-exact", "bias": "half-exact"})
         self._cache: torch.Tensor | None = None
 
     def init_args(self) -> dict[str, Any]:

@@ -25,22 +25,14 @@ from typing import Any
 
 from torch import nn
 
+from torchshrink.core import state
 from torchshrink.core.config import Config, Entry, get_entry, known_kinds
 from torchshrink.core.errors import ConfigError
 from torchshrink.core.report import carry, current, note_changes, open_report
 from torchshrink.core.select import Select
 
-PENDING = "_torchshrink_pending"  # the configs prepared on a model and not yet finalized, in order
 StepHook = Callable[[nn.Module, int, int], None]
 Trainer = Callable[[nn.Module, StepHook], list[dict[str, float]]]
-_CARRY = ("_torchshrink_source", "_torchshrink_input")
-
-
-def _inherit(src: nn.Module, dst: nn.Module, attrs: tuple[str, ...]) -> None:
-    """Provenance tags a new module (a traced graph, a student) takes over from the one it replaces."""
-    for attr in attrs:
-        if hasattr(src, attr) and not hasattr(dst, attr):
-            setattr(dst, attr, getattr(src, attr))
 
 
 def _check(model: Any, config: Any) -> Entry:
@@ -85,20 +77,16 @@ def prepare(model: nn.Module, config: Config, *, select: Select | dict[str, Any]
     open_report(work, config.kind)
     out = entry.handler(work, config, select=sel, data=data, **options)
     carry(work, out)
-    pending = list(getattr(model, PENDING, []))
-    pending.append(config)
-    setattr(out, PENDING, pending)
-    history = list(getattr(model, "_torchshrink_history", []))
-    history.append(config.to_dict())
-    out._torchshrink_history = history
-    _inherit(model, out, _CARRY)
+    state.inherit(model, out, ("source", "input", "recipe"))
+    state.put(out, pending=[*state.get(model, "pending", []), config],
+              history=[*state.get(model, "history", []), config.to_dict()])
     return out
 
 
 def step(model: nn.Module, step: int, total: int) -> None:
     """The per-step hook of every kind prepared on ``model`` (gradual schedules, held masks): call it
     before each optimizer step of your loop with the step index and the total number of steps."""
-    for config in getattr(model, PENDING, []):
+    for config in state.get(model, "pending", []):
         entry = get_entry(config)
         if entry.on_step is not None:
             entry.on_step(model, config, step, total)
@@ -111,7 +99,7 @@ def finalize(model: nn.Module, config: Config | None = None, *, data: Any = None
     calibrates kinds whose finalize measures activations (QAT's integer activation scales)."""
     if not isinstance(model, nn.Module):
         raise ConfigError(f"expected a torch.nn.Module, got {type(model).__name__}")
-    pending = list(getattr(model, PENDING, []))
+    pending = list(state.get(model, "pending", []))
     if config is not None:
         if not pending or pending[-1].kind != config.kind:
             last = pending[-1].kind if pending else "nothing"
@@ -124,10 +112,9 @@ def finalize(model: nn.Module, config: Config | None = None, *, data: Any = None
             takes_data = "data" in inspect.signature(entry.finalize).parameters
             new = entry.finalize(out, config, data=data) if takes_data else entry.finalize(out, config)
             carry(out, new)
-            _inherit(out, new, (*_CARRY, "_torchshrink_history"))
+            state.inherit(out, new)
             out = new
-    if hasattr(out, PENDING):
-        delattr(out, PENDING)
+    state.put(out, pending=[])
     return out.eval()
 
 

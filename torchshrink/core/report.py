@@ -2,7 +2,7 @@
 
 ``ts.prepare`` opens a :class:`Report` for the kind before its handler runs; the handler (and its
 finalize) write into :func:`current`; ``ts.report(model)`` returns the list, oldest first. This
-replaces the per-technique ``_torchshrink_*_report`` attributes: one place, one shape.
+replaces the per-technique ``_torchshrink_*_report`` attributes: one place (core/state.py), one shape.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from typing import Any
 
 from torch import nn
 
-REPORTS = "_torchshrink_reports"
+from torchshrink.core import state
 
 
 @dataclasses.dataclass
@@ -30,28 +30,28 @@ class Report:
 
 def report(model: nn.Module) -> list[Report]:
     """The reports of every kind applied to ``model``, oldest first."""
-    return list(getattr(model, REPORTS, []))
+    return list(state.get(model, "reports", []))
 
 
 def open_report(model: nn.Module, kind: str) -> Report:
     rep = Report(kind)
-    object.__setattr__(model, REPORTS, [*getattr(model, REPORTS, []), rep])
+    state.put(model, reports=[*state.get(model, "reports", []), rep])
     return rep
 
 
 def current(model: nn.Module) -> Report:
     """The report of the kind being applied (a handler called outside ``ts.prepare`` gets a fresh one)."""
-    reps = getattr(model, REPORTS, None)
+    reps = state.get(model, "reports")
     return reps[-1] if reps else open_report(model, "?")
 
 
 def carry(src: nn.Module, dst: nn.Module) -> None:
     """Hand the reports over when a handler returns a new module (a traced graph, a student). What
     was already noted on the new module without a report of its own is merged into the current one."""
-    if dst is src or not hasattr(src, REPORTS):
+    if dst is src or not state.get(src, "reports"):
         return
-    reps = list(getattr(src, REPORTS))
-    for r in getattr(dst, REPORTS, []):
+    reps = list(state.get(src, "reports"))
+    for r in state.get(dst, "reports", []):
         if any(r is x or r == x for x in reps):
             continue
         if r.kind == "?" and reps:
@@ -60,7 +60,7 @@ def carry(src: nn.Module, dst: nn.Module) -> None:
             reps[-1].notes.update(r.notes)
         else:
             reps.append(r)
-    object.__setattr__(dst, REPORTS, reps)
+    state.put(dst, reports=reps)
 
 
 def _leaves(model: nn.Module) -> dict[str, nn.Module]:

@@ -62,9 +62,6 @@ def _apply(
                             temperature=config.temperature, alpha=config.alpha)
         history = d.fit(batches, settings, evaluate=evaluate)
         current(the_student).notes["history"] = history
-    for attr in ("_torchshrink_source", "_torchshrink_input"):
-        if hasattr(the_teacher, attr) and not hasattr(the_student, attr):
-            setattr(the_student, attr, getattr(the_teacher, attr))
     return the_student.eval()
 
 

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from torchshrink.core import state
 from torchshrink.core.errors import DataError
 from torchshrink.core.train import Finetune
 from torchshrink.distill.corpus import check_disjoint
@@ -46,7 +47,7 @@ def length_batches(
 
 def layer_pairs(student: nn.Module) -> list[tuple[str, str]]:
     """(student block, teacher block) names for a student built by :func:`drop_layers`."""
-    info = getattr(student, "_torchshrink_student", None)
+    info = state.get(student, "student")
     if not info or info.get("kind") != "layers":
         raise DataError("layer pairs need a student built by drop_layers() (it records the kept layers)")
     path = info["path"]

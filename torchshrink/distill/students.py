@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from torchshrink.core import state
 from torchshrink.core.errors import ConfigError, DataError, UnsupportedLayerError
 from torchshrink.core.surgery import get_module, set_module
 
@@ -78,7 +79,7 @@ def drop_layers(teacher: nn.Module, keep: str | Sequence[int] = "every_other", *
         for sub in block.modules():
             if isinstance(getattr(sub, "layer_idx", None), int):
                 sub.layer_idx = new_i
-    student._torchshrink_student = {"kind": "layers", "path": path, "kept": idx}
+    state.put(student, student={"kind": "layers", "path": path, "kept": idx})
     log.info("student keeps layers %s of %d in %s", idx, len(stack), path)
     return student
 
@@ -158,7 +159,7 @@ def shrink_width(teacher: nn.Module, width: float, example: Sequence[torch.Tenso
     t_shape = getattr(out, "shape", None)
     if t_shape is not None and getattr(s_out, "shape", None) != t_shape:
         raise DataError(f"the width-reduced student's output {tuple(s_out.shape)} differs from the teacher's {tuple(t_shape)}")
-    student._torchshrink_student = {"kind": "width", "width": width}
+    state.put(student, student={"kind": "width", "width": width})
     return student.train(teacher.training)
 
 

@@ -20,6 +20,7 @@ import safetensors.torch
 import torch
 from torch import nn
 
+from torchshrink.core import state
 from torchshrink.core.errors import OutputExistsError
 from torchshrink.export.container import CONTAINER, write_container
 from torchshrink.export.formats import encode_tensor, get_format
@@ -65,15 +66,17 @@ def module_records(model: nn.Module) -> list[dict[str, Any]]:
             attrs = _changed_attrs(tname, init, attrs)
         if attrs or init is None:
             rec["attrs"] = attrs
-        fmts = getattr(m, "_torchshrink_formats", None)
+        fmts = state.get(m, "formats")
         if fmts:
             rec["formats"] = dict(fmts)
+        if state.get(m, "lowrank"):
+            rec["lowrank"] = state.get(m, "lowrank")
         recs.append(rec)
     return recs
 
 
 def source_of(model: nn.Module) -> str | None:
-    return getattr(model, "_torchshrink_source", None)
+    return state.get(model, "source")
 
 
 def hf_config_of(model: nn.Module) -> dict[str, Any] | None:
@@ -97,7 +100,7 @@ def build_manifest(model: nn.Module, tensors: dict[str, Any], recipe: Any = None
         "torch_version": torch.__version__,
         "source": source_of(model),
         "class": type_name(model),
-        "input": getattr(model, "_torchshrink_input", None),
+        "input": state.get(model, "input"),
         "hf_config": hf_config_of(model),
         "modules": module_records(model),
         "tensors": tensors,
@@ -108,7 +111,7 @@ def build_manifest(model: nn.Module, tensors: dict[str, Any], recipe: Any = None
 def _encode_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     preferred: dict[str, str] = {}
     for mname, m in model.named_modules():
-        for tname, fmt in (getattr(m, "_torchshrink_formats", None) or {}).items():
+        for tname, fmt in state.get(m, "formats", {}).items():
             preferred[f"{mname}.{tname}" if mname else tname] = fmt
     flat: dict[str, torch.Tensor] = {}
     meta: dict[str, Any] = {}

@@ -29,6 +29,7 @@ import safetensors.torch
 import torch
 from torch import nn
 
+from torchshrink.core import state
 from torchshrink.core.errors import ModelLoadError
 from torchshrink.export.container import CONTAINER, read_container
 from torchshrink.export.formats import decode_tensor, known_format, numel_of
@@ -187,12 +188,17 @@ def rebuild(skeleton: nn.Module, records: list[dict[str, Any]], declared: dict[s
         if m is None:
             raise ModelLoadError(f"layer {rec['name']!r} of the manifest is missing from the rebuilt model")
         for k, v in rec.get("attrs", {}).items():
-            _set_attr(m, rec["name"], k, v)
+            if k == "torchshrink_lowrank" and isinstance(v, str):  # files written before core/state.py
+                state.put(m, lowrank=v[:40])
+            else:
+                _set_attr(m, rec["name"], k, v)
+        if rec.get("lowrank"):
+            state.put(m, lowrank=rec["lowrank"])
         if rec.get("formats"):
             for fmt in rec["formats"].values():
                 if not known_format(fmt):
                     raise ModelLoadError(f"layer {rec['name']!r} names unknown storage format {fmt[:40]!r}")
-            m._torchshrink_formats = dict(rec["formats"])
+            state.put(m, formats=dict(rec["formats"]))
     return skeleton
 
 
@@ -256,9 +262,9 @@ def load(directory: str | os.PathLike[str], *, model: nn.Module | None = None) -
     else:
         skeleton = model if model is not None else _skeleton(manifest)
         net = rebuild(skeleton, manifest["modules"], declared)
-    state = decode_state(flat, declared)
+    tensors = decode_state(flat, declared)
     try:
-        res = net.load_state_dict(state, strict=False, assign=True)
+        res = net.load_state_dict(tensors, strict=False, assign=True)
     except RuntimeError as e:
         raise ModelLoadError(f"saved weights do not fit the rebuilt model: {str(e).splitlines()[0]}") from None
     missing, unexpected = list(res.missing_keys), list(res.unexpected_keys)
@@ -267,9 +273,6 @@ def load(directory: str | os.PathLike[str], *, model: nn.Module | None = None) -
             f"saved weights do not fit the rebuilt model (missing: {missing[:3]}, unexpected: {unexpected[:3]})"
         )
     _retie(net, declared)
-    for attr in ("source", "input"):
-        if manifest.get(attr) is not None:
-            setattr(net, f"_torchshrink_{attr}", manifest[attr])
-    net._torchshrink_recipe = manifest.get("recipe")
+    state.put(net, source=manifest.get("source"), input=manifest.get("input"), recipe=manifest.get("recipe"))
     net.eval()
     return net

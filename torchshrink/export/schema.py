@@ -25,7 +25,7 @@ _SIMPLE = (bool, int, float, str, type(None))
 _TOP = {"fx_graph", "format", "format_version", "torchshrink_version", "torch_version", "source", "class", "input",
         "hf_config", "modules", "tensors", "recipe"}
 _STUB = {"format", "format_version", "container"}
-_RECORD = {"name", "type", "init", "attrs", "formats"}
+_RECORD = {"name", "type", "init", "attrs", "formats", "lowrank"}
 
 
 def read_json(path: Any, max_bytes: int, what: str) -> Any:
@@ -100,6 +100,8 @@ def _record(rec: Any, where: str) -> None:
             raise _fail(where, f"attribute {k[:40]!r} of {name[:60]!r} must be a number, string or flat list")
     for k, v in _type(rec.get("formats", {}), dict, where, f"modules[{name[:60]!r}].formats").items():
         _type(v, str, where, f"modules[{name[:60]!r}].formats[{k[:40]!r}]")
+    if len(_type(rec.get("lowrank", ""), str, where, f"modules[{name[:60]!r}].lowrank")) > 40:
+        raise _fail(where, f"modules[{name[:60]!r}].lowrank is longer than 40 characters")
 
 
 def _tensors(tensors: Any, where: str) -> None:

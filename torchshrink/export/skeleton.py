@@ -9,13 +9,14 @@ from typing import Any
 
 from torch import nn
 
+from torchshrink.core import state
 from torchshrink.core.errors import ModelLoadError
 
 
 def tag(model: nn.Module, source: str, inp: dict[str, Any] | None) -> nn.Module:
-    model._torchshrink_source = source
+    state.put(model, source=source)
     if inp is not None:
-        model._torchshrink_input = inp
+        state.put(model, input=inp)
     return model
 
 

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from torchshrink.core import state
 from torchshrink.core.config import Config, check_range, register
 from torchshrink.core.errors import DataError
 from torchshrink.core.report import current
@@ -182,7 +183,7 @@ def apply_budget(model: nn.Module, config: BudgetConfig, *, select: Select | Non
         sp, new = timed.get((name, opt.setting), (None, None))
         set_module(model, name, new if new is not None else _build(mods[name], opt))
         achieved += opt.macs
-        info = dict(method=getattr(model.get_submodule(name), "torchshrink_lowrank", ""), setting=list(opt.setting),
+        info = dict(method=state.get(model.get_submodule(name), "lowrank", ""), setting=list(opt.setting),
                     macs_ratio=round(opt.macs / dense[name], 4), rel_sq_error=round(opt.error, 5))
         if sp is not None:
             info["measured_speedup"] = round(sp, 3)

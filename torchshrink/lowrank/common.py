@@ -11,6 +11,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from torchshrink.core import state
 from torchshrink.core.config import Config, check_range
 from torchshrink.core.data import as_batches, calibrate
 from torchshrink.core.errors import ConfigError, DataError, UnsupportedLayerError
@@ -20,7 +21,6 @@ from torchshrink.measure.latency import time_interleaved
 log = logging.getLogger(__name__)
 
 # Attribute set on every factorized nn.Sequential (a plain attribute, so save/load keeps it).
-MARK = "torchshrink_lowrank"
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -64,7 +64,7 @@ def note_skip(model: nn.Module, name: str, reason: str) -> None:
 
 
 def mark(seq: nn.Sequential, kind: str) -> nn.Sequential:
-    setattr(seq, MARK, kind)
+    state.put(seq, lowrank=kind)
     return seq
 
 
@@ -121,7 +121,7 @@ def first_inputs(model: nn.Module, data: Any) -> tuple[torch.Tensor, ...] | None
     first = next(as_batches(data, limit=1), None) if data is not None else None
     if first is not None:
         return first.inputs
-    if getattr(model, "_torchshrink_input", None) is not None:
+    if state.get(model, "input") is not None:
         from torchshrink.models import example_inputs
 
         return example_inputs(model, batch=1)

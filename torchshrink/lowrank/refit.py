@@ -25,6 +25,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from torchshrink.core import state
 from torchshrink.core.config import check_choice, check_range
 from torchshrink.core.errors import ConfigError, DataError
 from torchshrink.core.surgery import get_module
@@ -252,11 +253,10 @@ def _masked_error(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor |
 
 
 def _block_params(block: nn.Module, only_factorized: bool) -> list[nn.Parameter]:
-    from torchshrink.lowrank.common import MARK
 
     if not only_factorized:
         return [p for p in block.parameters() if p.requires_grad]
-    mods = [m for m in block.modules() if getattr(m, MARK, None)]
+    mods = [m for m in block.modules() if state.get(m, "lowrank")]
     return [p for m in mods for p in m.parameters() if p.requires_grad]
 
 

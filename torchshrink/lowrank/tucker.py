@@ -15,6 +15,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from torchshrink.core import state
 from torchshrink.core.config import register
 from torchshrink.core.errors import TorchshrinkError
 from torchshrink.core.select import Select, config_for, select_modules
@@ -180,7 +181,7 @@ def factorize_tucker2(conv: nn.Conv2d, r_out: int, r_in: int, solver: str = "gra
 
 def dense_weight(seq: nn.Sequential) -> torch.Tensor:
     """The kernel of a linear chain of convs made by this package, as one conv weight."""
-    kind = getattr(seq, "torchshrink_lowrank", "")
+    kind = state.get(seq, "lowrank", "")
     ws = [m.weight.detach().double() for m in seq]
     if kind == "svd1x1":
         return torch.einsum("or,ri->oi", ws[1][:, :, 0, 0], ws[0][:, :, 0, 0])[:, :, None, None]
@@ -242,7 +243,7 @@ def replace_convs(model: nn.Module, config: LowRankConfig, select: Select | None
             note_skip(model, name, reason)
             continue
         set_module(model, name, new)
-        note_done(model, name, method=new.torchshrink_lowrank, setting=list(setting),
+        note_done(model, name, method=state.get(new, "lowrank"), setting=list(setting),
                   macs_ratio=round(new_cost / old_cost, 4))
     return model
 

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from torchshrink.core import state
 from torchshrink.core.surgery import get_module
 
 log = logging.getLogger(__name__)
@@ -88,15 +89,15 @@ def apply_masks(model: nn.Module, masks: Mapping[str, torch.Tensor], *, hold: bo
             else:
                 with torch.no_grad():
                     w.masked_fill_(~mask.to(torch.bool), 0.0)
-                module._torchshrink_prune = dict(s or {})
+                state.put(module, prune=dict(s or {}))
     except BaseException:
         for module, saved, had_mask in reversed(done):
             if mask_of(module) is not None and not had_mask:
                 parametrize.remove_parametrizations(module, "weight", leave_parametrized=False)
             with torch.no_grad():
                 original_weight(module).copy_(saved)
-            if hasattr(module, "_torchshrink_prune") and not hold:
-                del module._torchshrink_prune
+            if not hold and state.peek(module) is not None:
+                state.put(module, prune=None)
         log.debug("mask application failed; %d layer(s) restored", len(done))
         raise
 
@@ -107,6 +108,6 @@ def make_permanent(model: nn.Module) -> list[str]:
     for name, module, wm in list(masked_layers(model)):
         settings = dict(wm.settings)
         parametrize.remove_parametrizations(module, "weight", leave_parametrized=True)
-        module._torchshrink_prune = settings
+        state.put(module, prune=settings)
         names.append(name)
     return names

@@ -16,6 +16,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from torchshrink.core import state
 from torchshrink.core.config import Config, check_range, register
 from torchshrink.core.errors import ConfigError
 from torchshrink.core.select import Select, config_for, overrides_for
@@ -116,7 +117,7 @@ def prune_unstructured(model: nn.Module, config: UnstructuredConfig, *, select: 
     else:  # all masks are computed before any layer changes
         masks = compute_masks(model, config, layers, 0, 1, grads)
     apply_masks(model, masks, hold=config.schedule != "oneshot", settings={n: s for n, _, s in layers})
-    model._torchshrink_prune_applied = first
+    state.put(model, prune_applied=first)
     log.info("pruned %d layer(s) to sparsity %.3f (%s, %s scope)", len(layers), first, config.schedule, config.scope)
     return model
 
@@ -127,15 +128,15 @@ def _tracked(model: nn.Module) -> list[tuple[str, nn.Module, dict[str, Any]]]:
         wm = mask_of(m)
         if wm is not None and wm.settings.get("kind") == UnstructuredConfig.kind:
             out.append((name, m, wm.settings))
-        elif wm is None and getattr(m, "_torchshrink_prune", {}).get("kind") == UnstructuredConfig.kind:
-            out.append((name, m, m._torchshrink_prune))
+        elif wm is None and state.get(m, "prune", {}).get("kind") == UnstructuredConfig.kind:
+            out.append((name, m, state.get(m, "prune")))
     return out
 
 
 def hold_zeros(model: nn.Module, kind: str) -> None:
     """One-shot methods: hold the zeros made at prune time fixed while fine-tuning."""
     for _, m in model.named_modules():
-        settings = getattr(m, "_torchshrink_prune", None)
+        settings = state.get(m, "prune")
         if mask_of(m) is None and settings and settings.get("kind") == kind:
             set_mask(m, original_weight(m).detach() != 0, settings)
 
@@ -151,14 +152,14 @@ def on_step_unstructured(model: nn.Module, config: UnstructuredConfig, step: int
             if wm is not None and w.grad is not None:
                 wm.score = (wm.score if wm.score is not None else torch.zeros_like(w)) - w.detach() * w.grad.detach()
     target = sparsity_at(config, config.sparsity, step, total)
-    if target == getattr(model, "_torchshrink_prune_applied", None):
+    if target == state.get(model, "prune_applied"):
         return
     grad_less = [n for n, m, s in layers if s["criterion"] in NEEDS_GRAD and original_weight(m).grad is None
                  and getattr(mask_of(m), "score", None) is None]
     if grad_less and step < total:
         return  # no gradient yet (first step): update at the next step
     apply_masks(model, compute_masks(model, config, layers, step, total), hold=True)
-    model._torchshrink_prune_applied = target
+    state.put(model, prune_applied=target)
 
 
 def finalize_unstructured(model: nn.Module, config: UnstructuredConfig) -> nn.Module:

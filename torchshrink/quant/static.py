@@ -232,9 +232,6 @@ def apply_int8_static(model: nn.Module, config: Int8StaticConfig, *, select: Sel
     out = convert_graph(gm, watch, resolve_engine(config.engine), bits)
     for name, reason in floats.items():
         note_float(out, name, reason)
-    for attr in ("_torchshrink_source", "_torchshrink_input"):
-        if hasattr(model, attr):
-            setattr(out, attr, getattr(model, attr))
     current(out).notes["backend"] = f"torch.ops.quantized conv2d/linear/add ({resolve_engine(config.engine)} engine)"
     return out.eval()
 

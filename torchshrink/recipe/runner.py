@@ -32,6 +32,7 @@ import torch
 import yaml
 from torch import nn
 
+from torchshrink.core import state
 from torchshrink.core.api import prepare, run
 from torchshrink.core.errors import ConfigError
 from torchshrink.core.select import check_names
@@ -241,7 +242,7 @@ def compress(
     seed: int = 0,
     trust_code: bool = False,
 ) -> RunResult:
-    spec = model if isinstance(model, str) else getattr(model, "_torchshrink_source", type(model).__name__)
+    spec = model if isinstance(model, str) else state.get(model, "source", type(model).__name__)
     out_path = Path(out) if out is not None else None
     if out_path is not None and out_path.name in ("", ".", ".."):
         out_path = Path(os.path.abspath(out_path))  # `--out .`: the folder's own name, beside which .partial goes

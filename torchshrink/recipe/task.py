@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from torchshrink.core import state
 from torchshrink.core.errors import DataError
 from torchshrink.measure.quality import accuracy, fidelity
 from torchshrink.models import example_inputs
@@ -84,7 +85,7 @@ def generic_task(model: nn.Module, inputs: tuple[torch.Tensor, ...] | None = Non
 
 
 def task_for(model: nn.Module, inputs: tuple[torch.Tensor, ...] | None = None) -> Task:
-    source = getattr(model, "_torchshrink_source", "") or ""
+    source = state.get(model, "source", "")
     if source.startswith("zoo:digits"):
         return digits_task()
     if source == "zoo:minilm":

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from torchshrink.core import state
 from torchshrink.core.errors import ModelLoadError
 from torchshrink.zoo.digits import DigitsCNN, DigitsMLP, digits_loaders, digits_splits, digits_teacher
 from torchshrink.zoo.text import english_sentences, sentence_split
@@ -14,8 +15,7 @@ ZOO_MODELS = ("digits-cnn", "digits-mlp", "minilm")
 def load_zoo_model(name: str) -> nn.Module:
     if name in ("digits-cnn", "digits-mlp"):
         model = digits_teacher(name)
-        model._torchshrink_source = f"zoo:{name}"
-        model._torchshrink_input = {"shape": [1, 1, 8, 8], "dtype": "float32"}
+        state.put(model, source=f"zoo:{name}", input={"shape": [1, 1, 8, 8], "dtype": "float32"})
         return model
     if name == "minilm":
         from torchshrink.zoo.minilm import load_minilm

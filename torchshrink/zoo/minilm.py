@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from torchshrink.core import state
 from torchshrink.core.errors import ModelLoadError
 
 
@@ -43,8 +44,7 @@ def load_minilm() -> SentenceEncoder:
 
     bert = AutoModel.from_pretrained(str(minilm_path()), local_files_only=True)
     model = SentenceEncoder(bert).eval()
-    model._torchshrink_source = "zoo:minilm"
-    model._torchshrink_input = {"kind": "tokens", "shape": [16, 128], "vocab": bert.config.vocab_size}
+    state.put(model, source="zoo:minilm", input={"kind": "tokens", "shape": [16, 128], "vocab": bert.config.vocab_size})
     return model
 
 
