@@ -90,3 +90,67 @@ def test_one_calibration_pass_restores_the_model_and_passes_keyword_inputs():
     with pytest.raises(DataError, match=r"calibration batch of shapes \[\(4, 3\)\] does not fit the model") as e:
         calibrate(m, [torch.randn(4, 3)], {"fc": lambda *a: None})
     assert "\n" not in str(e.value) and m.training and not m.fc._forward_hooks
+
+
+class _Gated(nn.Module):
+    """A model whose output depends on a keyword input: dropping it changes every figure."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3, padding=1)
+        self.fc = nn.Linear(4 * 8 * 8, 10)
+
+    def forward(self, x, gain=1.0):
+        return self.fc(torch.relu(self.conv(x * gain)).flatten(1))
+
+
+def _kw_batches(n=3, gain=50.0):
+    g = torch.Generator().manual_seed(1)
+    return [((torch.rand(4, 1, 8, 8, generator=g),), {"gain": gain}) for _ in range(n)]
+
+
+def test_keyword_inputs_reach_static_calibration():
+    """Calibrated on x * 50, the activation grid must cover that range (it covered x * 1 before)."""
+    torch.manual_seed(0)
+    m = _Gated().eval()
+    batches = _kw_batches()
+    q = ts.quantize(m, ts.Int8StaticConfig(), data=batches)
+    x, kw = batches[0][0][0], batches[0][1]
+    ref, got = m(x, **kw), q(x, **kw)
+    assert torch.nn.functional.cosine_similarity(ref.flatten(), got.flatten(), dim=0) > 0.99
+
+
+def test_keyword_inputs_reach_the_training_loop_distillation_and_prune_gradients():
+    from torchshrink.core.train import Finetune, finetune
+    from torchshrink.distill.distiller import Distiller
+    from torchshrink.prune.common import accumulate_grads
+
+    torch.manual_seed(0)
+    m = _Gated()
+    seen = []
+    m.register_forward_pre_hook(lambda mod, args, kwargs: seen.append(kwargs.get("gain")), with_kwargs=True)
+    labelled = [Batch((x,), torch.randint(0, 10, (4,)), {"gain": 2.0}) for (x,), _ in _kw_batches(2)]
+    finetune(m, labelled, Finetune(epochs=1))
+    assert seen and all(g == 2.0 for g in seen)
+    seen.clear()
+    accumulate_grads(m, [("fc", m.fc)], _kw_batches(2, gain=3.0))
+    assert seen == [3.0, 3.0]
+    seen.clear()
+    Distiller(_Gated(), m, output_loss="mse").loss(m, as_batch(_kw_batches(1, gain=4.0)[0]))
+    assert seen == [4.0, 4.0]  # check() and the loss both ran the student with the keyword input
+
+
+def test_a_loss_written_for_positional_inputs_is_adapted_and_refuses_keyword_batches():
+    from torchshrink.core.train import Finetune, finetune
+
+    m = _Gated()
+    calls = []
+
+    def old_style(student, inputs, labels):
+        calls.append(len(inputs))
+        return student(*inputs).pow(2).mean()
+
+    finetune(m, [torch.rand(2, 1, 8, 8)], Finetune(epochs=1), loss_fn=old_style)
+    assert calls == [1]
+    with pytest.raises(DataError, match=r"takes \(student, inputs, labels\) but the batches carry keyword inputs \(gain\)"):
+        finetune(m, _kw_batches(1), Finetune(epochs=1), loss_fn=old_style)

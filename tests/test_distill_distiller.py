@@ -6,6 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import torchshrink as ts
+from torchshrink.core.data import Batch
 from torchshrink.core.errors import ConfigError, DataError, LayerNotFoundError
 from torchshrink.distill import Distiller, FeaturePair
 from torchshrink.measure.quality import accuracy
@@ -127,13 +128,13 @@ def test_recovery_distill_is_registered_and_uses_finetune_settings(teacher):
     y = torch.randint(0, 10, (8,))
     student = copy.deepcopy(teacher)
     loss = recovery_loss("distill", teacher, Finetune(temperature=2.0, alpha=1.0))
-    assert float(loss(student, (x,), y).detach()) == pytest.approx(0.0, abs=1e-6)  # same model, soft term only
+    assert float(loss(student, Batch((x,), y)).detach()) == pytest.approx(0.0, abs=1e-6)  # same model, soft term only
     loss_hard = recovery_loss("distill", teacher, Finetune(temperature=2.0, alpha=0.0))
-    assert torch.allclose(loss_hard(student, (x,), y), F.cross_entropy(student(x), y))
+    assert torch.allclose(loss_hard(student, Batch((x,), y)), F.cross_entropy(student(x), y))
     # unlabelled data (sentence encoders): output cosine + MSE
     student[3].weight.data.mul_(-1)
     student[3].bias.data.mul_(-1)
-    assert float(loss(student, (x,), None).detach()) > 1.0
+    assert float(loss(student, Batch((x,))).detach()) > 1.0
 
 
 def test_distill_stage_in_a_recipe_builds_and_trains_the_student(teacher, loaders):

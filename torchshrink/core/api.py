@@ -147,7 +147,7 @@ def apply(
 ) -> nn.Module:
     """Compress ``model`` as ``config`` says and return the finished model.
 
-    ``data`` calibrates (batches as :func:`torchshrink.measure.quality.iter_batches` reads them). A kind
+    ``data`` calibrates (batches in any form :mod:`torchshrink.core.data` reads). A kind
     that trains also needs ``train_data`` (labelled batches), with ``finetune`` settings
     (:class:`torchshrink.core.train.Finetune`) and an optional ``loss(model, inputs, labels)``.
     The input model is left untouched unless ``inplace=True``.

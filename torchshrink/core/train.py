@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import inspect
 import logging
 from collections.abc import Callable, Iterable
 from typing import Any, Literal
@@ -18,8 +19,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from torchshrink.core.config import check_range
+from torchshrink.core.data import Batch, as_batches
 from torchshrink.core.errors import ConfigError, DataError, TorchshrinkError
-from torchshrink.measure.quality import iter_batches, main_output
+from torchshrink.measure.quality import main_output
 
 log = logging.getLogger(__name__)
 
@@ -73,8 +75,9 @@ class TrainingError(TorchshrinkError):
     """Fine-tuning failed (e.g. the loss became NaN)."""
 
 
-# loss(student, inputs, labels) -> scalar
-LossFn = Callable[[nn.Module, tuple[torch.Tensor, ...], torch.Tensor | None], torch.Tensor]
+# loss(student, batch) -> scalar, for a core.data.Batch: batch(student) runs the model on the batch's
+# positional and keyword inputs, batch.labels are its labels (or None)
+LossFn = Callable[[nn.Module, Batch], torch.Tensor]
 # factory(teacher or None, settings) -> LossFn
 RecoveryFactory = Callable[[nn.Module | None, Finetune], LossFn]
 _RECOVERY: dict[str, RecoveryFactory] = {}
@@ -94,11 +97,31 @@ def recovery_loss(name: str, teacher: nn.Module | None, settings: Finetune) -> L
     return _RECOVERY[name](teacher, settings)
 
 
+def as_loss(fn: Callable[..., torch.Tensor]) -> LossFn:
+    """A loss as the loop calls it, ``fn(student, batch)``; a loss written ``fn(student, inputs, labels)``
+    is adapted (it gets the positional inputs; batches with keyword inputs then raise one clear line)."""
+    try:
+        params = [p for p in inspect.signature(fn).parameters.values()
+                  if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) and p.default is p.empty]
+    except (TypeError, ValueError):
+        return fn
+    if len(params) != 3:
+        return fn
+
+    def adapted(student: nn.Module, b: Batch) -> torch.Tensor:
+        if b.kwargs:
+            raise DataError(f"this loss takes (student, inputs, labels) but the batches carry keyword inputs "
+                            f"({', '.join(b.kwargs)}); write it as loss(student, batch) and run batch(student)")
+        return fn(student, b.inputs, b.labels)
+
+    return adapted
+
+
 def _cross_entropy(teacher: nn.Module | None, settings: Finetune) -> LossFn:
-    def loss(student: nn.Module, inputs: tuple[torch.Tensor, ...], labels: torch.Tensor | None) -> torch.Tensor:
-        if labels is None:
+    def loss(student: nn.Module, b: Batch) -> torch.Tensor:
+        if b.labels is None:
             raise DataError("plain fine-tuning needs labelled data; this task has none (use recovery: distill)")
-        return F.cross_entropy(main_output(student(*inputs)), labels)
+        return F.cross_entropy(main_output(b(student)), b.labels)
 
     return loss
 
@@ -130,7 +153,7 @@ def finetune(
     ``on_step(model, step, total)`` runs before every optimizer step (gradual pruning schedules,
     mask updates); ``evaluate`` after every epoch. Returns the per-epoch history.
     """
-    loss_fn = loss_fn or _cross_entropy(None, settings)
+    loss_fn = as_loss(loss_fn) if loss_fn is not None else _cross_entropy(None, settings)
     batches = list(data) if not hasattr(data, "__len__") else data
     steps_per_epoch = len(batches)
     if steps_per_epoch == 0:
@@ -144,10 +167,10 @@ def finetune(
     for epoch in range(settings.epochs):
         model.train()
         running, n = 0.0, 0
-        for inputs, labels in iter_batches(batches):
+        for b in as_batches(batches):
             if on_step is not None:
                 on_step(model, step, total)
-            loss = loss_fn(model, inputs, labels)
+            loss = loss_fn(model, b)
             if not torch.isfinite(loss):
                 raise TrainingError(
                     f"fine-tuning diverged at step {step} (loss {float(loss)}); lower finetune.lr "

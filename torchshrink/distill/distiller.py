@@ -14,11 +14,12 @@ import torch
 from torch import nn
 
 from torchshrink.core.config import check_choice, check_range
+from torchshrink.core.data import Batch, as_batches
 from torchshrink.core.errors import ConfigError, DataError, LayerNotFoundError
 from torchshrink.core.surgery import get_module
 from torchshrink.core.train import Finetune
 from torchshrink.distill import losses as L
-from torchshrink.measure.quality import iter_batches, main_output
+from torchshrink.measure.quality import main_output
 
 log = logging.getLogger(__name__)
 
@@ -91,8 +92,11 @@ def _check_tap(model: nn.Module, name: str, role: str) -> None:
         raise LayerNotFoundError(f"feature tap on the {role}: {e}; {role} modules: {shown}") from None
 
 
-def _row_keys(inputs: tuple[torch.Tensor, ...]) -> list[bytes]:
-    rows = [t.detach().cpu().contiguous().reshape(t.shape[0], -1) for t in inputs]
+def _row_keys(b: Batch) -> list[bytes]:
+    """One key per sample over every input tensor, positional and keyword (an attention mask changes
+    the teacher's output as much as the token ids do)."""
+    tensors = [*b.inputs, *(b.kwargs[k] for k in sorted(b.kwargs))]
+    rows = [t.detach().cpu().contiguous().reshape(t.shape[0], -1) for t in tensors if isinstance(t, torch.Tensor)]
     keys = []
     for i in range(rows[0].shape[0]):
         h = hashlib.blake2b(digest_size=16)
@@ -101,6 +105,13 @@ def _row_keys(inputs: tuple[torch.Tensor, ...]) -> list[bytes]:
             h.update(r[i].numpy().tobytes())
         keys.append(h.digest())
     return keys
+
+
+def _batch(b: Batch | Sequence[torch.Tensor] | torch.Tensor, labels: torch.Tensor | None = None) -> Batch:
+    """A Batch, or the model's positional inputs (a tensor or a tuple of tensors) with ``labels``."""
+    if isinstance(b, Batch):
+        return b
+    return Batch(tuple(b) if isinstance(b, tuple | list) else (b,), labels)
 
 
 class Distiller:
@@ -150,26 +161,27 @@ class Distiller:
 
     # ------------------------------------------------------------------ teacher side
     @torch.no_grad()
-    def _run_teacher(self, inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    def _run_teacher(self, b: Batch) -> tuple[torch.Tensor, list[torch.Tensor]]:
         was = self.teacher.training
         self.teacher.eval()
         try:
             with tap(self.teacher, [p.teacher for p in self.pairs]) as feats:
-                out = main_output(self.teacher(*inputs))
+                out = main_output(b(self.teacher))
             return out.detach(), [feats[p.teacher].detach() for p in self.pairs]
         finally:
             self.teacher.train(was)
 
-    def teacher_outputs(self, inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    def teacher_outputs(self, b: Batch | Sequence[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """The teacher's main output and tapped features for a batch (from the cache if enabled)."""
+        b = _batch(b)
         if not self.cache:
-            return self._run_teacher(inputs)
-        keys = _row_keys(inputs)
+            return self._run_teacher(b)
+        keys = _row_keys(b)
         if all(k in self._cache for k in keys):
             rows = [self._cache[k] for k in keys]
             stacked = [torch.stack([r[j] for r in rows]).float() for j in range(len(rows[0]))]
             return stacked[0], stacked[1:]
-        out, feats = self._run_teacher(inputs)
+        out, feats = self._run_teacher(b)
         per = [out, *feats]
         if all(t.shape[0] == len(keys) for t in per):
             for i, k in enumerate(keys):
@@ -181,15 +193,16 @@ class Distiller:
         return len(self._cache)
 
     # ------------------------------------------------------------------ checks
-    def check(self, inputs: tuple[torch.Tensor, ...]) -> None:
-        """Run teacher and student once on ``inputs``: output shapes must match (unless the output
-        loss is ``none``) and each feature pair must be matchable; builds hint adapters."""
-        t_out, t_feats = self._run_teacher(inputs)
+    def check(self, b: Batch | Sequence[torch.Tensor]) -> None:
+        """Run teacher and student once on batch ``b`` (or positional inputs): output shapes must match
+        (unless the output loss is ``none``) and each feature pair must be matchable; builds hint adapters."""
+        b = _batch(b)
+        t_out, t_feats = self._run_teacher(b)
         was = self.student.training
         self.student.eval()
         try:
             with torch.no_grad(), tap(self.student, [p.student for p in self.pairs]) as sf:
-                s_out = main_output(self.student(*inputs))
+                s_out = main_output(b(self.student))
         finally:
             self.student.train(was)
         if self.output_loss != "none" and s_out.shape != t_out.shape:
@@ -214,30 +227,36 @@ class Distiller:
                     self.adapters[key] = adapter.to(s.device)
             ad = self.adapters[key] if key in self.adapters else None
             with torch.no_grad():
-                self._feature_loss(p, s, t, ad, inputs)  # raises DataError on shapes it cannot match
+                self._feature_loss(p, s, t, ad, b)  # raises DataError on shapes it cannot match
         self._checked = True
 
     def _feature_loss(
         self, p: FeaturePair, s: torch.Tensor, t: torch.Tensor, adapter: nn.Module | None,
-        inputs: tuple[torch.Tensor, ...],
+        b: Batch,
     ) -> torch.Tensor:
         if p.loss == "attention":
             return L.attention_transfer(s, t)
         if p.loss == "hint":
             return L.hint_loss(s, t, adapter)
-        mask = None
-        if len(inputs) > 1 and s.dim() == 3 and tuple(inputs[1].shape) == tuple(s.shape[:2]):
-            mask = inputs[1]  # (input_ids, attention_mask): compare real tokens only
+        mask = b.kwargs.get("attention_mask")  # compare real tokens only
+        if mask is None and len(b.inputs) > 1:
+            mask = b.inputs[1]  # (input_ids, attention_mask)
+        if not (isinstance(mask, torch.Tensor) and s.dim() == 3 and tuple(mask.shape) == tuple(s.shape[:2])):
+            mask = None
         return L.hidden_cosine(s, t, mask, adapter)
 
     # ------------------------------------------------------------------ the loss
-    def loss(self, student: nn.Module, inputs: tuple[torch.Tensor, ...], labels: torch.Tensor | None) -> torch.Tensor:
-        """``loss(student, inputs, labels)``, the signature of the shared fine-tune loop."""
+    def loss(self, student: nn.Module, b: Batch | Sequence[torch.Tensor], labels: torch.Tensor | None = None
+             ) -> torch.Tensor:
+        """``loss(student, batch)``, the signature of the shared fine-tune loop (or ``loss(student, inputs,
+        labels)`` with the positional inputs)."""
+        b = _batch(b, labels)
         if not self._checked:
-            self.check(inputs)
-        t_out, t_feats = self.teacher_outputs(inputs)
+            self.check(b)
+        labels = b.labels
+        t_out, t_feats = self.teacher_outputs(b)
         with tap(student, [p.student for p in self.pairs]) as sf:
-            s_out = main_output(student(*inputs))
+            s_out = main_output(b(student))
         total = s_out.new_zeros((), dtype=torch.float32)
         if self.output_loss == "kd":
             total = total + self.output_weight * L.kd_loss(s_out, t_out, labels, temperature=self.temperature, alpha=self.alpha)
@@ -247,7 +266,7 @@ class Distiller:
             total = total + self.output_weight * L.output_match(s_out, t_out)
         for i, p in enumerate(self.pairs):
             ad = self.adapters[str(i)] if str(i) in self.adapters else None
-            total = total + p.weight * self._feature_loss(p, sf[p.student], t_feats[i], ad, inputs)
+            total = total + p.weight * self._feature_loss(p, sf[p.student], t_feats[i], ad, b)
         return total
 
     # ------------------------------------------------------------------ training
@@ -264,10 +283,10 @@ class Distiller:
 
         settings = settings or Finetune(temperature=self.temperature, alpha=self.alpha)
         batches = data if hasattr(data, "__len__") else list(data)
-        first = next(iter(iter_batches(batches)), None)
+        first = next(as_batches(batches, limit=1), None)
         if first is None:
             raise DataError("distillation was given no data")
-        self.check(first[0])  # every shape error surfaces before the first optimizer step
+        self.check(first)  # every shape error surfaces before the first optimizer step
         return finetune(self.student, batches, settings, loss_fn=self.loss, on_step=on_step,
                         evaluate=evaluate, extra_params=list(self.adapters.parameters()))
 
@@ -284,11 +303,11 @@ def distill_recovery(teacher: nn.Module | None, settings: Finetune) -> Callable[
     kd = Distiller(teacher, _Placeholder(), temperature=settings.temperature, alpha=settings.alpha, output_loss="kd")
     emb = Distiller(teacher, _Placeholder(), output_loss="cosine")
 
-    def loss(student: nn.Module, inputs: tuple[torch.Tensor, ...], labels: torch.Tensor | None) -> torch.Tensor:
-        d = kd if labels is not None else emb
+    def loss(student: nn.Module, b: Batch) -> torch.Tensor:
+        d = kd if b.labels is not None else emb
         d.student = student
         d._checked = True  # the stage keeps output shapes; a mismatch still raises in the loss
-        return d.loss(student, inputs, labels)
+        return d.loss(student, b)
 
     return loss
 

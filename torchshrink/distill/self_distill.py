@@ -18,12 +18,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from torchshrink.core.data import Batch, as_batches
 from torchshrink.core.errors import ConfigError, DataError
 from torchshrink.core.surgery import get_module
 from torchshrink.core.train import Finetune
 from torchshrink.distill.distiller import Distiller, tap
 from torchshrink.distill.losses import check_kd_settings, soft_kl
-from torchshrink.measure.quality import iter_batches, main_output
+from torchshrink.measure.quality import main_output
 
 log = logging.getLogger(__name__)
 
@@ -108,9 +109,9 @@ class EarlyExits(nn.Module):
         self.heads = nn.ModuleDict({n.replace(".", "__"): h for n, h in heads.items()})
         self.exit_logits: dict[str, torch.Tensor] = {}
 
-    def forward(self, *inputs: Any) -> Any:
+    def forward(self, *inputs: Any, **kwargs: Any) -> Any:
         with tap(self.backbone, self.exit_names) as feats:
-            out = self.backbone(*inputs)
+            out = self.backbone(*inputs, **kwargs)
         self.exit_logits = {n: self.heads[n.replace(".", "__")](feats[n]) for n in self.exit_names}
         return out
 
@@ -139,12 +140,13 @@ def deep_supervision_loss(temperature: float = 3.0, alpha: float = 0.5) -> Calla
     """``CE(final) + sum_exits [(1 - alpha) CE(exit) + alpha T^2 KL(final(T) || exit(T))]``."""
     check_kd_settings(temperature, alpha)
 
-    def loss(model: nn.Module, inputs: tuple[torch.Tensor, ...], labels: torch.Tensor | None) -> torch.Tensor:
+    def loss(model: nn.Module, b: Batch) -> torch.Tensor:
         if not isinstance(model, EarlyExits):
             raise ConfigError("deep supervision trains an EarlyExits model; wrap yours with add_early_exits()")
+        labels = b.labels
         if labels is None:
             raise DataError("deep supervision needs labelled (inputs, labels) batches")
-        final = main_output(model(*inputs))
+        final = main_output(b(model))
         total = F.cross_entropy(final, labels)
         for logits in model.exit_logits.values():
             total = total + (1 - alpha) * F.cross_entropy(logits, labels) + alpha * soft_kl(logits, final.detach(), temperature)
@@ -174,10 +176,11 @@ def exit_accuracies(model: EarlyExits, data: Iterable[Any]) -> dict[str, float]:
     model.eval()
     correct: dict[str, int] = {}
     total = 0
-    for inputs, labels in iter_batches(data):
+    for b in as_batches(data):
+        labels = b.labels
         if labels is None:
             raise DataError("exit_accuracies needs (inputs, labels) batches")
-        final = main_output(model(*inputs))
+        final = main_output(b(model))
         outs = {"final": final, **model.exit_logits}
         for k, v in outs.items():
             correct[k] = correct.get(k, 0) + int((v.argmax(-1) == labels).sum())

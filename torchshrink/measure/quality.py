@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from torchshrink.core.data import Batch, as_batch, as_batches
 from torchshrink.core.errors import DataError
 
 
@@ -23,24 +24,17 @@ def main_output(out: Any) -> torch.Tensor:
     raise DataError(f"cannot find an output tensor in a {type(out).__name__}")
 
 
-def iter_batches(data: Any) -> Iterable[tuple[tuple[torch.Tensor, ...], torch.Tensor | None]]:
-    """``(inputs, labels)`` of each batch, read by the one data contract (:mod:`torchshrink.core.data`)."""
-    from torchshrink.core.data import as_batches
-
-    for b in as_batches(data):
-        yield b.inputs, b.labels
-
-
 @torch.inference_mode()
 def accuracy(model: nn.Module, data: Iterable[Any]) -> float:
     """Top-1 accuracy (fraction in [0, 1]) over ``(inputs, labels)`` batches."""
     was = model.training
     model.eval()
     correct = total = 0
-    for inputs, labels in iter_batches(data):
+    for b in as_batches(data):
+        labels = b.labels
         if labels is None:
             raise DataError("accuracy needs (inputs, labels) batches")
-        pred = main_output(model(*inputs)).float().argmax(-1)
+        pred = main_output(b(model)).float().argmax(-1)
         correct += int((pred == labels).sum())
         total += labels.numel()
     model.train(was)
@@ -64,9 +58,11 @@ def fidelity(
         data = [data]
     cos, kls, maxdiff = [], [], 0.0
     for batch in data:
-        inputs = tuple(batch) if isinstance(batch, tuple | list) and all(isinstance(t, torch.Tensor) for t in batch) else next(iter(iter_batches([batch])))[0]
-        a = main_output(model(*inputs)).float()
-        b = main_output(reference(*inputs)).float()
+        # a tuple of tensors is the model's positional inputs here (no labels to compare with)
+        run = Batch(tuple(batch)) if isinstance(batch, tuple | list) and all(isinstance(t, torch.Tensor) for t in batch) \
+            else as_batch(batch)
+        a = main_output(run(model)).float()
+        b = main_output(run(reference)).float()
         if a.shape != b.shape:
             raise DataError(f"model output {tuple(a.shape)} differs in shape from the reference's {tuple(b.shape)}")
         maxdiff = max(maxdiff, float((a - b).abs().max()))

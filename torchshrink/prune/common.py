@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from torchshrink.core.data import as_batches
 from torchshrink.core.errors import DataError, UnsupportedLayerError
 from torchshrink.core.select import Select, select_modules
 from torchshrink.prune.hold import original_weight
@@ -46,8 +47,6 @@ def _loss(out: Any, labels: torch.Tensor | None) -> torch.Tensor:
 def accumulate_grads(model: nn.Module, layers: list[tuple[str, nn.Module]], data: Any,
                      max_batches: int = 8) -> dict[str, torch.Tensor]:
     """Sum of dL/dw over up to ``max_batches`` batches for each layer (labels if the batches carry them)."""
-    from torchshrink.measure.quality import iter_batches
-
     if not data:
         raise DataError("this pruning criterion needs gradients: pass data=[batches] (inputs or (inputs, labels))")
     weights = {n: original_weight(m) for n, m in layers}
@@ -55,12 +54,10 @@ def accumulate_grads(model: nn.Module, layers: list[tuple[str, nn.Module]], data
     was = model.training
     model.eval()
     try:
-        for i, (inputs, labels) in enumerate(iter_batches(data)):
-            if i >= max_batches:
-                break
+        for b in as_batches(data, limit=max_batches):
             model.zero_grad(set_to_none=True)
             with torch.enable_grad():
-                _loss(model(*inputs), labels).backward()
+                _loss(b(model), b.labels).backward()
             for n, w in weights.items():
                 if w.grad is not None:
                     grads[n] += w.grad.detach()

@@ -48,11 +48,11 @@ def batch_inputs(batch: Any) -> tuple[torch.Tensor, ...]:
     return as_batch(batch).inputs
 
 
-def calibration_batches(data: Any, limit: int) -> list[tuple[torch.Tensor, ...]]:
-    return [b.inputs for b in calibration(data, limit=limit, what="this quantization")]
+def calibration_batches(data: Any, limit: int) -> list[Batch]:
+    return calibration(data, limit=limit, what="this quantization")
 
 
-def input_channel_absmax(model: nn.Module, names: list[str], batches: list[tuple[torch.Tensor, ...]]) -> dict[str, torch.Tensor]:
+def input_channel_absmax(model: nn.Module, names: list[str], batches: list[Batch]) -> dict[str, torch.Tensor]:
     """Max |x| per input channel of each named Linear over the calibration batches."""
     stats: dict[str, torch.Tensor] = {}
 
@@ -63,7 +63,7 @@ def input_channel_absmax(model: nn.Module, names: list[str], batches: list[tuple
 
         return hook
 
-    calibrate_pass(model, [Batch(tuple(b)) for b in batches], {n: hook_for(n) for n in names}, pre=True, inference=False)
+    calibrate_pass(model, batches, {n: hook_for(n) for n in names}, pre=True, inference=False)
     return stats
 
 

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from torchshrink.core.config import Config, check_range, register
+from torchshrink.core.data import Batch
 from torchshrink.core.report import current
 from torchshrink.core.select import Select, config_for, select_modules
 from torchshrink.core.surgery import set_module
@@ -168,7 +169,7 @@ def apply_int8_dynamic(model: nn.Module, config: Int8DynamicConfig, *, select: S
 
 
 def fuse_attention_projections(model: nn.Module, config: Int8DynamicConfig, select: Select | None,
-                               linears: list[tuple[str, nn.Module]], check: tuple[torch.Tensor, ...] | None, eng: str,
+                               linears: list[tuple[str, nn.Module]], check: Batch | None, eng: str,
                                choices: dict[tuple, str]) -> list[tuple[str, nn.Module]]:
     """Fuse each selected query/key/value trio with one shared per-layer config into one INT8 GEMM,
     checked on the calibration batch ``check`` (undone with a logged reason where the block does not fit);

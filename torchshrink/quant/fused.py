@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from torchshrink.core.data import Batch
 from torchshrink.core.errors import UnsupportedLayerError
 from torchshrink.core.surgery import set_module
 from torchshrink.export.modules import register_module
@@ -125,11 +126,11 @@ def unfuse_block(model: nn.Module, name: str, originals: tuple[nn.Module, nn.Mod
 
 
 @torch.no_grad()
-def check_fused(model: nn.Module, batch: tuple[torch.Tensor, ...]) -> str | None:
+def check_fused(model: nn.Module, batch: Batch) -> str | None:
     """Run one batch; None when every fused block handed over, else the error's first line."""
     _parked().clear()
     try:
-        model(*batch)
+        batch(model)
     except UnsupportedLayerError as e:
         return str(e).splitlines()[0]
     finally:
@@ -195,7 +196,7 @@ def add_norm_blocks(model: nn.Module) -> list[str]:
 
 
 @torch.no_grad()
-def fuse_add_norms(model: nn.Module, batch: tuple[torch.Tensor, ...] | None, rtol: float = 1e-4) -> tuple[list[str], dict[str, str]]:
+def fuse_add_norms(model: nn.Module, batch: Batch | None, rtol: float = 1e-4) -> tuple[list[str], dict[str, str]]:
     """Swap every :func:`add_norm_blocks` module for a :class:`LinearAddNorm` where, on ``batch``,
     the fused module called with the block's own inputs gives the block's output (within ``rtol`` of
     its largest magnitude) -- so a block that is not ``LayerNorm(dense(x) + residual)`` (pre-LN, no
@@ -215,7 +216,7 @@ def fuse_add_norms(model: nn.Module, batch: tuple[torch.Tensor, ...] | None, rto
     was = model.training
     model.eval()
     try:
-        model(*batch)
+        batch(model)
     finally:
         for h in hooks:
             h.remove()
@@ -261,7 +262,7 @@ def _takes_codes(m: nn.Module) -> Int8DynamicLinear | None:
 
 
 @torch.inference_mode()  # no version counters: a stale hand-over shows up as a changed output below
-def link_codes(model: nn.Module, batch: tuple[torch.Tensor, ...] | None) -> tuple[list[str], str | None]:
+def link_codes(model: nn.Module, batch: Batch | None) -> tuple[list[str], str | None]:
     """Let each per-token oneDNN Linear whose output is read directly by another per-token layer (e.g.
     BERT's FFN input -> FFN output) write that layer's uint8 codes in its epilogue's sweep
     (``emit_codes``), so the output is not read again to be quantized. The pairs are found on
@@ -288,7 +289,7 @@ def link_codes(model: nn.Module, batch: tuple[torch.Tensor, ...] | None) -> tupl
     was = model.training
     model.eval()
     try:
-        ref = model(*batch)
+        ref = batch(model)
     finally:
         for h in hooks:
             h.remove()
@@ -299,7 +300,7 @@ def link_codes(model: nn.Module, batch: tuple[torch.Tensor, ...] | None) -> tupl
     for p, qmax in pairs.items():
         producers[p].emit_codes = qmax
     try:
-        got = model(*batch)
+        got = batch(model)
     finally:
         model.train(was)
     same = all(torch.equal(a, b) for a, b in zip(_tensors(ref), _tensors(got), strict=True))

@@ -90,7 +90,7 @@ def apply_qat(model: nn.Module, config: QATConfig, *, select: Select | None = No
     was = model.training
     model.eval()
     with torch.no_grad():
-        model(*calib[0])
+        calib[0](model)
     model.train(was)
     return model
 

@@ -9,6 +9,7 @@ dequantize where a float op needs its input. Pools / flatten / relu run on quant
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import operator
 from typing import Any, Literal
 
@@ -222,12 +223,16 @@ def apply_int8_static(model: nn.Module, config: Int8StaticConfig, *, select: Sel
                 watch.setdefault(a.name, make_observer(config.observer))
     cal = _Calibrator(gm, watch)
     gm.eval()
+    signature = inspect.signature(gm.forward)  # the traced forward's parameters, in placeholder order
     with torch.no_grad():
-        for inputs in batches:
+        for b in batches:
             try:
-                cal.run(*inputs)
+                bound = signature.bind(*b.inputs, **b.kwargs)  # keyword inputs go to their placeholders
+                bound.apply_defaults()
+                cal.run(*bound.args)
             except (RuntimeError, TypeError, ValueError, IndexError) as e:
-                raise DataError(f"calibration batch of shapes {[tuple(t.shape) for t in inputs]} does not fit the model: "
+                shapes = [tuple(t.shape) for t in (*b.inputs, *b.kwargs.values()) if isinstance(t, torch.Tensor)]
+                raise DataError(f"calibration batch of shapes {shapes} does not fit the model: "
                                 f"{str(e).splitlines()[0]}") from None
     out = convert_graph(gm, watch, resolve_engine(config.engine), bits)
     for name, reason in floats.items():

@@ -33,6 +33,7 @@ import torch.distributed as dist
 from torch import nn
 
 from torchshrink.core.api import finalize, step
+from torchshrink.core.data import Batch
 from torchshrink.core.errors import ConfigError, DataError
 from torchshrink.recipe.recipe import Stage
 from torchshrink.recipe.runner import prepare_stage
@@ -91,8 +92,8 @@ def ddp_finetune_stage(model: nn.Module, stage: Stage, task: Task, seed: int = 0
         warnings.simplefilter("ignore", FutureWarning)  # broadcast_buffers: running stats are synced by sync_norms
         ddp = nn.parallel.DistributedDataParallel(new, find_unused_parameters=True, broadcast_buffers=False)
 
-    def loss(student: nn.Module, inputs: tuple, labels: torch.Tensor | None) -> torch.Tensor:
-        return base_loss(ddp, inputs, labels)
+    def loss(student: nn.Module, b: Batch) -> torch.Tensor:
+        return base_loss(ddp, b)
 
     with sync_norms(new):
         finetune(new, train, ft, loss_fn=loss, on_step=lambda m, i, total: step(new, i, total))
