@@ -12,7 +12,6 @@ from torchshrink.binary import (  # noqa: E402
     TWNConfig,
     XNORConfig,
 )
-from torchshrink.cluster.kmeans import KMeansConfig  # noqa: E402
 from torchshrink.core import (  # noqa: E402
     Config,
     ConfigError,
@@ -55,6 +54,7 @@ from torchshrink.quant import (  # noqa: E402
     QATConfig,
     WeightOnlyConfig,
 )
+from torchshrink.quant.kmeans import KMeansConfig  # noqa: E402
 
 __all__ = [
     "BNNConfig", "BWNConfig", "BinaryConnectConfig", "BudgetConfig", "CPConfig", "CastConfig", "ChannelPruneConfig",

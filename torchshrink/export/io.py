@@ -22,6 +22,7 @@ from torch import nn
 
 from torchshrink.core import state
 from torchshrink.core.errors import OutputExistsError
+from torchshrink.core.files import commit, temp_dir
 from torchshrink.export.container import CONTAINER, write_container
 from torchshrink.export.formats import encode_tensor, get_format
 from torchshrink.export.modules import build_module, init_args, type_name
@@ -137,27 +138,6 @@ def _encode_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, 
     return flat, meta
 
 
-def _atomic_dir(out: Path, force: bool) -> Path:
-    if out.exists() and not force:
-        raise OutputExistsError(f"output {out} already exists; choose a new path or pass force=True (--force)")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-
-
-def commit_dir(tmp: Path, out: Path) -> None:
-    """Move a finished temp dir into place; an existing ``out`` is replaced only at the end."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes a private (0700) folder
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        os.replace(out, old)
-        os.replace(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, out)
-
-
 def _entropy_coded(meta: dict[str, Any]) -> bool:
     return any(info["format"] not in ("dense", "alias") and get_format(info["format"]).container for info in meta.values())
 
@@ -177,12 +157,15 @@ def write_model_files(model: nn.Module, directory: Path, recipe: Any = None) -> 
 
 
 def save(model: nn.Module, directory: str | os.PathLike[str], *, recipe: Any = None, force: bool = False) -> Path:
-    """Write ``model`` to ``directory`` (safetensors + manifest.json), atomically."""
+    """Write ``model`` to ``directory`` (safetensors + manifest.json, or the compact container), atomically:
+    written beside it, flushed to disk, then renamed; with ``force`` an existing folder is replaced last."""
     out = Path(directory)
-    tmp = _atomic_dir(out, force)
+    if out.exists() and not force:
+        raise OutputExistsError(f"output {out} already exists; choose a new path or pass force=True (--force)")
+    tmp = temp_dir(out)
     try:
         write_model_files(model, tmp, recipe)
-        commit_dir(tmp, out)
+        commit(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -199,4 +182,4 @@ def saved_bytes(model: nn.Module) -> int:
 # Loading lives in loading.py (validated, data only); these names stay importable from here.
 from torchshrink.export.loading import load, read_tensors  # noqa: E402
 
-__all__ = ["MANIFEST", "WEIGHTS", "commit_dir", "load", "read_tensors", "save", "saved_bytes", "write_model_files"]
+__all__ = ["MANIFEST", "WEIGHTS", "load", "read_tensors", "save", "saved_bytes", "write_model_files"]

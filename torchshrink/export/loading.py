@@ -47,11 +47,26 @@ SKELETON_FLOOR = 256 << 20
 _PART = re.compile(r"(?:[A-Za-z_][A-Za-z0-9_]*|[0-9]+)\Z")
 
 
+# module classes that moved since a file was written: the old path, as a manifest names it -> the new one
+MOVED = {
+    "torchshrink.cluster.kmeans.ClusteredLayer": "torchshrink.quant.kmeans.ClusteredLayer",
+}
+
+
+def upgrade(manifest: dict[str, Any]) -> dict[str, Any]:
+    """A validated manifest with moved class paths renamed (:data:`MOVED`); nothing else changes."""
+    for rec in manifest.get("modules", []):
+        rec["type"] = MOVED.get(rec["type"], rec["type"])
+    if isinstance(manifest.get("class"), str):
+        manifest["class"] = MOVED.get(manifest["class"], manifest["class"])
+    return manifest
+
+
 def read_manifest(directory: Path) -> dict[str, Any]:
     path = directory / MANIFEST
     if not path.is_file():
         raise ModelLoadError(f"{directory} is not a torchshrink model folder: {MANIFEST} is missing")
-    return check_manifest(read_json(path, MAX_MANIFEST_BYTES, "a manifest"), str(path))
+    return upgrade(check_manifest(read_json(path, MAX_MANIFEST_BYTES, "a manifest"), str(path)))
 
 
 def read_tensors(path: Path) -> dict[str, torch.Tensor]:
@@ -245,7 +260,7 @@ def load(directory: str | os.PathLike[str], *, model: nn.Module | None = None) -
         if manifest["container"] != CONTAINER:
             raise ModelLoadError(f"{d / MANIFEST} names container {manifest['container'][:40]!r}; this version reads {CONTAINER!r}")
         full, flat = read_container(d / CONTAINER)
-        manifest = check_manifest(full, str(d / CONTAINER))
+        manifest = upgrade(check_manifest(full, str(d / CONTAINER)))
         if "container" in manifest:
             raise ModelLoadError(f"{d / CONTAINER} holds a stub manifest, not a model")
     else:

@@ -116,8 +116,8 @@ def regenerate(directory: str | Path) -> Path:
     a report.json of another layout is refused in one line, and nothing is rewritten unless both
     pages were built (each then replaced atomically)."""
     from torchshrink.core.errors import ModelLoadError
+    from torchshrink.core.files import write_atomic
     from torchshrink.export.schema import read_json
-    from torchshrink.recipe.workdir import write_atomic
 
     d = Path(directory)
     path = d / "report.json"

@@ -35,6 +35,7 @@ from torch import nn
 from torchshrink.core import state
 from torchshrink.core.api import prepare, run
 from torchshrink.core.errors import ConfigError
+from torchshrink.core.files import commit, kill_point, temp_dir, write_atomic
 from torchshrink.core.select import check_names
 from torchshrink.export.io import load, write_model_files
 from torchshrink.measure.counts import run_model
@@ -48,16 +49,12 @@ from torchshrink.recipe.task import Task, task_for
 from torchshrink.recipe.train import finetune, recovery_loss
 from torchshrink.recipe.workdir import (
     check_output,
-    commit,
     commit_run,
     folder_bytes,
-    kill_point,
     plan_work,
     read_run_key,
     start_work,
-    temp_dir,
     work_dir,
-    write_atomic,
     writing,
 )
 

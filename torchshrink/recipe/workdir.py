@@ -22,17 +22,15 @@ import json
 import logging
 import os
 import shutil
-import signal
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from torchshrink.core.errors import ConfigError, OutputExistsError, OutputWriteError, TorchshrinkError
+from torchshrink.core.files import commit, kill_point, temp_dir, write_atomic
 
 log = logging.getLogger(__name__)
 MARKER = ".torchshrink-run"
-KILL_ENV = "TORCHSHRINK_KILL_AT"
 # what a run folder of a torchshrink from before the marker held
 _LEGACY = frozenset({"model", "stages", "tensorboard", "recipe.yaml", "report.json", "report.md", "report.html", "run.json"})
 _ADVICE = {
@@ -44,77 +42,8 @@ _ADVICE = {
 }
 
 
-def kill_point(name: str) -> None:
-    """Test hook: SIGKILL this process here when the environment variable TORCHSHRINK_KILL_AT is ``name``."""
-    if os.environ.get(KILL_ENV) == name:
-        os.kill(os.getpid(), getattr(signal, "SIGKILL", signal.SIGTERM))
-
-
 def work_dir(out: Path) -> Path:
     return out.with_name(f".{out.name}.partial")
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def _fsync_dir(path: Path) -> None:
-    with contextlib.suppress(OSError):  # not every platform / file system can fsync a folder
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def fsync_tree(root: Path) -> None:
-    """Flush every file under ``root`` to disk, so a renamed folder never holds empty files after a crash."""
-    for path in sorted(root.rglob("*")):
-        if path.is_file() and not path.is_symlink():
-            fd = os.open(path, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-
-
-def write_atomic(path: Path, text: str, point: str | None = None) -> None:
-    """Write ``text`` to a temp file beside ``path``, flush it to disk, then rename it over ``path``.
-    ``point`` names the kill point ``<point>:half``, reached with half of the bytes written."""
-    data = text.encode()
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data[: len(data) // 2])
-            if point is not None:
-                f.flush()
-                kill_point(f"{point}:half")
-            f.write(data[len(data) // 2:])
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes a private file
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(path.parent)
-
-
-def temp_dir(final: Path) -> Path:
-    """An empty temp folder beside ``final`` (``.NAME.tmp-*``), to be filled and then ``commit``-ed."""
-    final.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{final.name.lstrip('.')}.tmp-", dir=final.parent))
-
-
-def commit(tmp: Path, final: Path) -> None:
-    """Flush ``tmp`` and rename it to ``final`` (absent, or an empty folder)."""
-    fsync_tree(tmp)
-    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes a private folder
-    os.replace(tmp, final)
-    _fsync_dir(final.parent)
 
 
 def folder_bytes(folder: Path) -> int:
@@ -273,18 +202,10 @@ def start_work(out: Path, key: dict[str, Any], recipe_yaml: str, action: str) ->
 
 def commit_run(work: Path, out: Path) -> None:
     """The commit of a run: rename ``.OUT.partial`` to ``OUT`` (replacing an older torchshrink output)."""
-    fsync_tree(work)
-    if out.is_dir() and any(out.iterdir()):
-        if not written_by_torchshrink(out):
-            raise OutputExistsError(f"--out {out} was filled by something else during the run; the finished run is kept "
-                                    f"in {work}: move it into place yourself")
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        os.replace(out, old)
-        os.replace(work, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(work, out)  # an empty existing folder is replaced too
-    _fsync_dir(out.parent)
+    if out.is_dir() and any(out.iterdir()) and not written_by_torchshrink(out):
+        raise OutputExistsError(f"--out {out} was filled by something else during the run; the finished run is kept "
+                                f"in {work}: move it into place yourself")
+    commit(work, out)
 
 
 @contextlib.contextmanager

@@ -25,13 +25,13 @@ from torch import nn
 
 from torchshrink.core.api import run
 from torchshrink.core.config import get_config_class
+from torchshrink.core.files import write_atomic
 from torchshrink.core.select import Select
 from torchshrink.core.surgery import get_module, set_module
 from torchshrink.export.io import saved_bytes
 from torchshrink.measure.latency import threads as pin_threads
 from torchshrink.measure.latency import time_interleaved
 from torchshrink.measure.machine import machine_info
-from torchshrink.recipe.workdir import write_atomic
 from torchshrink.search.space import FLOAT, SearchSpace
 
 log = logging.getLogger(__name__)

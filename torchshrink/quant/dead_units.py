@@ -14,7 +14,7 @@ import logging
 import torch
 from torch import nn
 
-from torchshrink.cluster.kmeans import ClusteredLayer
+from torchshrink.quant.kmeans import ClusteredLayer
 
 log = logging.getLogger(__name__)
 

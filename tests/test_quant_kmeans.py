@@ -1,12 +1,14 @@
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from torch import nn
 
 import torchshrink as ts
-from torchshrink.cluster import ClusteredLayer, KMeansConfig, kmeans_1d
-from torchshrink.cluster.entropy import decode_codes, encode_codes
 from torchshrink.core import state
 from torchshrink.core.errors import ConfigError
+from torchshrink.quant.entropy import decode_codes, encode_codes
+from torchshrink.quant.kmeans import ClusteredLayer, KMeansConfig, kmeans_1d
 
 
 def test_kmeans_1d_finds_well_separated_clusters():
@@ -71,7 +73,6 @@ def test_kmeans_stage_saves_small_and_reloads_exactly(tmp_path, digits_mlp):
 
 
 def test_bad_bits_is_a_clear_error():
-    import pytest
 
     with pytest.raises(ConfigError, match=r"kmeans.bits=9 is outside the allowed range \[1, 8\]"):
         KMeansConfig(bits=9)
@@ -80,7 +81,7 @@ def test_bad_bits_is_a_clear_error():
 @settings(max_examples=40, deadline=None)
 @given(st.integers(1, 60), st.integers(1, 70), st.floats(0.0, 1.0), st.sampled_from([torch.uint8, torch.int16]))
 def test_relative_index_round_trip_is_exact_with_long_gaps(rows, cols, density, dtype):
-    from torchshrink.cluster.entropy import decode_relidx, encode_relidx
+    from torchshrink.quant.entropy import decode_relidx, encode_relidx
 
     g = torch.Generator().manual_seed(rows * 100 + cols)
     codes = torch.randint(1, 16, (rows, cols * 5), generator=g).to(dtype)
@@ -94,7 +95,7 @@ def test_relative_index_round_trip_is_exact_with_long_gaps(rows, cols, density, 
 def test_relative_index_pads_gaps_over_255_like_the_paper():
     import numpy as np
 
-    from torchshrink.cluster.entropy import from_relative_index, relative_index
+    from torchshrink.quant.entropy import from_relative_index, relative_index
 
     flat = np.zeros(1000, dtype=np.uint8)
     flat[[3, 600, 999]] = [5, 6, 7]
@@ -118,8 +119,8 @@ def test_batchnorm_is_folded_into_the_clustered_conv(digits_cnn):
 
 
 def test_deep_compressed_model_uses_the_compact_container_and_reloads_exactly(tmp_path, digits_mlp):
-    from torchshrink.cluster.kmeans import finalize_kmeans
     from torchshrink.export.io import saved_bytes
+    from torchshrink.quant.kmeans import finalize_kmeans
 
     cfg = KMeansConfig(bits=4)
     sparse = ts.load_model("zoo:digits-mlp")
@@ -140,7 +141,6 @@ def test_deep_compressed_model_uses_the_compact_container_and_reloads_exactly(tm
 
 
 def test_corrupt_container_is_a_clear_error(tmp_path, digits_mlp):
-    import pytest
 
     from torchshrink.core.errors import ModelLoadError
 
@@ -155,7 +155,7 @@ def test_corrupt_container_is_a_clear_error(tmp_path, digits_mlp):
 
 
 def test_dead_units_lose_their_incoming_weights_and_outputs_stay_identical():
-    from torchshrink.cluster.dead import zero_dead_units
+    from torchshrink.quant.dead_units import zero_dead_units
 
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Linear(12, 20), torch.nn.ReLU(), torch.nn.Linear(20, 6), torch.nn.Tanh(), torch.nn.Linear(6, 3))
@@ -185,3 +185,23 @@ def test_models_saved_with_the_older_entropy_format_still_load(tmp_path, digits_
     back = ts.load(tmp_path / "old")
     x = torch.randn(5, 1, 8, 8)
     assert torch.equal(back(x), small(x))
+
+
+def test_files_naming_the_old_cluster_package_still_load(tmp_path):
+    """k-means moved from torchshrink/cluster to torchshrink/quant; manifests written before name the old path."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4))
+    out = ts.quantize(net, KMeansConfig(bits=3))
+    ts.save(out, tmp_path / "m")
+    from torchshrink.export.container import read_container, write_container
+
+    box = tmp_path / "m" / "model.tsz"
+    manifest, flat = read_container(box)
+    types = {rec["type"] for rec in manifest["modules"]}
+    assert "torchshrink.quant.kmeans.ClusteredLayer" in types
+    for rec in manifest["modules"]:
+        rec["type"] = rec["type"].replace("torchshrink.quant.kmeans.", "torchshrink.cluster.kmeans.")
+    write_container(box, flat, manifest)
+    back = ts.load(tmp_path / "m")
+    x = torch.randn(3, 16)
+    assert torch.equal(back(x), out(x))

@@ -2,7 +2,7 @@
 are replaced by ``2**bits`` shared centroids and a code per weight. Pruned zeros stay exactly zero
 (code 0 is pinned to 0.0). Centroids are trainable: the gather's backward sums the gradients of
 all weights in a cluster, which is the paper's centroid fine-tuning. Codes are saved entropy-coded
-(relative-index streams in the compact container, see ``cluster/entropy.py``).
+(relative-index streams in the compact container, see ``quant/entropy.py``).
 
 Before clustering, a BatchNorm that directly follows a selected conv in a ``Sequential`` is folded
 into it (``fold_bn``), so its four vectors do not cost bytes of their own; after fine-tuning,
@@ -171,7 +171,7 @@ def apply_kmeans(model: nn.Module, config: KMeansConfig, *, select: Select | Non
 
 def finalize_kmeans(model: nn.Module, config: KMeansConfig) -> nn.Module:
     if config.drop_dead:
-        from torchshrink.cluster.dead import zero_dead_units
+        from torchshrink.quant.dead_units import zero_dead_units
 
         zero_dead_units(model)
     for m in model.modules():
