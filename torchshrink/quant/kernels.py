@@ -9,6 +9,8 @@ each op runs the same arithmetic as torch ops: identical codes, several passes s
 
 from __future__ import annotations
 
+import threading
+
 import torch
 import torch.nn.functional as F
 from torch.profiler import record_function
@@ -177,3 +179,32 @@ def add_layernorm(acc: torch.Tensor, residual: torch.Tensor, weight: torch.Tenso
     s, z, colsum = grid if grid is not None else (None, None, None)
     _add_layernorm(acc, residual.float().contiguous(), weight, bias, float(eps), s, z, colsum, lin_bias)
     return acc
+
+
+# --------------------------------------------------------------------------- code hand-over between layers
+
+
+# per-token codes a producer layer wrote in its epilogue for the next layer:
+# .last = (output tensor, its version, qmax, (codes, row scales, row zero points))
+_HANDOFF = threading.local()
+
+
+def take_codes(x: torch.Tensor, qmax: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """The codes a producer layer wrote for exactly this tensor (same object, same code range, and --
+    where autograd tracks versions -- not modified in place since), once; None otherwise (the caller
+    quantizes x itself). Inference tensors carry no version: ``link_codes`` checks under inference
+    mode that the model's output is bit-identical with the hand-over, so an in-place change between
+    producer and consumer unlinks the pair there."""
+    last = getattr(_HANDOFF, "last", None)
+    if last is None or last[0] is not x or last[2] != qmax or (last[1] is not None and last[1] != x._version):
+        return None
+    _HANDOFF.last = None
+    return last[3]
+
+
+def park_codes(y: torch.Tensor, qmax: int, codes: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> None:
+    """Hand ``codes`` (of ``y``, on a [0, qmax] grid) to the next layer that reads exactly ``y`` (not while
+    tracing: a traced graph recomputes them, and a fake tensor must not outlive its trace)."""
+    if not native.eager((y,)):
+        return
+    _HANDOFF.last = (y, None if y.is_inference() else y._version, qmax, codes)

@@ -10,10 +10,7 @@ activations), on the engine named in ``engine`` (fbgemm / x86 / onednn).
 
 from __future__ import annotations
 
-import contextlib
-import threading
 import warnings
-from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -23,43 +20,14 @@ from torch import nn
 from torchshrink.core.errors import ConfigError
 from torchshrink.export.modules import register_module
 from torchshrink.quant import kernels
+from torchshrink.quant.kernels import park_codes, take_codes
 from torchshrink.quant.packing import pack_int4, unpack_int4
-from torchshrink.quant.primitives import dequantize_weight, quantize_weight
+from torchshrink.quant.primitives import dequantize_weight, engine, quantize_weight
 
 warnings.filterwarnings("ignore", message=r".*quantized tensor creation functions.*")
 ACTIVATION_GRANULARITIES = ("tensor", "token")
 DYNAMIC_KERNELS = ("linear_dynamic", "onednn")
 POST_OPS = ("none", "gelu")
-_HANDOFF = threading.local()  # .last = (output tensor, its version, qmax, (codes, row scales, row zero points))
-
-
-def _take_codes(x: torch.Tensor, qmax: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
-    """The codes a producer layer wrote for exactly this tensor (same object, same code range, and --
-    where autograd tracks versions -- not modified in place since), once; None otherwise (the caller
-    quantizes x itself). Inference tensors carry no version: ``link_codes`` checks under inference
-    mode that the model's output is bit-identical with the hand-over, so an in-place change between
-    producer and consumer unlinks the pair there."""
-    last = getattr(_HANDOFF, "last", None)
-    if last is None or last[0] is not x or last[2] != qmax or (last[1] is not None and last[1] != x._version):
-        return None
-    _HANDOFF.last = None
-    return last[3]
-
-
-def _park_codes(y: torch.Tensor, qmax: int, codes: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> None:
-    _HANDOFF.last = (y, None if y.is_inference() else y._version, qmax, codes)
-
-
-@contextlib.contextmanager
-def engine(name: str) -> Iterator[None]:
-    old = torch.backends.quantized.engine
-    torch.backends.quantized.engine = name
-    try:
-        yield
-    finally:
-        torch.backends.quantized.engine = old
-
-
 def _qweight(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     zeros = torch.zeros(scale.numel(), dtype=torch.long)
     return torch._make_per_channel_quantized_tensor(q, scale.double(), zeros, 0)
@@ -184,7 +152,7 @@ class Int8DynamicLinear(_Packed):
         if it did."""
         wp, colsum, wzp, ws = self._packed if self._packed is not None else self._pack()
         if self.activation == "token":
-            codes = _take_codes(source, self.qmax) if source is not None and self.smooth is None else None
+            codes = take_codes(source, self.qmax) if source is not None and self.smooth is None else None
             q, s, z = codes if codes is not None else kernels.quant_rows(x2, self.qmax)
             return torch.ops.onednn.qlinear_pointwise(q, 1.0, 0, wp, ws, wzp, None, 1.0, 0, torch.float32, "none", [],
                                                       ""), (s, z, colsum)
@@ -224,7 +192,7 @@ class Int8DynamicLinear(_Packed):
             y = F.gelu(y)
         y = y.reshape(*shape[:-1], self.out_features).to(x.dtype)
         if out_codes is not None:  # parked for exactly the object returned
-            _park_codes(y, self.emit_codes, out_codes)
+            park_codes(y, self.emit_codes, out_codes)
         return y
 
     def logical_params(self) -> int:

@@ -11,6 +11,8 @@ along the last dimension. Inside the calibrated range |dequantize(quantize(x)) -
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Literal
 
 import torch
@@ -140,3 +142,13 @@ def dequantize_weight(q: torch.Tensor, scale: torch.Tensor, zero_point: torch.Te
         return dequantize(q, scale, zero_point)
     shape = (-1,) + (1,) * (q.dim() - 1)
     return dequantize(q, scale.reshape(shape), zero_point.reshape(shape))
+
+
+@contextlib.contextmanager
+def engine(name: str) -> Iterator[None]:
+    old = torch.backends.quantized.engine
+    torch.backends.quantized.engine = name
+    try:
+        yield
+    finally:
+        torch.backends.quantized.engine = old
