@@ -84,7 +84,7 @@ def test_demo_prints_the_table_and_writes_the_report(tmp_path):
 
 def test_finetune_without_training_data_fails_before_any_work(tmp_path):
     code, _, err = run("compress", "--model", "tests.conftest:tiny_net", "--recipe", "prune-quantize", "--out", str(tmp_path / "o"))
-    _one_line_error(code, err, "has no training data")
+    _one_line_error(code, err, "stage 1 (unstructured) fine-tunes: it needs training data and no data was given: give --data")
     assert list(tmp_path.iterdir()) == []
 
 

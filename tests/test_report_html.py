@@ -39,7 +39,7 @@ def run_dir(tmp_path_factory):
 
 def test_report_html_is_self_contained_with_plots(run_dir):
     html = (run_dir / "report.html").read_text()
-    assert html.count("<svg") >= 4 and "cosine_mean vs size across stages" in html
+    assert html.count("<svg") >= 4 and "agreement_mean vs size across stages" in html
     assert "http://" not in html.replace("http://www.w3.org/2000/svg", "") and "https://" not in html
     (run_dir / "report.html").unlink()
     assert regenerate(run_dir).read_text() == html  # rebuilt from report.json alone

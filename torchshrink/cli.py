@@ -11,7 +11,7 @@ from typing import Any
 import typer
 from rich.table import Table
 
-from torchshrink.cli_support import TRUST_HELP, friendly, out, positive, progress_bar
+from torchshrink.cli_support import DATA_HELP, TRUST_HELP, friendly, out, positive, progress_bar
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Make trained PyTorch models smaller and faster, with measured evidence.")
 def _inputs(model: Any, input_shape: str | None, batch: int | None) -> tuple:
@@ -100,10 +100,14 @@ def compress(
     threads: int = typer.Option(None, "--threads", help="torch threads for timing"),
     seed: int = typer.Option(0, "--seed", help="seed for every stage's randomness"),
     trust_code: bool = typer.Option(False, "--trust-code", help=TRUST_HELP),
+    data: str = typer.Option(None, "--data", "-d", help=DATA_HELP),
+    input_shape: str = typer.Option(None, "--input-shape", help="the model's input, e.g. 1,3,32,32 (needed where "
+                                    "the model does not declare one)"),
 ) -> None:
     """Run a recipe and write the compressed model, stage checkpoints, the recipe and a report into --out."""
     from torchshrink.core.errors import ConfigError
     from torchshrink.measure.report import compare_table
+    from torchshrink.models import parse_shape
     from torchshrink.recipe import compress as run
     from torchshrink.recipe import load_recipe
 
@@ -112,13 +116,18 @@ def compress(
         raise ConfigError("--recipe is required (a YAML file or a built-in name) unless --resume is given")
     rec = load_recipe(recipe) if recipe else None
     bar, update = progress_bar()
+    shape = parse_shape(input_shape) if input_shape else None
     with bar:
         result = run(model, rec, out_dir, force=force, resume=resume, threads=threads, progress=update, seed=seed,
-                     trust_code=trust_code)
+                     trust_code=trust_code, data=data, input_shape=shape)
     name = rec.name if rec else "resumed run"
     out.print(compare_table(result.summary, title=f"{name} on {model}: original -> compressed"))
     if result.resumed_from:
         out.print(f"resumed after stage {result.resumed_from}")
+    for k, v in result.provenance.items():
+        out.print(f"{k}: {v}")
+    for w in result.warnings:
+        out.print(f"[yellow]warning:[/yellow] {w}")
     out.print(f"{result.timing_note}\nwrote {out_dir}/ (model/, stages/, recipe.yaml, report.md, report.html, report.json)")
 
 
@@ -139,7 +148,8 @@ def demo(
     model: str = typer.Option("zoo:digits-cnn", "--model", "-m", help="model spec"),
 ) -> None:
     """Train (or load) the digits CNN teacher, compress it with a built-in recipe, print the table."""
-    compress(model=model, recipe=recipe, out_dir=out_dir, force=True, resume=False, threads=None, seed=0, trust_code=False)
+    compress(model=model, recipe=recipe, out_dir=out_dir, force=True, resume=False, threads=None, seed=0, trust_code=False,
+             data=None, input_shape=None)
 
 
 @app.command()

@@ -42,6 +42,8 @@ def positive(flag: str, value: int | None) -> None:
         raise ConfigError(f"{flag} {value}: must be a whole number of 1 or more (leave it out for the default)")
 
 
+DATA_HELP = ("your data: an image folder (CLASS/*.png, or train/ + val/), a .csv (label column) or .npz table, "
+             "a .txt / .jsonl text file, or package.module:factory; 20% is held out for evaluation")
 TRUST_HELP = "allow model files that run code when read (a torch.export .pt2 is unpickled); only for files you trust"
 
 

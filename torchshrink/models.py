@@ -20,7 +20,10 @@ from __future__ import annotations
 
 import importlib
 import os
+import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -79,15 +82,29 @@ def load_model(spec: str, *, trust_code: bool = False) -> nn.Module:
     raise ModelLoadError(f"cannot understand model spec {spec!r}; {SPEC_HELP}")
 
 
-def _from_factory(spec: str) -> nn.Module:
+def import_factory(spec: str, what: str = "model spec", hint: str = SPEC_HELP) -> Callable[..., Any]:
+    """The callable a ``package.module:function`` spec names, imported with the current folder on the
+    import path (as ``python -m`` does). Only for specs the user typed: never for names read from files."""
     mod_name, _, attr = spec.partition(":")
+    cwd = os.getcwd()
+    added = cwd not in sys.path
+    if added:
+        sys.path.insert(0, cwd)
     try:
         module = importlib.import_module(mod_name)
     except ImportError as e:
-        raise ModelLoadError(f"cannot import {mod_name!r} for model spec {spec!r} ({e}); {SPEC_HELP}") from None
+        raise ModelLoadError(f"cannot import {mod_name!r} for {what} {spec!r} ({e}); {hint}") from None
+    finally:
+        if added:
+            sys.path.remove(cwd)
     factory = getattr(module, attr, None)
     if factory is None or not callable(factory):
-        raise ModelLoadError(f"{mod_name!r} has no callable {attr!r} (model spec {spec!r})")
+        raise ModelLoadError(f"{mod_name!r} has no callable {attr!r} ({what} {spec!r})")
+    return factory
+
+
+def _from_factory(spec: str) -> nn.Module:
+    factory = import_factory(spec)
     try:
         model = factory()
     except (SystemExit, KeyboardInterrupt):
@@ -160,8 +177,9 @@ def _load_weights(model: nn.Module, path: Path) -> None:
         raise ModelLoadError(f"{path} does not fit the architecture: {str(e).splitlines()[1:2] or e}") from None
 
 
-def example_inputs(model: nn.Module, batch: int | None = None, seq: int | None = None) -> tuple[torch.Tensor, ...]:
-    """Example inputs recorded for a model by its loader (zoo, torchvision, Hugging Face)."""
+def example_inputs(model: nn.Module, batch: int | None = None, seq: int | None = None, seed: int = 0
+                   ) -> tuple[torch.Tensor, ...]:
+    """Random inputs of the kind a model's loader recorded (zoo, torchvision, Hugging Face, --input-shape)."""
     inp = state.get(model, "input")
     if inp is None:
         raise ModelLoadError(
@@ -170,7 +188,7 @@ def example_inputs(model: nn.Module, batch: int | None = None, seq: int | None =
     shape = list(inp["shape"])
     if batch is not None:
         shape[0] = batch
-    g = torch.Generator().manual_seed(0)
+    g = torch.Generator().manual_seed(seed)
     if inp.get("kind") == "tokens":
         if seq is not None:
             shape[1] = seq

@@ -125,17 +125,28 @@ def _ratio(key: str, r: float | None) -> str:
     return f"{r:.3f}x"
 
 
+COUNTED = ("params", "nonzero_params", "file_bytes", "macs")
+
+
+def change(key: str, r: dict[str, float | None]) -> str:
+    """The change column: a ratio for sizes and times, a difference in points (pp, x100) for quality."""
+    if key in COUNTED or key.startswith("latency"):
+        return _ratio(key, r["ratio"])
+    b, a = r["before"], r["after"]
+    return "-" if a is None or b is None else f"{100.0 * (a - b):+.2f} pp"
+
+
 def compare_table(rows: dict[str, dict[str, float | None]], title: str = "before / after") -> Table:
     table = Table(title=title)
-    for col in ("metric", "before", "after", "after/before"):
+    for col in ("metric", "before", "after", "change"):
         table.add_column(col, justify="left" if col == "metric" else "right")
     for key, r in rows.items():
-        table.add_row(key, _cell(key, r["before"]), _cell(key, r["after"]), _ratio(key, r["ratio"]))
+        table.add_row(key, _cell(key, r["before"]), _cell(key, r["after"]), change(key, r))
     return table
 
 
 def compare_markdown(rows: dict[str, dict[str, float | None]]) -> str:
-    lines = ["| metric | before | after | after/before |", "|---|---:|---:|---:|"]
+    lines = ["| metric | before | after | change |", "|---|---:|---:|---:|"]
     for key, r in rows.items():
-        lines.append(f"| {key} | {_cell(key, r['before'])} | {_cell(key, r['after'])} | {_ratio(key, r['ratio'])} |")
+        lines.append(f"| {key} | {_cell(key, r['before'])} | {_cell(key, r['after'])} | {change(key, r)} |")
     return "\n".join(lines) + "\n"

@@ -38,9 +38,14 @@ class Stage:
 class Recipe:
     name: str
     stages: tuple[Stage, ...]
+    data: dict[str, Any] | None = None  # the `data:` block (see recipe/userdata.py); --data overrides it
 
     def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "stages": [s.to_dict() for s in self.stages]}
+        d: dict[str, Any] = {"name": self.name}
+        if self.data is not None:
+            d["data"] = dict(self.data)
+        d["stages"] = [s.to_dict() for s in self.stages]
+        return d
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
@@ -111,9 +116,17 @@ def recipe_from_yaml(text: str, *, source: str = "recipe") -> Recipe:
         data = {"stages": data}
     if not isinstance(data, dict) or not isinstance(data.get("stages"), list) or not data["stages"]:
         raise RecipeError(f"{source} must hold a non-empty list `stages:` of stage mappings (each with a `kind`)")
-    extra = [k for k in data if k not in ("name", "stages")]
+    extra = [k for k in data if k not in ("name", "data", "stages")]
     if extra:
-        raise RecipeError(f"{source}: unknown top-level key {extra[0]!r}; allowed: name, stages")
+        raise RecipeError(f"{source}: unknown top-level key {extra[0]!r}; allowed: name, data, stages")
+    block = None
+    if data.get("data") is not None:
+        from torchshrink.recipe.userdata import DataSpec
+
+        try:
+            block = dataclasses.asdict(DataSpec.from_dict(data["data"], where=f"{source} data"))
+        except TorchshrinkError as e:
+            raise RecipeError(str(e)) from None
     lines = _stage_lines(text)
     stages = []
     for i, sd in enumerate(data["stages"]):
@@ -122,7 +135,7 @@ def recipe_from_yaml(text: str, *, source: str = "recipe") -> Recipe:
         except TorchshrinkError as e:
             where = f"line {lines[i]}" if i < len(lines) else f"stage {i + 1}"
             raise RecipeError(f"{source} {where} (stage {i + 1}): {e}") from None
-    return Recipe(str(data.get("name", Path(source).stem)), tuple(stages))
+    return Recipe(str(data.get("name", Path(source).stem)), tuple(stages), block)
 
 
 # (earlier family, later family) -> why that order is a mistake

@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-import json
 from html import escape
 from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 from torch import nn
 
 from torchshrink.measure.machine import machine_markdown
-from torchshrink.measure.report import _cell, _ratio, compare_markdown
+from torchshrink.measure.report import _cell, change, compare_markdown
 from torchshrink.recipe.svg import bar_chart, line_chart
 
 
@@ -44,23 +44,26 @@ def report_markdown(report: dict[str, Any]) -> str:
     lines = [f"# torchshrink report: {report['recipe']['name']} on {report['model']}\n", machine_markdown(report["machine"]),
              f"\n{report['timing']}\n"]
     lines += [f"\n> warning: {w}\n" for w in report.get("warnings", [])]
+    if report.get("provenance"):
+        lines += ["\n## Where the figures come from\n"]
+        lines += [f"- {k}: {v}" for k, v in report["provenance"].items()]
     lines += ["\n## Original -> final\n", compare_markdown(report["summary"])]
     for s in report["stages"]:
         lines += [f"\n## Stage {s['name']} ({s['seconds']:.1f} s)\n", compare_markdown(s["vs_previous"])]
     if report.get("layers"):
         lines += ["\n## Layers of the final model\n", "| layer | type | params | density | bits |", "|---|---|---:|---:|---:|"]
         lines += [f"| {r['layer']} | {r['type']} | {r['params']:,} | {r['density']:.3f} | {r['bits'] or '-'} |" for r in report["layers"]]
-    lines += ["\n## Recipe\n", "```json\n" + json.dumps(report["recipe"], indent=1) + "\n```\n"]
+    lines += ["\n## Recipe\n", "```yaml\n" + yaml.safe_dump(report["recipe"], sort_keys=False) + "```\n"]
     return "\n".join(lines)
 
 
 def _html_table(rows: dict[str, dict[str, Any]]) -> str:
     body = "".join(
         f"<tr><td>{escape(k)}</td><td>{escape(_cell(k, r['before']))}</td><td>{escape(_cell(k, r['after']))}</td>"
-        f"<td>{escape(_ratio(k, r['ratio']))}</td></tr>"
+        f"<td>{escape(change(k, r))}</td></tr>"
         for k, r in rows.items()
     )
-    return f"<table><tr><th>metric</th><th>before</th><th>after</th><th>after/before</th></tr>{body}</table>"
+    return f"<table><tr><th>metric</th><th>before</th><th>after</th><th>change</th></tr>{body}</table>"
 
 
 def _points(report: dict[str, Any], xkey: str) -> list[tuple[float, float, str]]:
@@ -102,13 +105,19 @@ td,th{{border:1px solid #ccc;padding:3px 8px;text-align:right}}td:first-child{{t
 <p>Machine: {escape(str(m.get('cpu')))}; SIMD: {escape(', '.join(m.get('simd', [])))}; torch {escape(str(m.get('torch')))}.
 {escape(report['timing'])}</p>
 {''.join(f'<p class="warn">warning: {escape(w)}</p>' for w in report.get('warnings', []))}
+{_provenance_html(report)}
 <h2>Original &rarr; final</h2>{_html_table(report['summary'])}
 <h2>Plots</h2><div class="charts">{''.join(charts)}</div>
 <h2>Stages</h2>{stages}
 <h2>Layers of the final model</h2><table><tr><th>layer</th><th>type</th><th>params</th><th>density</th><th>bits</th></tr>{layer_rows}</table>
-<h2>Recipe</h2><pre>{escape(json.dumps(report['recipe'], indent=1))}</pre>
+<h2>Recipe</h2><pre>{escape(yaml.safe_dump(report['recipe'], sort_keys=False))}</pre>
 </body></html>
 """
+
+
+def _provenance_html(report: dict[str, Any]) -> str:
+    items = "".join(f"<li>{escape(str(k))}: {escape(str(v))}</li>" for k, v in (report.get("provenance") or {}).items())
+    return f"<h2>Where the figures come from</h2><ul>{items}</ul>" if items else ""
 
 
 def regenerate(directory: str | Path) -> Path:

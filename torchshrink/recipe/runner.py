@@ -33,7 +33,7 @@ import yaml
 from torch import nn
 
 from torchshrink.core import state
-from torchshrink.core.api import prepare, run
+from torchshrink.core.api import prepare, run, trains
 from torchshrink.core.errors import ConfigError
 from torchshrink.core.files import commit, kill_point, temp_dir, write_atomic
 from torchshrink.core.select import check_names
@@ -47,6 +47,7 @@ from torchshrink.recipe.recipe import Recipe, Stage, order_warnings, recipe_from
 from torchshrink.recipe.report import layer_summary, report_html, report_markdown
 from torchshrink.recipe.task import Task, task_for
 from torchshrink.recipe.train import finetune, recovery_loss
+from torchshrink.recipe.userdata import DataSpec, task_from_data
 from torchshrink.recipe.workdir import (
     check_output,
     commit_run,
@@ -91,14 +92,16 @@ class RunResult:
     timing_note: str
     primary: str = ""
     resumed_from: int = 0
+    provenance: dict[str, str] = dataclasses.field(default_factory=dict)  # Task.provenance
+    warnings: list[str] = dataclasses.field(default_factory=list)  # slower stages, quality falls
 
     def to_dict(self, recipe: Recipe, spec: str) -> dict[str, Any]:
         return {
             "model": spec, "recipe": recipe.to_dict(), "machine": machine_info(), "timing": self.timing_note,
-            "primary": self.primary, "original": self.original.to_dict(), "final": self.final.to_dict(),
-            "summary": self.summary, "stages": [s.to_dict() for s in self.stages],
+            "primary": self.primary, "provenance": self.provenance, "original": self.original.to_dict(),
+            "final": self.final.to_dict(), "summary": self.summary, "stages": [s.to_dict() for s in self.stages],
             "layers": layer_summary(self.model), "resumed_from_stage": self.resumed_from,
-            "warnings": order_warnings(recipe),
+            "warnings": [*order_warnings(recipe), *self.warnings],
         }
 
 
@@ -235,10 +238,15 @@ def compress(
     resume: bool = False,
     threads: int | None = None,
     task: Task | None = None,
+    data: DataSpec | str | None = None,
+    input_shape: list[int] | None = None,
     progress: Progress | None = None,
     seed: int = 0,
     trust_code: bool = False,
 ) -> RunResult:
+    """Run ``recipe`` on ``model``. The data: ``task``, else ``data`` (``--data``: see recipe/userdata.py),
+    else the recipe's ``data:`` block, else the zoo model's own, else none (quality is then agreement with
+    the original on random inputs, and stages that train are refused before any work)."""
     spec = model if isinstance(model, str) else state.get(model, "source", type(model).__name__)
     out_path = Path(out) if out is not None else None
     if out_path is not None and out_path.name in ("", ".", ".."):
@@ -259,12 +267,17 @@ def compress(
     action = plan_work(out_path, key, force=force, resume=resume) if out_path is not None else ""
     original = load_model(model, trust_code=trust_code) if isinstance(model, str) else model
     original.eval()
-    task = task or task_for(original)
+    if input_shape:
+        state.put(original, input={"shape": list(input_shape), "dtype": "float32"})
+    task = task or _task(original, data, recipe)
     run_model(original, task.inputs)  # a wrong input fails here, before any work
-    for stage in recipe.stages:  # so does a misspelled layer name, or fine-tuning without data
+    for i, stage in enumerate(recipe.stages):  # so does a misspelled layer name, or training without data
         check_names(original, stage.select)
+        kind = f"stage {i + 1} ({stage.config.kind})"
         if stage.finetune is not None and stage.finetune.epochs > 0:
-            task.require_train()
+            task.require_train(f"{kind} fine-tunes: it")
+        elif stage.config.family == "distill" or trains(stage.config):
+            task.require_train(f"{kind} trains: it")
     for warning in order_warnings(recipe):
         log.warning("%s", warning)
     kill_point("validated")
@@ -312,11 +325,49 @@ def compress(
     final = dataclasses.replace(stages[-1].measurement if stages else base, latency=lf)
     note = (f"latency: batch {task.inputs[0].shape[0]}, {lo.threads} thread(s), original and final timed "
             f"interleaved in one run, median of {lo.runs} runs after warm-up")
-    result = RunResult(current, before, final, stages, compare(before, final), out_path, note, task.primary, resumed_from)
+    result = RunResult(current, before, final, stages, compare(before, final), out_path, note, task.primary, resumed_from,
+                       dict(task.provenance), run_warnings(stages, before, final, task))
     if work is not None and out_path is not None:
         with writing(out_path, created):
             _finish(result, recipe, str(spec), work, out_path)
     return result
+
+
+def _task(model: nn.Module, data: DataSpec | str | None, recipe: Recipe) -> Task:
+    if data is not None:
+        return task_from_data(data if isinstance(data, DataSpec) else DataSpec.from_dict(data, "--data"), model)
+    if recipe.data is not None:
+        return task_from_data(DataSpec(**recipe.data), model, from_file=True)
+    return task_for(model)
+
+
+QUALITY_WARN_PP = 1.0  # a drop in accuracy (pp) or in cosine / agreement (x100) that is warned about
+
+
+def _drop_pp(task: Task, before: Measurement, after: Measurement) -> float | None:
+    a, b = before.quality.get(task.primary), after.quality.get(task.primary)
+    if a is None or b is None:
+        return None
+    return 100.0 * (a - b) if task.higher_is_better else 100.0 * (b - a)
+
+
+def run_warnings(stages: list[StageResult], before: Measurement, final: Measurement, task: Task) -> list[str]:
+    """What a user must not miss: a stage that made the model slower at the measured batch, and quality
+    that fell by more than QUALITY_WARN_PP (accuracy points, or cosine x 100)."""
+    out = []
+    for s in stages:
+        ratio = s.vs_previous.get("latency_p50_ms", {}).get("ratio")
+        if ratio is not None and ratio > 1.05:
+            out.append(f"stage {s.name} made the model slower: {ratio:.2f}x the latency before it (batch "
+                       f"{task.inputs[0].shape[0]}, this machine)")
+    ratio = compare(before, final).get("latency_p50_ms", {}).get("ratio")
+    if ratio is not None and ratio > 1.05:
+        out.append(f"the compressed model is slower than the original here: {ratio:.2f}x its latency")
+    drop = _drop_pp(task, before, final)
+    if drop is not None and drop > QUALITY_WARN_PP:
+        unit = "pp" if task.primary == "accuracy" else "points (x100)"
+        out.append(f"{task.primary} fell by {drop:.2f} {unit} ({task.provenance.get('quality', 'task data')})")
+    return out
 
 
 def _finish(result: RunResult, recipe: Recipe, spec: str, work: Path, out: Path) -> None:

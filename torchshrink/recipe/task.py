@@ -3,7 +3,9 @@
 - digits models: labelled train/val/test splits; quality = test accuracy.
 - sentence encoders (zoo:minilm): real sentences; quality = embedding cosine vs the original on
   held-out sentences never used for calibration or training.
-- anything else: no training data; quality = output cosine vs the original on the example input.
+- your own data (``--data``): see :mod:`torchshrink.recipe.userdata`.
+- anything else, without data: no training; quality = agreement (output cosine) with the original on
+  64 random inputs, calibration on 32 other random inputs -- labelled as such, never as validation.
 """
 
 from __future__ import annotations
@@ -30,13 +32,23 @@ class Task:
     quality: Callable[[nn.Module, nn.Module], dict[str, float]] | None = None
     primary: str = ""  # the quality key that matters most, e.g. "accuracy"
     higher_is_better: bool = True
+    # where each figure comes from: {"quality": "top-1 accuracy on ...", "calibration": ..., "train": ...,
+    # "search": the data a search steers by}
+    provenance: dict[str, str] = dataclasses.field(default_factory=dict)
+    search_key: str = ""  # the quality key a search steers by (a validation split's), default: primary
+
+    @property
+    def steer_key(self) -> str:
+        return self.search_key or self.primary
 
     def evaluate(self, model: nn.Module, reference: nn.Module) -> dict[str, float]:
         return self.quality(model, reference) if self.quality else {}
 
-    def require_train(self) -> Any:
+    def require_train(self, what: str = "fine-tuning and distillation") -> Any:
         if self.train is None:
-            raise DataError(f"task {self.name!r} has no training data; fine-tuning and distillation need it")
+            why = "no labelled training data in it" if self.name.startswith("data:") else "no data was given"
+            raise DataError(f"{what} needs training data and {why}: give --data (a folder of CLASS/ images, "
+                            "a .csv / .npz with labels, a .txt / .jsonl text file, or package.module:factory)")
         return self.train
 
 
@@ -52,6 +64,11 @@ def digits_task(batch_size: int = 64, seed: int = 0) -> Task:
         calibration=calib,
         quality=lambda m, ref: {"accuracy": accuracy(m, test), "val_accuracy": accuracy(m, val)},
         primary="accuracy",
+        search_key="val_accuracy",
+        provenance={"search": "the digits validation split",
+                    "quality": f"top-1 accuracy on the digits test split ({sum(len(y) for _, y in test)} images; "
+                               "val_accuracy on the validation split)",
+                    "calibration": "4 validation batches", "train": "the digits training split"},
     )
 
 
@@ -70,17 +87,37 @@ def sentences_task(model: nn.Module, batch: int = 16, seq: int = 128, n_train: i
         calibration=[to_dict(b) for b in tokenize(train_s[:128], batch_size=32)],
         quality=lambda m, ref: {k: v for k, v in fidelity(m, ref, held).items() if k.startswith("cosine")},
         primary="cosine_mean",
+        provenance={"quality": f"embedding cosine vs the original on {len(heldout)} held-out sentences",
+                    "calibration": "128 training sentences", "train": f"{n_train} training sentences"},
     )
 
 
+N_AGREEMENT = 64  # random inputs the no-data agreement is measured on
+
+
+def _random_like(model: nn.Module, inputs: tuple[torch.Tensor, ...], n: int, seed: int) -> tuple[torch.Tensor, ...]:
+    if state.get(model, "input") is not None:
+        return example_inputs(model, batch=n, seed=seed)
+    g = torch.Generator().manual_seed(seed)
+    return tuple(torch.randn(n, *t.shape[1:], generator=g, dtype=t.dtype) if t.is_floating_point()
+                 else t[:1].expand(n, *t.shape[1:]).clone() for t in inputs)
+
+
 def generic_task(model: nn.Module, inputs: tuple[torch.Tensor, ...] | None = None) -> Task:
+    """No data: quality is agreement with the original on random inputs that calibration never sees."""
     inputs = inputs or example_inputs(model)
+    judge = _random_like(model, inputs, N_AGREEMENT, seed=1)
+    calib = [_random_like(model, inputs, 8, seed=2 + i) for i in range(4)]
     return Task(
-        name="output-fidelity",
+        name="no-data",
         inputs=inputs,
-        calibration=[inputs],
-        quality=lambda m, ref: {k: v for k, v in fidelity(m, ref, inputs).items() if k.startswith("cosine")},
-        primary="cosine_mean",
+        calibration=calib,
+        quality=lambda m, ref: {k.replace("cosine", "agreement"): v for k, v in fidelity(m, ref, [judge]).items()
+                                if k.startswith("cosine")},
+        primary="agreement_mean",
+        provenance={"quality": f"agreement with the original (output cosine) on {N_AGREEMENT} random inputs: no data "
+                               "was given, so this is not accuracy on real data (give --data)",
+                    "calibration": "32 other random inputs (4 batches of 8)", "train": "none"},
     )
 
 

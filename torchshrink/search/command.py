@@ -10,7 +10,7 @@ import typer
 
 def register(app: typer.Typer) -> None:
     """Add the ``search`` command to the torchshrink typer app."""
-    from torchshrink.cli_support import err, friendly, out, positive, progress_bar
+    from torchshrink.cli_support import DATA_HELP, err, friendly, out, positive, progress_bar
 
     @app.command()
     @friendly
@@ -18,7 +18,9 @@ def register(app: typer.Typer) -> None:
         model: str = typer.Option(..., "--model", "-m", help="model spec, e.g. zoo:digits-cnn"),
         budget: str = typer.Option(..., "--budget", "-b", help='e.g. "--max-size 0.25x --max-accuracy-drop 1.0"'),
         out_dir: Path = typer.Option(..., "--out", "-o", help="folder for recipe.yaml, search.json, report.md, search.db"),
-        data: str = typer.Option("auto", "--data", "-d", help="task data: auto (from the model), digits, sentences"),
+        data: str = typer.Option("auto", "--data", "-d", help="auto (the zoo model's own data, else none), digits, "
+                                 "sentences, or your data: " + DATA_HELP),
+        input_shape: str = typer.Option(None, "--input-shape", help="the model's input, e.g. 1,3,32,32"),
         method: str = typer.Option("nsga2", "--method", help="nsga2, tpe or greedy"),
         trials: int = typer.Option(30, "--trials", "-n", help="completed trials to reach (a resumed study counts its finished ones)"),
         storage: str = typer.Option(None, "--storage", help="Optuna storage URL (default: sqlite:///OUT/search.db)"),
@@ -33,10 +35,11 @@ def register(app: typer.Typer) -> None:
         """Find per-layer compression settings under a budget; writes a recipe `torchshrink compress` reruns."""
         import torch
 
-        from torchshrink.core.errors import ConfigError
-        from torchshrink.models import load_model
+        from torchshrink.core import state
+        from torchshrink.models import load_model, parse_shape
         from torchshrink.recipe.recipe import Finetune
         from torchshrink.recipe.task import digits_task, sentences_task, task_for
+        from torchshrink.recipe.userdata import DataSpec, task_from_data
         from torchshrink.search.budget import parse_budget
         from torchshrink.search.profile import plot_sensitivity
         from torchshrink.search.report import write_search_report
@@ -46,6 +49,8 @@ def register(app: typer.Typer) -> None:
         torch.set_num_threads(threads)
         parsed = parse_budget(budget)  # a bad string fails before any work
         net = load_model(model, trust_code=trust_code).eval()
+        if input_shape:
+            state.put(net, input={"shape": parse_shape(input_shape), "dtype": "float32"})
         if data == "auto":
             task = task_for(net)
         elif data == "digits":
@@ -53,7 +58,7 @@ def register(app: typer.Typer) -> None:
         elif data == "sentences":
             task = sentences_task(net)
         else:
-            raise ConfigError(f"--data {data!r} is not known; allowed: auto, digits, sentences")
+            task = task_from_data(DataSpec.from_dict(data, "--data"), net)
         out_dir.mkdir(parents=True, exist_ok=True)
         url = storage or f"sqlite:///{(out_dir / 'search.db').resolve()}"
         bar, update = progress_bar()

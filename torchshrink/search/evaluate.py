@@ -22,10 +22,9 @@ log = logging.getLogger(__name__)
 
 
 def quality_keys(task: Task) -> tuple[str, str]:
-    """(search key, report key): validation data steers the search, held-out data reports it."""
-    if task.primary == "accuracy":
-        return "val_accuracy", "accuracy"
-    return task.primary, task.primary
+    """(search key, report key): validation data steers the search where the task has it, held-out data
+    reports it."""
+    return task.steer_key, task.primary
 
 
 @dataclasses.dataclass

@@ -31,9 +31,9 @@ def write_search_report(result: SearchResult, path: str | Path, plot: Path | Non
         f"- layers: {describe(c.assignment)}",
         f"- file: {c.size_bytes:,} B ({c.size_ratio:.3f}x of {result.base_bytes:,} B)",
         f"- latency: {c.latency_ratio:.3f}x (predicted from per-layer timings on this machine)",
-        f"- quality: validation {c.quality:.2f} (original {result.base_quality:.2f}), "
+        f"- quality: search data {c.quality:.2f} (original {result.base_quality:.2f}), "
         f"held-out {c.test_quality:.2f} (original {result.base_test_quality:.2f})\n",
-        "## Pareto front (size, predicted latency, validation quality)\n", pareto_markdown(result), "",
+        "## Pareto front (size, predicted latency, quality on the search data)\n", pareto_markdown(result), "",
         "## Sensitivity (quality drop in pp with one layer changed, no fine-tuning)\n",
         result.profile.sensitivity_markdown(), "",
     ]

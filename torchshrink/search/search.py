@@ -213,7 +213,7 @@ def search(
         log.warning("task %r has no training data: trials run without fine-tuning", task.name)
         finetune = None
     space = build_space(model, allowed=allowed, min_params=min_params)
-    val_key = "val_accuracy" if task.primary == "accuracy" else task.primary
+    val_key = task.steer_key
 
     def val_quality(m: nn.Module) -> float:
         return 100.0 * task.evaluate(m, model)[val_key]
@@ -257,7 +257,8 @@ def search(
     recipe = evaluator.recipe(chosen.assignment, name=f"searched-{method}")
     if feasible:
         message = (f"found {describe(chosen.assignment)}: {chosen.size_ratio:.3f}x size, {chosen.latency_ratio:.3f}x "
-                   f"latency (predicted), quality drop {chosen.quality_drop:.2f} pp on validation data")
+                   f"latency (predicted), quality drop {chosen.quality_drop:.2f} pp on "
+                   f"{task.provenance.get('search') or task.provenance.get('quality', 'the task data')}")
     else:
         names = sorted({k for k, v in chosen.violations.items() if v > 0})
         message = (f"no point met the budget {budget.describe(profile.model_bytes)} in {len(points)} trial(s); "
