@@ -73,3 +73,23 @@ def test_greedy_search_with_finetune_meets_a_loose_budget(digits_cnn, setup):
                  method="greedy", finetune=Finetune(epochs=1))
     assert res.feasible and res.chosen.size_ratio <= 0.5
     assert res.recipe.stages[-1].finetune is not None or res.recipe.stages[-1].config.family == "quantize"
+
+
+def test_an_option_that_fails_to_apply_is_left_out_with_its_reason(digits_cnn, setup, monkeypatch):
+    import torchshrink.search.profile as P
+
+    task, space, _ = setup
+    real = P._apply_everywhere
+
+    def flaky(model, space_, label, data):
+        if label == "ternary":
+            raise RuntimeError("rank larger than in_channels*k*k\nsecond line")
+        return real(model, space_, label, data)
+
+    monkeypatch.setattr(P, "_apply_everywhere", flaky)
+    prof = profile_layers(digits_cnn, space, task.inputs, data=task.calibration, runs=2, warmup=1, cache=False)
+    assert prof.skipped == {"ternary": "RuntimeError: rank larger than in_channels*k*k"}
+    assert all("ternary" not in lat for lat in prof.latency_ms.values())
+    left = space.without(prof.skipped)
+    assert all("ternary" not in left.labels(layer) for layer in left.layers)
+    assert any("int8" in left.labels(layer) for layer in left.layers)

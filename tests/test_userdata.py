@@ -184,3 +184,38 @@ def test_walkthrough_without_data_refuses_training_recipes_up_front(byo):
     r = _cli(byo, "compress", "-m", "models:cnn@cnn.safetensors", "--input-shape", "1,3,32,32", "-r", "xnor", "-o", "x")
     assert r.returncode == 2 and "stage 1 (xnor) fine-tunes: it needs training data" in r.stderr
     assert not (byo / "x").exists() and not list(byo.glob(".x*"))
+
+
+@pytest.fixture(scope="module")
+def bert_folder(tmp_path_factory):
+    """A local Hugging Face BERT folder (2 layers, its own word-piece vocabulary) and a sentence file."""
+    transformers = pytest.importorskip("transformers")
+    from torchshrink.zoo.text import english_sentences
+
+    d = tmp_path_factory.mktemp("hf")
+    sentences = english_sentences()[:240]
+    words = sorted({w.strip(".,:;()'\"").lower() for s in sentences for w in s.split()} - {""})[:400]
+    (d / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]) + "\n")
+    tok = transformers.BertTokenizerFast(vocab_file=str(d / "vocab.txt"))
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(vocab_size=len(words) + 5, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                  intermediate_size=128, max_position_embeddings=64)
+    model_dir = d / "bert"
+    transformers.BertModel(cfg, add_pooling_layer=False).save_pretrained(model_dir)
+    tok.save_pretrained(model_dir)
+    (d / "sentences.txt").write_text("\n".join(sentences) + "\n")
+    (d / "heads.yaml").write_text("data: {path: sentences.txt, max_length: 32}\n"
+                                  "stages:\n  - kind: head-prune\n    amount: 0.25\n"
+                                  "    finetune: {epochs: 1, lr: 0.0001}\n    recovery: distill\n")
+    return d
+
+
+@pytest.mark.parametrize("recipe", ["bert-int8", "heads.yaml"])
+def test_a_local_bert_folder_with_a_sentence_file(bert_folder, recipe):
+    out = f"out-{recipe.split('.')[0]}"
+    args = ["--data", "sentences.txt"] if recipe == "bert-int8" else []  # heads.yaml names its data itself
+    r = _cli(bert_folder, "compress", "-m", "bert", *args, "-r", recipe, "-o", out)
+    assert r.returncode == 0, r.stderr[-2000:]
+    report = json.loads((bert_folder / out / "report.json").read_text())
+    assert "held-out 20% of sentences.txt (48 of 240 texts" in report["provenance"]["quality"]
+    assert report["final"]["quality"]["cosine_mean"] > 0.5

@@ -31,6 +31,7 @@ class State:
     prune: dict[str, Any] | None = None  # unstructured-prune settings the module's mask is held with
     formats: dict[str, str] | None = None  # tensor name -> storage format the exporter must use
     lowrank: str | None = None  # on a factorized Sequential torchshrink made: its method (svd, tucker2, ...)
+    fused_from: str | None = None  # on a fused module torchshrink made: the user's layers it replaces (conv1+bn1+relu)
 
 
 FIELDS = tuple(f.name for f in dataclasses.fields(State))

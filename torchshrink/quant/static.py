@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from torchshrink.core import state
 from torchshrink.core.config import Config, check_range, register
 from torchshrink.core.errors import DataError, UnsupportedLayerError
 from torchshrink.core.report import carry, current
@@ -95,7 +96,15 @@ def fuse_graph(gm: fx.GraphModule, targets: set[str]) -> fx.GraphModule:
             last = users[0]
         name = f"_ts_fused_{count}"
         count += 1
-        gm.add_module(name, _Fused(kind, layer, w, b, relu, str(n.target) if kind != "add" else n.name))
+        fused = _Fused(kind, layer, w, b, relu, str(n.target) if kind != "add" else n.name)
+        chain, node = [], last  # what it replaces, in the user's names: conv1+bn1+relu
+        while True:
+            chain.append(str(node.target) if node.op == "call_module" else node.name)
+            if node is n:
+                break
+            node = node.args[0]  # type: ignore[assignment]
+        state.put(fused, fused_from="+".join(reversed(chain)))
+        gm.add_module(name, fused)
         with g.inserting_after(last):
             new = g.call_module(name, tuple(n.args[:2]) if kind == "add" else (n.args[0],))
         last.replace_all_uses_with(new)
@@ -171,6 +180,7 @@ def convert_graph(gm: fx.GraphModule, observers: dict[str, Observer], engine: st
             else:
                 new_mod = Int8Linear.from_float(f.weight, f.bias, relu=f.relu, out_scale=s, out_zero_point=z,
                                                 engine=engine, bits=bits.get(f.src, 8))
+            state.put(new_mod, fused_from=state.get(f, "fused_from"))
             setattr(gm, str(n.target), new_mod)
             n.args = tuple(as_q(a, n) if isinstance(a, fx.Node) else a for a in n.args)
             quantized.add(n.name)

@@ -10,6 +10,7 @@ import torch
 import yaml
 from torch import nn
 
+from torchshrink.core import state
 from torchshrink.measure.machine import machine_markdown
 from torchshrink.measure.report import _cell, change, compare_markdown
 from torchshrink.recipe.svg import bar_chart, line_chart
@@ -35,7 +36,8 @@ def layer_summary(model: nn.Module) -> list[dict[str, Any]]:
             bits = torch.finfo(w.dtype).bits
         else:
             bits = None
-        rows.append({"layer": name, "type": type(m).__name__, "params": params,
+        fused = state.get(m, "fused_from")
+        rows.append({"layer": f"{fused} (fused)" if fused else name, "type": type(m).__name__, "params": params,
                      "density": nnz / params if params else 1.0, "bits": bits, "rank": getattr(m, "rank", None)})
     return rows
 
@@ -53,6 +55,7 @@ def report_markdown(report: dict[str, Any]) -> str:
     if report.get("layers"):
         lines += ["\n## Layers of the final model\n", "| layer | type | params | density | bits |", "|---|---|---:|---:|---:|"]
         lines += [f"| {r['layer']} | {r['type']} | {r['params']:,} | {r['density']:.3f} | {r['bits'] or '-'} |" for r in report["layers"]]
+    lines += ["\n## Load it\n", "```python\n" + load_snippet(report) + "\n```\n"]
     lines += ["\n## Recipe\n", "```yaml\n" + yaml.safe_dump(report["recipe"], sort_keys=False) + "```\n"]
     return "\n".join(lines)
 
@@ -86,6 +89,11 @@ def report_html(report: dict[str, Any]) -> str:
         line_chart(f"{primary} vs size across stages", "file kB", primary, _points(report, "size")),
         line_chart(f"{primary} vs latency across stages", "p50 latency ms", primary, _points(report, "latency")),
     ]
+    for s in report["stages"]:
+        hist = [h for h in s.get("finetune_history") or [] if isinstance(h.get("loss"), int | float)]
+        if hist:
+            charts.append(line_chart(f"fine-tune loss, stage {s['name']}", "epoch", "training loss",
+                                     [(float(h["epoch"]), float(h["loss"]), f"e{h['epoch']}") for h in hist]))
     layers = report.get("layers") or []
     if layers:
         charts.append(bar_chart("density per layer (final)", "nonzero fraction", [(r["layer"], r["density"]) for r in layers]))
@@ -110,9 +118,22 @@ td,th{{border:1px solid #ccc;padding:3px 8px;text-align:right}}td:first-child{{t
 <h2>Plots</h2><div class="charts">{''.join(charts)}</div>
 <h2>Stages</h2>{stages}
 <h2>Layers of the final model</h2><table><tr><th>layer</th><th>type</th><th>params</th><th>density</th><th>bits</th></tr>{layer_rows}</table>
+<h2>Load it</h2><pre>{escape(load_snippet(report))}</pre>
 <h2>Recipe</h2><pre>{escape(yaml.safe_dump(report['recipe'], sort_keys=False))}</pre>
 </body></html>
 """
+
+
+def load_snippet(report: dict[str, Any], folder: str = "OUT/model") -> str:
+    """How to load and run the result (a class of the user's own needs its architecture)."""
+    spec = str(report.get("model", ""))
+    own = ":" in spec and not spec.startswith(("zoo:", "torchvision:", "hf:"))
+    arch = spec.split("@")[0]
+    lines = ["import torchshrink as ts",
+             f"model = ts.load({folder!r}{', model=YourModel()' if own else ''})  # data only: safe to load",
+             "y = model(x)"]
+    cli = f"torchshrink measure -m {arch + '@' if own else ''}{folder}   # size and latency here"
+    return "\n".join(lines) + "\n\n" + cli
 
 
 def _provenance_html(report: dict[str, Any]) -> str:

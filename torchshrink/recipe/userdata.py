@@ -336,9 +336,11 @@ def _text_task(spec: DataSpec, path: Path, model: nn.Module) -> Task:
     order = torch.randperm(len(texts), generator=torch.Generator().manual_seed(spec.seed)).tolist()
     ev, tr = [texts[i] for i in order[:n_eval]], [texts[i] for i in order[n_eval:]]
     tok = _tokenizer(model)
+    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None) or spec.max_length
+    length = min(spec.max_length, int(limit))
 
     def enc(chunk: list[str]) -> dict[str, torch.Tensor]:
-        e = tok(chunk, padding="max_length", truncation=True, max_length=spec.max_length, return_tensors="pt")
+        e = tok(chunk, padding=True, truncation=True, max_length=length, return_tensors="pt")
         return {"input_ids": e["input_ids"], "attention_mask": e["attention_mask"]}
 
     def batches(items: list[str]) -> list[dict[str, torch.Tensor]]:

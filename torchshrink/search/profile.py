@@ -54,6 +54,7 @@ class LayerProfile:
     threads: int
     machine: dict[str, Any]
     key: str = ""
+    skipped: dict[str, str] = dataclasses.field(default_factory=dict)  # option label -> why it failed to apply
 
     @property
     def residual_ms(self) -> float:
@@ -181,8 +182,15 @@ def profile_layers(
             progress(f"profile: {what}", done, steps)
 
     modules: dict[str, dict[str, nn.Module]] = {layer: {FLOAT: get_module(model, layer)} for layer in space.layers}
+    skipped: dict[str, str] = {}
     for label in labels:
-        for layer, mod in _apply_everywhere(model, space, label, data).items():
+        try:
+            applied = _apply_everywhere(model, space, label, data)
+        except Exception as e:  # an option that does not apply to this model is left out, not fatal
+            skipped[label] = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}"
+            log.warning("search option %s left out: %s", label, skipped[label])
+            applied = {}
+        for layer, mod in applied.items():
             modules[layer][label] = mod
         tick(label)
     captured = _capture_inputs(model, space.layers, inputs)
@@ -213,7 +221,7 @@ def profile_layers(
                     set_module(work, layer, old)
     tick("whole model")
     prof = LayerProfile(list(space.layers), lat, size, qual, model_ms, saved_bytes(model), base_q,
-                        n_threads, machine_info(), key)
+                        n_threads, machine_info(), key, skipped)
     if cache:
         path.parent.mkdir(parents=True, exist_ok=True)
         write_atomic(path, json.dumps(prof.to_dict(), indent=1))

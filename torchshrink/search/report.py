@@ -34,6 +34,8 @@ def write_search_report(result: SearchResult, path: str | Path, plot: Path | Non
         f"- quality: search data {c.quality:.2f} (original {result.base_quality:.2f}), "
         f"held-out {c.test_quality:.2f} (original {result.base_test_quality:.2f})\n",
         "## Pareto front (size, predicted latency, quality on the search data)\n", pareto_markdown(result), "",
+        *(["## Options left out (they failed to apply to this model)\n",
+           *[f"- {k}: {v}" for k, v in result.profile.skipped.items()], ""] if result.profile.skipped else []),
         "## Sensitivity (quality drop in pp with one layer changed, no fine-tuning)\n",
         result.profile.sensitivity_markdown(), "",
     ]

@@ -220,6 +220,7 @@ def search(
 
     profile = profile or profile_layers(model, space, task.inputs, data=task.calibration, quality=val_quality,
                                         n_threads=threads, progress=progress)
+    space = space.without(profile.skipped)  # options that failed to apply are left out, with their reason
     evaluator = Evaluator(model, task, space, profile, budget, finetune, seed)
     problems = static_infeasibility(space, profile, budget)
     start = greedy(space, profile, budget)

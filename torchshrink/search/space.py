@@ -107,6 +107,12 @@ class SearchSpace:
     def labels(self, layer: str) -> list[str]:
         return [o.label for o in self.options[layer]]
 
+    def without(self, labels: Iterable[str]) -> SearchSpace:
+        """This space less the options ``labels`` (e.g. ones that failed to apply while profiling)."""
+        gone = set(labels)
+        return dataclasses.replace(self, options={k: tuple(o for o in v if o.label not in gone)
+                                                  for k, v in self.options.items()})
+
     def size(self) -> int:
         n = 1
         for layer in self.layers:
