@@ -137,6 +137,26 @@ class SparseLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, density={density:.3f}"
 
 
+def dense_twin(model: nn.Module) -> nn.Module | None:
+    """A copy of ``model`` with every :class:`SparseLinear` back as a plain ``nn.Linear`` holding the same
+    (zero-filled) weights -- the same stored weights and outputs -- or None when it has none."""
+    import copy
+
+    names = [n for n, m in model.named_modules() if isinstance(m, SparseLinear)]
+    if not names:
+        return None
+    twin = copy.deepcopy(model)
+    for name in names:
+        sp = twin.get_submodule(name)
+        lin = nn.Linear(sp.in_features, sp.out_features, bias=sp.bias is not None)
+        with torch.no_grad():
+            lin.weight.copy_(sp.dense_weight())
+            if sp.bias is not None:
+                lin.bias.copy_(sp.bias)
+        set_module(twin, name, lin.eval())
+    return twin
+
+
 def _sparsity(w: torch.Tensor) -> float:
     return 1.0 - float(torch.count_nonzero(w)) / max(w.numel(), 1)
 

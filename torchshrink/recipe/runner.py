@@ -294,6 +294,7 @@ def compress(
     if work is not None and stages:
         current = _resumed_model(work, resumed_from - 1, recipe.stages[resumed_from - 1], original)
         prev_meas = stages[-1].measurement
+    kept: list[str] = []  # variants kept because the whole model timed faster
     for i, stage in enumerate(recipe.stages[resumed_from:], start=resumed_from):
         label = f"{i + 1}/{len(recipe.stages)} {stage.config.kind}"
         if progress:
@@ -303,6 +304,10 @@ def compress(
         seconds = time.perf_counter() - t0
         m = measure(new, task.inputs, latency=False, evaluate=lambda mm: task.evaluate(mm, original), name=label)
         la, lb = _timed_pair(current, new, task, threads)
+        new, lb, why = _faster_variant(new, la, lb, task, threads, label)
+        if why:
+            kept.append(why)
+            m = measure(new, task.inputs, latency=False, evaluate=lambda mm: task.evaluate(mm, original), name=label)
         kill_point(f"stage{i + 1}:trained")
         m = dataclasses.replace(m, latency=lb)
         before = dataclasses.replace(prev_meas, latency=la)
@@ -326,7 +331,7 @@ def compress(
     note = (f"latency: batch {task.inputs[0].shape[0]}, {lo.threads} thread(s), original and final timed "
             f"interleaved in one run, median of {lo.runs} runs after warm-up")
     result = RunResult(current, before, final, stages, compare(before, final), out_path, note, task.primary, resumed_from,
-                       dict(task.provenance), run_warnings(stages, before, final, task))
+                       dict(task.provenance), [*kept, *run_warnings(stages, before, final, task)])
     if work is not None and out_path is not None:
         with writing(out_path, created):
             _finish(result, recipe, str(spec), work, out_path)
@@ -339,6 +344,25 @@ def _task(model: nn.Module, data: DataSpec | str | None, recipe: Recipe) -> Task
     if recipe.data is not None:
         return task_from_data(DataSpec(**recipe.data), model, from_file=True)
     return task_for(model)
+
+
+def _faster_variant(new: nn.Module, la: Any, lb: Any, task: Task, threads: int | None, label: str
+                    ) -> tuple[nn.Module, Any, str]:
+    """Sparse kernels are chosen layer by layer, each timed alone; where the stage made the whole model
+    slower, the same model with those layers dense (same weights, same file) is timed against it in one
+    interleaved run and kept if it is faster. Returns (model, its latency, the reason or "")."""
+    if lb.p50_ms <= 1.05 * la.p50_ms:
+        return new, lb, ""
+    from torchshrink.prune.sparse import dense_twin
+
+    twin = dense_twin(new)
+    if twin is None:
+        return new, lb, ""
+    t_sparse, t_dense = _timed_pair(new, twin, task, threads)
+    if t_dense.p50_ms >= 0.97 * t_sparse.p50_ms:
+        return new, lb, ""
+    return twin, t_dense, (f"stage {label}: its CSR layers each timed faster alone, but the whole model ran faster "
+                           f"with them dense ({t_dense.p50_ms:.3f} vs {t_sparse.p50_ms:.3f} ms): kept dense")
 
 
 QUALITY_WARN_PP = 1.0  # a drop in accuracy (pp) or in cosine / agreement (x100) that is warned about
