@@ -100,3 +100,14 @@ def test_measure_of_a_saved_folder_reports_its_bytes_on_disk(tmp_path):
     code, out, err = run("measure", "--model", str(tmp_path / "m"), "--json", "--threads", "1")
     assert code == 0, err
     assert json.loads(out)["file_bytes"] == on_disk > ts.export.saved_bytes(net)  # the recipe is part of it
+
+
+def test_measure_of_spec_at_folder_reports_the_folders_bytes(tmp_path):
+    import torchshrink as ts
+    from tests.conftest import tiny_net
+
+    ts.save(tiny_net(), tmp_path / "m", recipe={"name": "x" * 500})
+    on_disk = sum(p.stat().st_size for p in (tmp_path / "m").iterdir())
+    code, out, err = run("measure", "--model", f"tests.conftest:tiny_net@{tmp_path / 'm'}", "--json", "--threads", "1")
+    assert code == 0, err
+    assert json.loads(out)["file_bytes"] == on_disk

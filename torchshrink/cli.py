@@ -42,7 +42,7 @@ def measure(
     positive("--batch", batch)
     net = load_model(model, trust_code=trust_code)
     m = do_measure(net, _inputs(net, input_shape, batch), threads=threads)
-    folder = Path(model)
+    folder = Path(model.rpartition("@")[2] or model)  # FOLDER, or SPEC@FOLDER for a class of the user's own
     if folder.is_dir() and (folder / "manifest.json").is_file():  # a saved model: its bytes on disk
         import dataclasses
 
