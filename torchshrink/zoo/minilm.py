@@ -48,6 +48,16 @@ def load_minilm() -> SentenceEncoder:
     return model
 
 
+def minilm_skeleton() -> SentenceEncoder:
+    """The MiniLM architecture from the installed package's config, without its weights (a saved
+    zoo:minilm model is rebuilt on it; the file's tensors fill it)."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from transformers import AutoConfig, AutoModel
+
+    cfg = AutoConfig.from_pretrained(str(minilm_path()), local_files_only=True, trust_remote_code=False)
+    return SentenceEncoder(AutoModel.from_config(cfg, trust_remote_code=False)).eval()
+
+
 def minilm_tokenizer() -> Any:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformers import AutoTokenizer
