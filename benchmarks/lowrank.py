@@ -199,6 +199,8 @@ def main() -> int:
     ap.add_argument("--check", action="store_true")
     ap.add_argument("--skip-minilm", action="store_true")
     ap.add_argument("--only-vgg", action="store_true", help="re-time VGG-16, keeping the other parts' results")
+    ap.add_argument("--keep-minilm", action="store_true",
+                    help="with --skip-minilm: keep the MiniLM part of the last results (marked as carried over)")
     ap.add_argument("--only-minilm", action="store_true", help="re-run the MiniLM part, keeping the other parts' results")
     ap.add_argument("--minilm-threads", type=int, default=THREADS)
     ap.add_argument("--minilm-distill-sentences", type=int, default=DISTILL_SENTENCES)
@@ -213,7 +215,11 @@ def main() -> int:
         res = json.loads((OUT / "lowrank.json").read_text())
         res.pop("vgg16" if args.only_vgg else "minilm", None)
     else:
+        old = json.loads((OUT / "lowrank.json").read_text()) if args.keep_minilm else {}
         res = {"approximation": approximation(), "digits": digits()}
+        if "minilm" in old:  # carried over, and marked so in the results
+            res["minilm"] = {**old["minilm"], "carried_over": f"from the run of {old.get('date', 'an earlier run')}"}
+        res["date"] = time.strftime("%Y-%m-%d")
         write(res)
     if not args.skip_minilm and not args.only_vgg:
         torch.set_num_threads(args.minilm_threads)
@@ -249,7 +255,8 @@ def targets_of(res: dict) -> list[Target]:
                           if m["ffn_params_ratio"] <= 0.5 else None, ">=", 0.97,
                           note=f"FFN weights {m['ffn_params_ratio']:.3f}x; after SVD only {m['cosine_after_svd']:.4f}, "
                           f"after block refit {m['cosine_after_refit']:.4f}; {m['minilm_total_seconds']:.0f} s on "
-                          f"{m['threads']} thread(s)"))
+                          f"{m['threads']} thread(s)" + (f"; CARRIED OVER {m['carried_over']}, not re-run"
+                                                         if m.get("carried_over") else "")))
     return out
 
 
