@@ -218,7 +218,7 @@ def main() -> int:
         old = json.loads((OUT / "lowrank.json").read_text()) if args.keep_minilm else {}
         res = {"approximation": approximation(), "digits": digits()}
         if "minilm" in old:  # carried over, and marked so in the results
-            res["minilm"] = {**old["minilm"], "carried_over": f"from the run of {old.get('date', 'an earlier run')}"}
+            res["minilm"] = {**old["minilm"], "carried_over": f"from the results of {old.get('date', 'the run before this one')}"}
         res["date"] = time.strftime("%Y-%m-%d")
         write(res)
     if not args.skip_minilm and not args.only_vgg:
