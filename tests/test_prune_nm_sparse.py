@@ -146,15 +146,14 @@ def test_bitmask_zlib_is_lossless_and_only_for_sparse(dtype):
     assert encode_tensor(dense)[0] == "dense"  # dense tensors are never entropy-coded
 
 
-def test_the_whole_model_keeps_dense_layers_where_csr_made_it_slower(monkeypatch):
+def test_the_whole_model_keeps_dense_layers_where_csr_made_it_slower():
     """Layers are swapped to CSR one by one when each times faster alone; the runner times the whole model
     and keeps the dense twin (same weights, same file) when that is faster."""
     from types import SimpleNamespace
 
-    import torchshrink.recipe.runner as R
+    import torchshrink.recipe.advice as R
     from torchshrink.export.io import saved_bytes
     from torchshrink.prune.sparse import dense_twin
-    from torchshrink.recipe.task import generic_task
 
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 8))
@@ -168,9 +167,7 @@ def test_the_whole_model_keeps_dense_layers_where_csr_made_it_slower(monkeypatch
     assert abs(saved_bytes(twin) - saved_bytes(sparse)) <= 0.01 * saved_bytes(sparse)  # same bitmask weights
     assert dense_twin(net) is None
     ms = lambda v: SimpleNamespace(p50_ms=v)  # noqa: E731
-    monkeypatch.setattr(R, "_timed_pair", lambda a, b, task, threads: (ms(2.0), ms(1.0)))  # dense twin faster
-    task = generic_task(net, (x,))
-    kept, lat, why = R._faster_variant(sparse, ms(1.0), ms(1.5), task, None, "1/2 unstructured")
+    kept, lat, why = R.faster_variant(sparse, ms(1.0), ms(1.5), lambda a, b: (ms(2.0), ms(1.0)), "1/2 unstructured")
     assert type(kept[0]) is nn.Linear and lat.p50_ms == 1.0 and "kept dense" in why
-    same, _, why = R._faster_variant(sparse, ms(1.0), ms(1.02), task, None, "1/2 unstructured")  # not slower: untouched
+    same, _, why = R.faster_variant(sparse, ms(1.0), ms(1.02), None, "1/2 unstructured")  # not slower: untouched
     assert same is sparse and why == ""
