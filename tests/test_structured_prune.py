@@ -152,3 +152,27 @@ def test_config_errors():
         torchshrink.config_from_dict({"kind": "channel-prune", "importance": "l3"})
     cfg = torchshrink.config_from_yaml(torchshrink.config_to_yaml(ChannelPruneConfig(ignore=("fc",), round_to=8)))
     assert cfg == ChannelPruneConfig(ignore=("fc",), round_to=8)
+
+class _HardCoded(nn.Module):
+    """A channel count written in Python inside forward: tracing cannot see it."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3)
+        self.fc = nn.Linear(8, 2)
+
+    def forward(self, x):
+        y = self.conv(x).mean((2, 3))
+        return self.fc(y.reshape(y.shape[0], 8))
+
+
+def test_a_pruned_model_that_would_not_run_is_refused_in_one_line():
+
+    torch.manual_seed(0)
+    m, x = _HardCoded(), torch.randn(2, 3, 8, 8)
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    with pytest.raises(UnsupportedLayerError, match=r"channel-prune refused: the pruned model was checked on the trace "
+                                                    r"batch and it fails to run \(RuntimeError") as e:
+        torchshrink.prune(m, ChannelPruneConfig(amount=0.5), data=[x])
+    assert "\n" not in str(e.value)
+    assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())  # the input is untouched

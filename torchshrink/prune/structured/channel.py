@@ -21,6 +21,7 @@ from torchshrink.prune.structured.groups import Group, build_groups, prune_group
 from torchshrink.prune.structured.importance import CRITERIA, group_scores, taylor_grads
 from torchshrink.prune.structured.latency import group_time_per_mac
 from torchshrink.prune.structured.trace import Graph, call_model, trace
+from torchshrink.prune.structured.verify import reference, verify
 
 log = logging.getLogger(__name__)
 DEFAULT_TYPES = ("Linear", "Conv1d", "Conv2d", "Conv3d", "Embedding")
@@ -196,6 +197,7 @@ def _size_of(model: nn.Module, batch: Any, target: str) -> int:
 def prune_channels(model: nn.Module, config: ChannelPruneConfig, *, select: Select | None = None,
                    data: Any = None, **_: Any) -> nn.Module:
     """Handler of ``channel-prune`` (the model is already a copy)."""
+    refs = reference(model, first_batch(model, data))
     plan = make_plan(model, config, select, data)
     ratio = config.amount
     if config.target != "channels":
@@ -231,6 +233,7 @@ def prune_channels(model: nn.Module, config: ChannelPruneConfig, *, select: Sele
     }
     for p, r in plan.skipped:
         log.info("channel-prune: left unpruned %s (%s)", ", ".join(p) or "?", r)
+    verify(model, refs, "channel-prune")
     current(model).notes.update(report)
     return model
 

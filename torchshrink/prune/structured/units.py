@@ -34,6 +34,7 @@ from torchshrink.prune.structured.transformer import (
     select_dim,
     set_config,
 )
+from torchshrink.prune.structured.verify import probe_batch, reference, verify
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +108,7 @@ def _heads_to_keep(scores: torch.Tensor, heads: int, kv: int, amount: float) -> 
 
 def head_prune(model: nn.Module, config: HeadPruneConfig, *, select: Select | None = None, data: Any = None,
                **_: Any) -> nn.Module:
+    refs = reference(model, probe_batch(model, data))
     prefix, layers = find_layers(model)
     gen = torch.Generator().manual_seed(config.seed)
     new_heads, head_dim = None, None
@@ -123,11 +125,13 @@ def head_prune(model: nn.Module, config: HeadPruneConfig, *, select: Select | No
     if select is None or not (select.include or select.exclude):
         set_config(model, num_attention_heads=new_heads, head_dim=head_dim)
     record_structure(model)
+    verify(model, refs, "head-prune")
     return model
 
 
 def ffn_prune(model: nn.Module, config: FfnPruneConfig, *, select: Select | None = None, data: Any = None,
               **_: Any) -> nn.Module:
+    refs = reference(model, probe_batch(model, data))
     prefix, layers = find_layers(model)
     cfgs = hf_configs(model)
     inter = next((getattr(c, a) for c in cfgs for a in ("intermediate_size", "n_inner") if getattr(c, a, None)), None)
@@ -158,6 +162,7 @@ def ffn_prune(model: nn.Module, config: FfnPruneConfig, *, select: Select | None
     if select is None or not (select.include or select.exclude):
         set_config(model, intermediate_size=new_size, n_inner=new_size)
     record_structure(model)
+    verify(model, refs, "ffn-prune")
     return model
 
 
@@ -195,6 +200,7 @@ def _residual_blocks(model: nn.Module, batch: Any) -> list[tuple[str, nn.Module]
 
 def layer_drop(model: nn.Module, config: LayerDropConfig, *, select: Select | None = None, data: Any = None,
                **_: Any) -> nn.Module:
+    refs = reference(model, probe_batch(model, data))
     try:
         prefix, layers = find_layers(model)
         blocks = [(f"{prefix}.{i}", b) for i, b in enumerate(layers) if _layer_selected(prefix, i, select)]
@@ -234,6 +240,7 @@ def layer_drop(model: nn.Module, config: LayerDropConfig, *, select: Select | No
         for n in names:
             set_module(model, n, nn.Identity())
     current(model).changed.update({n: "dropped" for n in sorted(names)})
+    verify(model, refs, "layer-drop")
     return model
 
 
