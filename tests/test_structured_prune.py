@@ -176,3 +176,18 @@ def test_a_pruned_model_that_would_not_run_is_refused_in_one_line():
         torchshrink.prune(m, ChannelPruneConfig(amount=0.5), data=[x])
     assert "\n" not in str(e.value)
     assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())  # the input is untouched
+
+
+def test_a_pruned_convnext_reloads_with_its_resized_layernorm2d_and_layer_scale(tmp_path):
+    """torchvision's LayerNorm2d and ConvNeXt's layer_scale parameter are rebuilt at their original size from
+    the architecture; loading gives them the saved (pruned) size."""
+    from torchshrink.models import load_model
+
+    m = load_model("torchvision:convnext_tiny")
+    x = torch.randn(1, 3, 32, 32)
+    p = torchshrink.prune(m, ChannelPruneConfig(amount=0.3), data=[x]).eval()
+    assert p.features[1][0].layer_scale.shape[0] < 96  # resized by the pruning
+    torchshrink.save(p, tmp_path / "m")
+    back = torchshrink.load(tmp_path / "m").eval()
+    with torch.no_grad():
+        assert torch.allclose(back(x), p(x), atol=1e-5, rtol=1e-5)

@@ -217,6 +217,24 @@ def rebuild(skeleton: nn.Module, records: list[dict[str, Any]], declared: dict[s
     return skeleton
 
 
+def _fit_skeleton(net: nn.Module, tensors: dict[str, torch.Tensor], skeleton_modules: set[str]) -> None:
+    """Tensors held directly by a module of the architecture's own classes (a torchvision ``LayerNorm2d``,
+    ConvNeXt's ``layer_scale``), which structured pruning resized, get the saved size before loading (the
+    sizes are the file's own tensors', already checked against the file)."""
+    for key, t in tensors.items():
+        owner_name, _, attr = key.rpartition(".")
+        if owner_name not in skeleton_modules:
+            continue
+        owner = _lookup(net, owner_name)
+        if owner is None:
+            continue
+        for store in (owner._parameters, owner._buffers):
+            cur = store.get(attr)
+            if isinstance(cur, torch.Tensor) and cur.shape != t.shape:
+                new = torch.empty(t.shape, dtype=cur.dtype, device=cur.device)
+                store[attr] = nn.Parameter(new, requires_grad=cur.requires_grad) if store is owner._parameters else new
+
+
 def _retie(net: nn.Module, meta: dict[str, Any]) -> None:
     """Make tied parameters one Parameter object again (assign=True wraps each key separately)."""
     for key, info in meta.items():
@@ -278,6 +296,8 @@ def load(directory: str | os.PathLike[str], *, model: nn.Module | None = None) -
         skeleton = model if model is not None else _skeleton(manifest)
         net = rebuild(skeleton, manifest["modules"], declared)
     tensors = decode_state(flat, declared)
+    if manifest.get("fx_graph") is None:
+        _fit_skeleton(net, tensors, {r["name"] for r in manifest["modules"] if r.get("init") is None})
     try:
         res = net.load_state_dict(tensors, strict=False, assign=True)
     except RuntimeError as e:
