@@ -74,3 +74,23 @@ def test_native_from_pretrained_for_llama_and_ffn(tmp_path):
 def test_not_a_transformer_is_a_clear_error(tiny):
     with pytest.raises(UnsupportedLayerError, match="no stack of transformer layers"):
         torchshrink.prune(tiny, HeadPruneConfig())
+
+
+def test_distilbert_ffn_and_head_pruning_find_its_units_and_reload(tmp_path):
+    """DistilBERT names its projections q_lin / out_lin and its FFN width hidden_dim (no intermediate_size):
+    the FFN pair is pruned (not the attention), heads are found, and both reload."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.DistilBertConfig(vocab_size=100, dim=64, n_heads=4, n_layers=2, hidden_dim=128,
+                                        max_position_embeddings=64)
+    m = transformers.DistilBertModel(cfg).eval()
+    ids = torch.randint(0, 100, (2, 8))
+    ffn = torchshrink.prune(m, torchshrink.FfnPruneConfig(amount=0.5))
+    layer = ffn.transformer.layer[0]
+    assert layer.ffn.lin1.out_features == 64 and layer.attention.q_lin.out_features == 64 and ffn.config.hidden_dim == 64
+    heads = torchshrink.prune(m, torchshrink.HeadPruneConfig(amount=0.5))
+    assert heads.transformer.layer[0].attention.q_lin.out_features == 32 and heads.config.n_heads == 2
+    for i, p in enumerate((ffn, heads)):
+        torchshrink.save(p, tmp_path / str(i))
+        back = torchshrink.load(tmp_path / str(i))
+        assert torch.allclose(back(ids).last_hidden_state, p(ids).last_hidden_state, atol=1e-5)

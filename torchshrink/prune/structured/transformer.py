@@ -14,7 +14,7 @@ from torch import nn
 from torchshrink.core.errors import UnsupportedLayerError
 from torchshrink.prune.structured.groups import fix_attributes
 
-_Q, _K, _V = ("query", "q_proj", "q"), ("key", "k_proj", "k"), ("value", "v_proj", "v")
+_Q, _K, _V = ("query", "q_proj", "q", "q_lin"), ("key", "k_proj", "k", "k_lin"), ("value", "v_proj", "v", "v_lin")
 HEAD_ATTRS = ("num_attention_heads", "num_heads", "attention_head_size", "head_dim", "all_head_size",
               "split_size", "num_key_value_groups", "scaling", "n_head")
 
@@ -93,13 +93,14 @@ def find_attention(layer: nn.Module) -> Attention:
         fused = _child(m, ("c_attn", "qkv"))
         if not ((q and k and v) or fused):
             continue
-        o = _child(m, ("o_proj", "out_proj", "c_proj", "proj"))
+        o = _child(m, ("o_proj", "out_proj", "c_proj", "proj", "out_lin", "o"))
         if o is None:  # BERT: the output projection lives in a sibling `output.dense`
             parent = layer.get_submodule(name.rpartition(".")[0]) if "." in name else layer
             o = _child(getattr(parent, "output", nn.Module()), ("dense",))
         if o is None:
             continue
-        heads = next((getattr(m, a) for a in ("num_attention_heads", "num_heads") if isinstance(getattr(m, a, None), int)), None)
+        heads = next((getattr(m, a) for a in ("num_attention_heads", "num_heads", "n_heads")
+                      if isinstance(getattr(m, a, None), int)), None)
         head_dim = next((getattr(m, a) for a in ("head_dim", "attention_head_size") if isinstance(getattr(m, a, None), int)), None)
         cfg = getattr(m, "config", None)
         if heads is None and head_dim is not None:
@@ -146,7 +147,7 @@ def prune_heads(att: Attention, keep: torch.Tensor) -> None:
     select_dim(att.o, "in", rows)
     new_h = len(keep)
     m = att.module
-    for a, v in (("num_attention_heads", new_h), ("num_heads", new_h), ("all_head_size", new_h * d),
+    for a, v in (("num_attention_heads", new_h), ("num_heads", new_h), ("n_heads", new_h), ("all_head_size", new_h * d),
                  ("split_size", new_h * d), ("num_key_value_groups", new_h // att.kv_heads)):
         if isinstance(getattr(m, a, None), int) and not isinstance(getattr(m, a), bool):
             if a != "num_key_value_groups" or att.kv_heads != h:
@@ -154,15 +155,17 @@ def prune_heads(att: Attention, keep: torch.Tensor) -> None:
     att.heads = new_h
 
 
-def find_ffn(layer: nn.Module, att: Attention | None, inter: int | None) -> tuple[list[nn.Module], list[nn.Module]]:
+def find_ffn(layer: nn.Module, att: Attention | None, inter: int | None, width: int | None = None
+             ) -> tuple[list[nn.Module], list[nn.Module]]:
     """(producers, consumers) of the FFN hidden dimension: projections outside the attention whose
-    output (input) size is the intermediate size."""
+    output (input) size is the intermediate size -- where no config names it, the most common output
+    width other than the model's own ``width`` (an attention the name lists missed has that width)."""
     skip = {id(x) for x in att.module.modules()} if att else set()
     if att is not None:
         skip.add(id(att.o))
     projs = [m for m in layer.modules() if is_proj(m) and id(m) not in skip]
     if inter is None:
-        sizes = [out_features(m) for m in projs]
+        sizes = [out_features(m) for m in projs if out_features(m) != width]
         inter = max(sizes, key=sizes.count) if sizes else 0
     ups = [m for m in projs if out_features(m) == inter]
     downs = [m for m in projs if in_features(m) == inter and m not in ups]

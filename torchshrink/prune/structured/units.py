@@ -134,7 +134,11 @@ def ffn_prune(model: nn.Module, config: FfnPruneConfig, *, select: Select | None
     refs = reference(model, probe_batch(model, data))
     prefix, layers = find_layers(model)
     cfgs = hf_configs(model)
-    inter = next((getattr(c, a) for c in cfgs for a in ("intermediate_size", "n_inner") if getattr(c, a, None)), None)
+    inter = next((getattr(c, a) for c in cfgs for a in ("intermediate_size", "n_inner", "d_ff") if getattr(c, a, None)), None)
+    if inter is None and cfgs and getattr(cfgs[0], "model_type", "") == "distilbert":
+        inter = cfgs[0].hidden_dim  # DistilBERT's FFN width (its model width is `dim`)
+    width = next((getattr(c, a) for c in cfgs for a in ("hidden_size", "dim", "d_model", "n_embd")
+                  if isinstance(getattr(c, a, None), int)), None)
     if inter is None and cfgs and getattr(cfgs[0], "model_type", "") == "gpt2":
         inter = 4 * cfgs[0].n_embd
     gen = torch.Generator().manual_seed(config.seed)
@@ -146,7 +150,7 @@ def ffn_prune(model: nn.Module, config: FfnPruneConfig, *, select: Select | None
             att = find_attention(layer)
         except UnsupportedLayerError:
             att = None
-        ups, downs = find_ffn(layer, att, inter)
+        ups, downs = find_ffn(layer, att, inter, width)
         n = ups[0].weight.shape[0] if isinstance(ups[0], nn.Linear) else ups[0].weight.shape[1]
         n_keep = max(1, n - math.floor(n * config.amount))
         if config.round_to > 1:
@@ -161,6 +165,11 @@ def ffn_prune(model: nn.Module, config: FfnPruneConfig, *, select: Select | None
         raise UnsupportedLayerError(f"ffn-prune: the selection matched no layer of {prefix or 'the model'}")
     if select is None or not (select.include or select.exclude):
         set_config(model, intermediate_size=new_size, n_inner=new_size)
+        for c in cfgs:  # the FFN width under the names these configs give it
+            if getattr(c, "model_type", "") == "distilbert":
+                c.hidden_dim = new_size
+            elif isinstance(getattr(c, "d_ff", None), int):
+                c.d_ff = new_size
     record_structure(model)
     verify(model, refs, "ffn-prune")
     return model
