@@ -94,3 +94,14 @@ def test_distilbert_ffn_and_head_pruning_find_its_units_and_reload(tmp_path):
         torchshrink.save(p, tmp_path / str(i))
         back = torchshrink.load(tmp_path / str(i))
         assert torch.allclose(back(ids).last_hidden_state, p(ids).last_hidden_state, atol=1e-5)
+
+
+def test_layer_drop_that_would_remove_nothing_refuses_in_one_line():
+    """ALBERT-style: one shared layer group -- any amount used to leave the model as it was (MACs x1.00)."""
+    torch.manual_seed(0)
+    cfg = tf.AlbertConfig(vocab_size=100, embedding_size=32, hidden_size=64, num_hidden_layers=4, num_attention_heads=4,
+                          intermediate_size=128, max_position_embeddings=64)
+    m = tf.AlbertModel(cfg).eval()
+    with pytest.raises(UnsupportedLayerError, match="removes none") as e:
+        torchshrink.prune(m, LayerDropConfig(amount=0.5))
+    assert "\n" not in str(e.value)

@@ -226,6 +226,10 @@ def layer_drop(model: nn.Module, config: LayerDropConfig, *, select: Select | No
             raise ConfigError(f"layer-drop.layers={list(config.layers)}: the model has {len(layers) if hf else len(blocks)} droppable layers")
     else:
         n_drop = math.floor(len(blocks) * config.amount)
+        if config.amount > 0 and n_drop == 0:
+            raise UnsupportedLayerError(
+                f"layer-drop: amount {config.amount} of {len(blocks)} droppable layer(s) removes none (a model whose "
+                "layers are one shared group, e.g. ALBERT, cannot lose layers this way); raise amount or name `layers`")
         bi = _block_influence(model, blocks, first_batch(model, data)) if n_drop else {}
         names = sorted(bi, key=bi.get)[:n_drop]
     if hf:
