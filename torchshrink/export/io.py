@@ -70,8 +70,9 @@ def module_records(model: nn.Module) -> list[dict[str, Any]]:
         fmts = state.get(m, "formats")
         if fmts:
             rec["formats"] = dict(fmts)
-        if state.get(m, "lowrank"):
-            rec["lowrank"] = state.get(m, "lowrank")
+        for tag in ("lowrank", "fused_from"):  # module-level state the report shows (strings only)
+            if state.get(m, tag):
+                rec[tag] = state.get(m, tag)
         recs.append(rec)
     return recs
 

@@ -207,8 +207,9 @@ def rebuild(skeleton: nn.Module, records: list[dict[str, Any]], declared: dict[s
                 state.put(m, lowrank=v[:40])
             else:
                 _set_attr(m, rec["name"], k, v)
-        if rec.get("lowrank"):
-            state.put(m, lowrank=rec["lowrank"])
+        for tag in ("lowrank", "fused_from"):
+            if rec.get(tag):
+                state.put(m, **{tag: rec[tag]})
         if rec.get("formats"):
             for fmt in rec["formats"].values():
                 if not known_format(fmt):

@@ -25,7 +25,7 @@ _SIMPLE = (bool, int, float, str, type(None))
 _TOP = {"fx_graph", "format", "format_version", "torchshrink_version", "torch_version", "source", "class", "input",
         "hf_config", "modules", "tensors", "recipe"}
 _STUB = {"format", "format_version", "container"}
-_RECORD = {"name", "type", "init", "attrs", "formats", "lowrank"}
+_RECORD = {"name", "type", "init", "attrs", "formats", "lowrank", "fused_from"}
 
 
 def read_json(path: Any, max_bytes: int, what: str) -> Any:
@@ -102,6 +102,8 @@ def _record(rec: Any, where: str) -> None:
         _type(v, str, where, f"modules[{name[:60]!r}].formats[{k[:40]!r}]")
     if len(_type(rec.get("lowrank", ""), str, where, f"modules[{name[:60]!r}].lowrank")) > 40:
         raise _fail(where, f"modules[{name[:60]!r}].lowrank is longer than 40 characters")
+    if len(_type(rec.get("fused_from", ""), str, where, f"modules[{name[:60]!r}].fused_from")) > 1000:
+        raise _fail(where, f"modules[{name[:60]!r}].fused_from is longer than 1000 characters")
 
 
 def _tensors(tensors: Any, where: str) -> None:
