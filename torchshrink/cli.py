@@ -125,7 +125,8 @@ def compress(
     if result.resumed_from:
         out.print(f"resumed after stage {result.resumed_from}")
     for k, v in result.provenance.items():
-        out.print(f"{k}: {v}")
+        if k != "search":  # the data a search steers by: not a figure of this run
+            out.print(f"{k}: {v}")
     for w in result.warnings:
         out.print(f"[yellow]warning:[/yellow] {w}")
     out.print(f"{result.timing_note}\nwrote {out_dir}/ (model/, stages/, recipe.yaml, report.md, report.html, report.json)")
