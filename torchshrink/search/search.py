@@ -21,7 +21,7 @@ from torchshrink.search.budget import Budget, parse_budget
 from torchshrink.search.evaluate import Evaluator, Point
 from torchshrink.search.greedy import greedy, static_infeasibility
 from torchshrink.search.profile import LayerProfile, profile_layers
-from torchshrink.search.space import SearchSpace, build_space, describe
+from torchshrink.search.space import FLOAT, SearchSpace, build_space, describe
 
 log = logging.getLogger(__name__)
 Method = Literal["nsga2", "tpe", "greedy"]
@@ -241,6 +241,10 @@ def search(
         if not study.get_trials(deepcopy=False):
             study.set_user_attr("budget", budget.to_dict())
             study.enqueue_trial(start, user_attrs={"source": "greedy"})
+            for label in sorted({o.label for layer in space.layers for o in space.options[layer]} - {FLOAT}):
+                uniform = {layer: label if label in space.labels(layer) else FLOAT for layer in space.layers}
+                if uniform != start:  # every uniform setting is tried too: the search never ends below one
+                    study.enqueue_trial(uniform, user_attrs={"source": f"uniform {label}"})
         procs = []
         if workers > 1:
             ctx = mp.get_context("spawn")
