@@ -214,14 +214,18 @@ def _images(spec: DataSpec, root: Path, model: nn.Module) -> tuple[Any, Any, Any
     return x_tr, y_tr, x_ev, y_ev, f"{how}; images {size[1]}x{size[2]}, normalize {norm}"
 
 
-def _split(spec: DataSpec, x: torch.Tensor, y: torch.Tensor | None, name: str) -> tuple[Any, Any, Any, Any, str]:
-    n = len(x)
+def _held_out(spec: DataSpec, n: int, name: str, unit: str = "samples") -> tuple[torch.Tensor, torch.Tensor, str]:
+    """(evaluation indices, training indices, how they were drawn): the seeded split every form uses."""
     n_eval = int(round(n * spec.eval_fraction))
     if n_eval < 1 or n - n_eval < 1:
-        raise DataError(f"{name} holds {n} samples: too few to hold {spec.eval_fraction:.0%} out for evaluation")
+        raise DataError(f"{name} holds {n} {unit}: too few to hold {spec.eval_fraction:.0%} out for evaluation")
     order = torch.randperm(n, generator=torch.Generator().manual_seed(spec.seed))
-    ev, tr = order[:n_eval], order[n_eval:]
-    how = f"the held-out {spec.eval_fraction:.0%} of {name} ({n_eval} of {n} samples, split seed {spec.seed})"
+    how = f"the held-out {spec.eval_fraction:.0%} of {name} ({n_eval} of {n} {unit}, split seed {spec.seed})"
+    return order[:n_eval], order[n_eval:], how
+
+
+def _split(spec: DataSpec, x: torch.Tensor, y: torch.Tensor | None, name: str) -> tuple[Any, Any, Any, Any, str]:
+    ev, tr, how = _held_out(spec, len(x), name)
     return x[tr], (y[tr] if y is not None else None), x[ev], (y[ev] if y is not None else None), how
 
 
@@ -330,11 +334,8 @@ def _text_task(spec: DataSpec, path: Path, model: nn.Module) -> Task:
         texts = [t.strip() for t in path.read_text(encoding="utf-8").splitlines() if t.strip()]
     if len(texts) > MAX_SAMPLES:
         raise DataError(f"{path} holds {len(texts):,} texts; torchshrink reads at most {MAX_SAMPLES:,}")
-    n_eval = int(round(len(texts) * spec.eval_fraction))
-    if n_eval < 1 or len(texts) - n_eval < 1:
-        raise DataError(f"{path} holds {len(texts)} texts: too few to hold {spec.eval_fraction:.0%} out")
-    order = torch.randperm(len(texts), generator=torch.Generator().manual_seed(spec.seed)).tolist()
-    ev, tr = [texts[i] for i in order[:n_eval]], [texts[i] for i in order[n_eval:]]
+    ev_idx, tr_idx, how = _held_out(spec, len(texts), path.name, "texts")
+    ev, tr = [texts[i] for i in ev_idx.tolist()], [texts[i] for i in tr_idx.tolist()]
     tok = _tokenizer(model)
     limit = getattr(getattr(model, "config", None), "max_position_embeddings", None) or spec.max_length
     length = min(spec.max_length, int(limit))
@@ -349,7 +350,6 @@ def _text_task(spec: DataSpec, path: Path, model: nn.Module) -> Task:
     train, held = batches(tr), batches(ev)
     calib = train[: spec.calib_batches]
     first = held[0]
-    how = f"the held-out {spec.eval_fraction:.0%} of {path.name} ({n_eval} of {len(texts)} texts, split seed {spec.seed})"
     return Task(name=f"data:{path.name}", inputs=(first["input_ids"], first["attention_mask"]), train=train,
                 calibration=calib,
                 quality=lambda m, ref: {k: v for k, v in fidelity(m, ref, held).items() if k.startswith("cosine")},
