@@ -99,6 +99,35 @@ def minilm(runs: int, lock: str | None) -> dict:
             "cosine_mean_no_finetune": fid.get("cosine_mean")}
 
 
+CRITERIA = ("l1", "l2", "random", "activation", "fluctuation")
+MAGNITUDE, DATA_AWARE = ("l1", "l2"), ("activation", "fluctuation")
+
+
+def minilm_importance(n_calib: int = 512, n_val: int = 500) -> dict:
+    """MiniLM, half the heads then half the FFN neurons, NO fine-tuning, under each importance
+    criterion: sentence-embedding cosine with the original on validation sentences (train-side, not
+    calibrated on; used to choose the default) and on the 500 held-out sentences (reported)."""
+    from torchshrink.distill import check_disjoint, distill_corpus
+    from torchshrink.measure.quality import fidelity
+    from torchshrink.zoo.minilm import load_minilm, tokenize
+
+    m = load_minilm().eval()
+    train, held = distill_corpus()  # overlaps with the held-out sentences removed
+    calib_s, val_s = train[:n_calib], train[n_calib:n_calib + n_val]
+    check_disjoint(calib_s + val_s, held)
+    calib = tokenize(calib_s, batch_size=64)
+    val_b, held_b = tokenize(val_s, batch_size=100), tokenize(held, batch_size=100)
+    out: dict = {"calib_sentences": len(calib_s), "val_sentences": len(val_s), "heldout_sentences": len(held)}
+    for crit in CRITERIA:
+        data = calib if crit in DATA_AWARE else None
+        p = torchshrink.prune(m, HeadPruneConfig(amount=0.5, importance=crit), data=data)
+        p = torchshrink.prune(p, FfnPruneConfig(amount=0.5, importance=crit), data=data)
+        out[crit] = {"val_cosine": fidelity(p, m, val_b)["cosine_mean"], "heldout_cosine": fidelity(p, m, held_b)["cosine_mean"],
+                     "heldout_cosine_min": fidelity(p, m, held_b)["cosine_min"], "params_ratio": nparams(p) / nparams(m)}
+        print(crit, json.dumps(out[crit]), flush=True)
+    return out
+
+
 def digits() -> dict:
     from torchshrink.measure.quality import accuracy
     from torchshrink.recipe import Finetune, finetune

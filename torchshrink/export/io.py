@@ -78,7 +78,13 @@ def module_records(model: nn.Module) -> list[dict[str, Any]]:
 
 
 def source_of(model: nn.Module) -> str | None:
-    return state.get(model, "source")
+    """The spec the model was loaded from; for a torchvision model given as an instance, its builder."""
+    src = state.get(model, "source")
+    if src is None:
+        from torchshrink.export.skeleton import guess_torchvision_source
+
+        src = guess_torchvision_source(model)
+    return src
 
 
 def hf_config_of(model: nn.Module) -> dict[str, Any] | None:

@@ -36,6 +36,51 @@ def torchvision_model(name: str) -> nn.Module:
     return tag(model.eval(), f"torchvision:{name}", {"shape": [1, 3, size, size], "dtype": "float32"})
 
 
+def _structure(model: nn.Module) -> tuple[dict[str, str], set[str]]:
+    """(module name -> class, names replaced by torchshrink modules); the insides of a replaced module
+    are left out (compression put its own there)."""
+    sig, replaced = {}, set()
+    for name, m in model.named_modules():
+        if any(name.startswith(f"{r}.") for r in replaced):
+            continue
+        cls = type(m)
+        if cls.__module__.startswith("torchshrink."):
+            replaced.add(name)
+            continue
+        sig[name] = f"{cls.__module__}.{cls.__qualname__}"
+    return sig, replaced
+
+
+def guess_torchvision_source(model: nn.Module) -> str | None:
+    """``torchvision:<name>`` for a model built by a torchvision builder (given as an instance, not as
+    a spec): the builder of the same class whose module tree (names and classes, built on the meta
+    device) is the model's, up to layers compression replaced or dropped. None if none matches."""
+    mod = type(model).__module__
+    if not mod.startswith("torchvision.models."):
+        return None
+    import torch
+    import torchvision
+
+    sig, replaced = _structure(model)
+    for name in torchvision.models.list_models(module=torchvision.models):
+        builder = torchvision.models.get_model_builder(name)
+        if builder.__module__ != mod:
+            continue
+        try:
+            with torch.device("meta"):
+                cand = builder(weights=None)
+        except Exception:  # noqa: BLE001 - a builder that cannot run on the meta device is not a match
+            continue
+        if type(cand) is not type(model):
+            continue
+        csig, _ = _structure(cand)
+        kept = {n: c for n, c in csig.items() if n not in replaced and not any(n.startswith(f"{r}.") for r in replaced)}
+        same = all(sig.get(n) == c or sig.get(n) == "torch.nn.modules.linear.Identity" for n, c in kept.items())
+        if same and set(sig) <= set(kept) | replaced:
+            return f"torchvision:{name}"
+    return None
+
+
 def _zoo_skeleton(name: str) -> nn.Module:
     from torchshrink.zoo.digits import DigitsCNN, DigitsMLP
     from torchshrink.zoo.minilm import minilm_skeleton

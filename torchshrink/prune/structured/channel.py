@@ -14,14 +14,15 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from torchshrink.core.config import Config, check_range, register
+from torchshrink.core.data import Batch, as_batches
 from torchshrink.core.errors import ConfigError, DataError, UnsupportedLayerError
 from torchshrink.core.report import current
 from torchshrink.core.select import Select, config_for, name_matches, select_modules
-from torchshrink.prune.structured.groups import Group, build_groups, prune_groups
+from torchshrink.prune.structured.groups import Group, build_groups, mask_groups, prune_groups
 from torchshrink.prune.structured.importance import CRITERIA, group_scores, taylor_grads
 from torchshrink.prune.structured.latency import group_time_per_mac
 from torchshrink.prune.structured.trace import Graph, call_model, trace
-from torchshrink.prune.structured.verify import reference, verify
+from torchshrink.prune.structured.verify import problem, reference, run_outputs
 
 log = logging.getLogger(__name__)
 DEFAULT_TYPES = ("Linear", "Conv1d", "Conv2d", "Conv3d", "Embedding")
@@ -73,12 +74,17 @@ class ChannelPruneConfig(Config):
 
 
 def first_batch(model: nn.Module, data: Any) -> Any:
-    """An example batch to trace with: the first calibration batch, or the model's known input."""
-    if data:
-        b = data[0] if isinstance(data, list | tuple) else next(iter(data))
-        if isinstance(b, list | tuple) and len(b) == 2 and isinstance(b[1], torch.Tensor) and not b[1].is_floating_point():
-            return b[0]  # (inputs, labels)
-        return b
+    """An example batch to trace with: the inputs of the first calibration batch (read by the data
+    contract, so ``(input_ids, attention_mask)`` stays two inputs), or the model's known input. A batch
+    of positional tensors comes back as a tensor / tuple, of keyword tensors as a dict, else a Batch."""
+    if data is not None and not (isinstance(data, list | tuple) and not data):
+        b = next(as_batches(data, limit=1), None)
+        if b is not None:
+            if not b.kwargs:
+                return b.inputs[0] if len(b.inputs) == 1 else tuple(b.inputs)
+            if not b.inputs:
+                return dict(b.kwargs)
+            return Batch(b.inputs, None, b.kwargs)
     from torchshrink.core.errors import ModelLoadError
     from torchshrink.models import example_inputs
 
@@ -194,46 +200,107 @@ def _size_of(model: nn.Module, batch: Any, target: str) -> int:
     return batch_macs(model, batch)
 
 
+def _target_ratio(model: nn.Module, plan: Plan, config: ChannelPruneConfig, batch: Any) -> float:
+    """The channel ratio that meets a MACs / params target (bisection on pruned copies)."""
+    base = _size_of(model, batch, config.target)
+    goal = base * (1 - config.amount)
+    plan.ratios = {}
+    lo, hi, best = 0.0, config.max_ratio, None
+    for _ in range(12):
+        mid = (lo + hi) / 2
+        trial = copy.deepcopy(model)
+        plan.apply(trial, plan.keep(mid, config))
+        size = _size_of(trial, batch, config.target)
+        if size <= goal:
+            hi, best = mid, mid
+        else:
+            lo = mid
+        if best is not None and abs(size - goal) / base < 0.005:
+            break
+    if best is None:
+        log.warning("channel-prune: %s target %.2f not reachable; pruning at max_ratio=%.2f",
+                    config.target, config.amount, config.max_ratio)
+        best = config.max_ratio
+    return best
+
+
+def check_keep(model: nn.Module, plan: Plan, keep: dict[int, torch.Tensor], refs: list) -> str | None:
+    """Prune a copy of ``model`` to ``keep`` and say what is wrong with it (None: nothing). Groups no
+    norm mixes must also reproduce the masked original (the same channels zeroed) to float rounding."""
+    mixing = {gr.root for gr in plan.groups if gr.mixing}
+    exact = {r: k for r, k in keep.items() if r not in mixing}
+    trial = copy.deepcopy(model)
+    masked = None
+    if exact and len(exact) == len(keep):  # masking first, then pruning, gives the same pruned model
+        mask_groups(trial, plan.graph, plan.groups, keep)
+        masked = run_outputs(trial, refs)
+    plan.apply(trial, keep)
+    why = problem(trial, refs, masked)
+    if why is None and exact and len(exact) < len(keep):
+        trial = copy.deepcopy(model)
+        mask_groups(trial, plan.graph, plan.groups, exact)
+        masked = run_outputs(trial, refs)
+        plan.apply(trial, exact)
+        why = problem(trial, refs, masked)
+    return why
+
+
+def _broken_groups(model: nn.Module, plan: Plan, keep: dict[int, torch.Tensor], refs: list) -> list[tuple[int, str]]:
+    """The groups that break the model on their own (bisection over the pruned groups)."""
+    def search(roots: list[int]) -> list[tuple[int, str]]:
+        why = check_keep(model, plan, {r: keep[r] for r in roots}, refs)
+        if why is None:
+            return []
+        if len(roots) == 1:
+            return [(roots[0], why)]
+        half = len(roots) // 2
+        return search(roots[:half]) + search(roots[half:])
+
+    return search(sorted(keep))
+
+
 def prune_channels(model: nn.Module, config: ChannelPruneConfig, *, select: Select | None = None,
                    data: Any = None, **_: Any) -> nn.Module:
-    """Handler of ``channel-prune`` (the model is already a copy)."""
-    refs = reference(model, first_batch(model, data))
+    """Handler of ``channel-prune`` (the model is already a copy). The pruned model is checked against
+    the masked original; a group that breaks it is rolled back (reported with the reason)."""
+    batch = first_batch(model, data)
+    refs = reference(model, batch)
     plan = make_plan(model, config, select, data)
-    ratio = config.amount
-    if config.target != "channels":
-        batch = first_batch(model, data)
-        base = _size_of(model, batch, config.target)
-        goal = base * (1 - config.amount)
-        plan.ratios = {}
-        lo, hi, best = 0.0, config.max_ratio, None
-        for _ in range(12):
-            mid = (lo + hi) / 2
-            trial = copy.deepcopy(model)
-            plan.apply(trial, plan.keep(mid, config))
-            size = _size_of(trial, batch, config.target)
-            if size <= goal:
-                hi, best = mid, mid
-            else:
-                lo = mid
-            if best is not None and abs(size - goal) / base < 0.005:
-                break
-        if best is None:
-            log.warning("channel-prune: %s target %.2f not reachable; pruning at max_ratio=%.2f",
-                        config.target, config.amount, config.max_ratio)
-            best = config.max_ratio
-        ratio = best
-    changed = plan.apply(model, plan.keep(ratio, config))
+    rolled: list[tuple[list[str], str]] = []
+    for _attempt in range(2):
+        ratio = config.amount if config.target == "channels" else _target_ratio(model, plan, config, batch)
+        keep = plan.keep(ratio, config)
+        why = check_keep(model, plan, keep, refs) if keep and refs else None
+        if why is None:
+            break
+        bad = _broken_groups(model, plan, keep, refs)
+        by_root = {gr.root: gr for gr in plan.groups}
+        if not bad or len(bad) == len(keep):
+            raise UnsupportedLayerError(
+                f"channel-prune refused: the pruned model was checked on the trace batch and {why}; no group "
+                f"could be kept (first: {', '.join(by_root[sorted(keep)[0]].producers[:2])}); leave those layers "
+                "out with select / ignore")
+        for r, reason in bad:
+            rolled.append((by_root[r].producers, reason))
+            log.warning("channel-prune: rolled back %s: %s", ", ".join(by_root[r].producers[:3]), reason)
+        plan.groups = [gr for gr in plan.groups if gr.root not in {r for r, _ in bad}]
+        plan.scores = {r: v for r, v in plan.scores.items() if r in by_root and r not in {b for b, _ in bad}}
+    else:
+        raise UnsupportedLayerError(f"channel-prune refused: the pruned model still fails after rolling back "
+                                    f"{len(rolled)} group(s): {why}")
+    changed = plan.apply(model, keep)
+    plan.skipped.extend((p, f"rolled back: {r}") for p, r in rolled)
     report = {
-        "pruned_groups": len(plan.keep(ratio, config)),
+        "pruned_groups": len(keep),
         "ratio": ratio,
         "changed_modules": changed,
+        "rolled_back": [{"layers": p, "reason": r} for p, r in rolled],
         "unpruned": [{"layers": p, "reason": r} for p, r in plan.skipped],
         "latency_weights": {",".join(gr.producers): round(plan.weights[gr.root], 3)
                             for gr in plan.groups if gr.root in plan.weights},
     }
     for p, r in plan.skipped:
         log.info("channel-prune: left unpruned %s (%s)", ", ".join(p) or "?", r)
-    verify(model, refs, "channel-prune")
     current(model).notes.update(report)
     return model
 

@@ -87,16 +87,12 @@ def _owners(model: nn.Module) -> dict[str, list[tuple[nn.Module, str, bool]]]:
     return out
 
 
-def prune_groups(model: nn.Module, g: Graph, groups: list[Group], keep: dict[int, torch.Tensor]) -> list[str]:
-    """Keep only ``keep[root]`` channels of each group; returns the names of changed modules."""
-    state = dict(model.named_parameters(remove_duplicate=True))
-    state.update(dict(model.named_buffers(remove_duplicate=True)))
-    # indices to keep per (tensor, dim), combining every group that touches that dim
-    per_dim: dict[tuple[str, int], list[torch.Tensor]] = {}
-    touched = {gr.root: gr for gr in groups if gr.root in keep}
+def _kept_per_dim(g: Graph, groups: list[Group], keep: dict[int, torch.Tensor]) -> dict[tuple[str, int], torch.Tensor]:
+    """Indices kept along every (tensor, dim) that a pruned group touches (other groups' channels kept)."""
+    touched = {gr.root for gr in groups if gr.root in keep}
+    out: dict[tuple[str, int], torch.Tensor] = {}
     for (name, dim), lay in g.param_layouts.items():
-        roots = {g.find(s) for s, _ in lay}
-        if not roots & touched.keys():
+        if not {g.find(s) for s, _ in lay} & touched:
             continue
         pos, parts = 0, []
         for s, k in lay:
@@ -107,13 +103,32 @@ def prune_groups(model: nn.Module, g: Graph, groups: list[Group], keep: dict[int
             else:
                 parts.append(torch.arange(pos, pos + n * k))
             pos += n * k
-        per_dim[(name, dim)] = parts
+        out[(name, dim)] = torch.cat(parts)
+    return out
+
+
+@torch.no_grad()
+def mask_groups(model: nn.Module, g: Graph, groups: list[Group], keep: dict[int, torch.Tensor]) -> None:
+    """Zero (in place) the channels that :func:`prune_groups` would remove, in every tensor of their
+    groups: the *masked original*. For groups no norm mixes, it computes what the pruned model does."""
+    state = dict(model.named_parameters(remove_duplicate=True))
+    state.update(dict(model.named_buffers(remove_duplicate=True)))
+    for (name, dim), idx in _kept_per_dim(g, groups, keep).items():
+        t = state[name]
+        drop = torch.ones(t.shape[dim], dtype=torch.bool)
+        drop[idx] = False
+        t.index_fill_(dim, drop.nonzero().flatten().to(t.device), 0)
+
+
+def prune_groups(model: nn.Module, g: Graph, groups: list[Group], keep: dict[int, torch.Tensor]) -> list[str]:
+    """Keep only ``keep[root]`` channels of each group; returns the names of changed modules."""
+    state = dict(model.named_parameters(remove_duplicate=True))
+    state.update(dict(model.named_buffers(remove_duplicate=True)))
     owners = _owners(model)
     changed: dict[int, nn.Module] = {}
     new_by_name: dict[str, torch.Tensor] = {}
-    for (name, dim), parts in per_dim.items():
+    for (name, dim), idx in _kept_per_dim(g, groups, keep).items():
         t = new_by_name.get(name, state[name])
-        idx = torch.cat(parts)
         new_by_name[name] = torch.index_select(t.detach(), dim, idx.to(t.device)).clone()
     for name, data in new_by_name.items():
         old = state[name]

@@ -22,9 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from torchshrink.core.errors import DataError
 from torchshrink.prune.structured.groups import Group
-from torchshrink.prune.structured.trace import Graph, call_model
+from torchshrink.prune.structured.trace import Graph
 
 CRITERIA = ("l1", "l2", "bn_scale", "taylor", "random")
 REDUCTIONS = ("mean", "max", "sum")
@@ -86,22 +85,19 @@ def group_scores(
 def taylor_grads(model: nn.Module, batches: Iterable[Any]) -> dict[str, torch.Tensor]:
     """Accumulated gradients over calibration batches. With labels ``(x, y)`` the loss is cross
     entropy; without labels it is the mean squared output (a label-free proxy)."""
-    batches = list(batches or [])
-    if not batches:
-        raise DataError("importance='taylor' needs calibration data: pass data=[batch, ...] (inputs or (inputs, labels))")
+    from torchshrink.core.data import calibration
+    from torchshrink.measure.quality import main_output
+
+    batches = calibration(batches, what="importance='taylor'")
     model.zero_grad(set_to_none=True)
     was = model.training
     model.eval()
     with torch.enable_grad():
         for b in batches:
-            if isinstance(b, list | tuple) and len(b) == 2 and isinstance(b[1], torch.Tensor) and not b[1].is_floating_point():
-                out = call_model(model, b[0])
-                out = out.logits if hasattr(out, "logits") else out
-                loss = F.cross_entropy(out, b[1])
+            out = main_output(b(model))
+            if b.labels is not None and not b.labels.is_floating_point() and out.dim() == 2:
+                loss = F.cross_entropy(out, b.labels)
             else:
-                out = call_model(model, b)
-                out = getattr(out, "last_hidden_state", out)
-                out = out[0] if isinstance(out, tuple) else out
                 loss = out.float().pow(2).mean()
             loss.backward()
     grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}

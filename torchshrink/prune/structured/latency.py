@@ -80,9 +80,16 @@ def module_times(model: nn.Module, batch: Any, *, runs: int = 8, warmup: int = 2
 
 def module_macs(model: nn.Module, batch: Any) -> dict[str, int]:
     """MACs per module (by qualified name), from the shared counter in :mod:`torchshrink.measure`."""
+    from torchshrink.core.data import Batch
+
     inputs = batch if isinstance(batch, dict | list | tuple) else (batch,)
+    if isinstance(batch, Batch):  # positional and keyword inputs: count through a closure
+        inputs = (batch,)
+        model = _Bound(model)
     per = count_macs(model, inputs, per_module=True)
     assert isinstance(per, dict)
+    if isinstance(model, _Bound):
+        per = {n.removeprefix("model."): v for n, v in per.items() if n.startswith("model.")}
     return {n: v for n, v in per.items() if n}  # submodules only, not the root's total
 
 
@@ -120,3 +127,14 @@ def group_time_per_mac(
         out[gr.root] = (t_sum / m_sum) / (total_t / total_m) if m_sum > 0 and total_m > 0 and total_t > 0 else 1.0
     log.debug("latency weights: %s", {gr.producers[0]: round(out[gr.root], 2) for gr in groups if gr.producers})
     return out
+
+
+class _Bound(nn.Module):
+    """Runs a model on a Batch given as its one input (for the MACs counter, which passes *inputs)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch: Any) -> Any:
+        return batch(self.model)

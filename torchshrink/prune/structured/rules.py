@@ -123,12 +123,16 @@ def apply_rule(tr: Any, name: str, args: tuple, kwargs: dict, out: Any) -> bool:
         g.attach(wname, 0, g.blocked_layout(w.shape[0]))
         tr.set(out, [*tr.layout(idx), g.produce(wname, 1, w.shape[1])])
         return True
+    if name == "pad":
+        return _pad(tr, args, kwargs, out)
     if name in _POOL:
         x = args[0]
         res = out[0] if isinstance(out, tuple) else out
         if x.dim() < 2 or res.dim() != x.dim() or res.shape[:2] != x.shape[:2]:
             return False
         lx = tr.layout(x)
+        for lay in lx[2:]:  # channels-first ops: what sits in the spatial dims is never pruned through them
+            g.block(lay, f"{name} over dims 2+ in {tr.where()}")
         tr.set(res, [lx[0], lx[1], *[g.blocked_layout(n) for n in res.shape[2:]]])
         return True
     if name in _REDUCE or name in _MIX_DIM:
@@ -144,7 +148,11 @@ def apply_rule(tr: Any, name: str, args: tuple, kwargs: dict, out: Any) -> bool:
         elif name == "t":
             dims = [1, 0] if x.dim() == 2 else [0]
         elif name == "movedim":
-            return False
+            src = _dims(_arg(args, kwargs, 1, "source"), x.dim())
+            dst = _dims(_arg(args, kwargs, 2, "destination"), x.dim())
+            rest = iter(d for d in range(x.dim()) if d not in src)
+            where = dict(zip(dst, src, strict=True))
+            dims = [where[j] if j in where else next(rest) for j in range(x.dim())]
         else:
             a, b = _dims(args[1], x.dim())[0], _dims(args[2], x.dim())[0]
             dims = list(range(x.dim()))
@@ -275,6 +283,11 @@ def _reshape(tr: Any, x: torch.Tensor, out: torch.Tensor) -> bool:
         j += 1
         if len(gi) == 1 and len(gj) == 1:
             res[gj[0]] = lx[gi[0]]
+        elif len(gi) == 1 and _splits_off_inner(g, lx[gi[0]], math.prod(out.shape[k] for k in gj[1:])):
+            inner = math.prod(out.shape[k] for k in gj[1:])  # unflatten of what flatten merged
+            res[gj[0]] = tuple((s, k // inner) for s, k in lx[gi[0]])
+            for k in gj[1:]:
+                res[k] = g.blocked_layout(out.shape[k])
         elif len(gj) == 1 and all(g.is_blocked(lx[k]) for k in gi[1:]):
             inner = math.prod(x.shape[k] for k in gi[1:])
             first = lx[gi[0]]
@@ -287,6 +300,29 @@ def _reshape(tr: Any, x: torch.Tensor, out: torch.Tensor) -> bool:
     for k in range(out.dim()):
         if res[k] is None:
             res[k] = g.blocked_layout(out.shape[k])
+    tr.set(out, res)
+    return True
+
+
+def _splits_off_inner(g: Any, lay: tuple, inner: int) -> bool:
+    """A dim of channel segments each spanning a multiple of ``inner`` indices (a flatten of channels
+    with blocked inner dims) splits back into (channels, inner) without cutting a channel."""
+    return inner > 1 and all(k % inner == 0 for _, k in lay) and not g.is_blocked(lay)
+
+
+def _pad(tr: Any, args: tuple, kwargs: dict, out: Any) -> bool:
+    """``F.pad`` pads the LAST len(pad) // 2 dims, whatever the layout (channels-last included)."""
+    g, x = tr.g, args[0]
+    pad = list(_arg(args, kwargs, 1, "pad"))
+    lx = tr.layout(x)
+    if len(pad) % 2 or len(pad) // 2 > x.dim() or out.dim() != x.dim():
+        return False
+    res = list(lx)
+    for i in range(len(pad) // 2):
+        d = x.dim() - 1 - i
+        if pad[2 * i] or pad[2 * i + 1]:
+            g.block(lx[d], f"pad of dim {d} in {tr.where()}")
+            res[d] = g.blocked_layout(out.shape[d])
     tr.set(out, res)
     return True
 

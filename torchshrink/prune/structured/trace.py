@@ -207,6 +207,10 @@ def _tensors(obj: Any) -> Iterator[torch.Tensor]:
 
 
 def call_model(model: nn.Module, batch: Any) -> Any:
+    from torchshrink.core.data import Batch
+
+    if isinstance(batch, Batch):
+        return batch(model)
     if isinstance(batch, dict):
         return model(**batch)
     if isinstance(batch, list | tuple):

@@ -6,17 +6,21 @@ fields are updated so the pruned model rebuilds from its config."""
 from __future__ import annotations
 
 import dataclasses
+import logging
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from torchshrink.core.errors import UnsupportedLayerError
+from torchshrink.core.errors import ModelLoadError, UnsupportedLayerError
 from torchshrink.prune.structured.groups import fix_attributes
+
+log = logging.getLogger(__name__)
 
 _Q, _K, _V = ("query", "q_proj", "q", "q_lin"), ("key", "k_proj", "k", "k_lin"), ("value", "v_proj", "v", "v_lin")
 HEAD_ATTRS = ("num_attention_heads", "num_heads", "attention_head_size", "head_dim", "all_head_size",
-              "split_size", "num_key_value_groups", "scaling", "n_head")
+              "split_size", "num_key_value_groups", "scaling", "n_head", "n_heads", "inner_dim")
 
 
 def is_proj(m: nn.Module) -> bool:
@@ -51,19 +55,27 @@ def hf_configs(model: nn.Module) -> list[Any]:
     return out
 
 
-def find_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
-    """The model's stack of transformer layers: the longest ModuleList of same-type blocks."""
-    best: tuple[str, nn.ModuleList] | None = None
-    for name, m in model.named_modules():
-        if isinstance(m, nn.ModuleList) and len(m) > 0 and len({type(x) for x in m}) == 1:
-            if any(is_proj(x) for x in m[0].modules()) and (best is None or len(m) > len(best[1])):
-                best = (name, m)
-    if best is None:
+def _is_stack(m: nn.Module) -> bool:
+    return (isinstance(m, nn.ModuleList) and len(m) > 0 and len({type(x) for x in m}) == 1
+            and any(is_proj(x) for x in m[0].modules()))
+
+
+def find_stacks(model: nn.Module) -> list[tuple[str, nn.ModuleList]]:
+    """Every stack of transformer layers (an nn.ModuleList of same-type blocks with projections), outer
+    ones only: one for an encoder or a decoder, two for an encoder-decoder (T5, BART)."""
+    found = [(n, m) for n, m in model.named_modules() if _is_stack(m)]
+    outer = [(n, m) for n, m in found if not any(n.startswith(f"{o}.") for o, _ in found if o != n)]
+    if not outer:
         raise UnsupportedLayerError(
             f"{type(model).__name__} has no stack of transformer layers (an nn.ModuleList of blocks with "
             "Linear layers); head-prune / ffn-prune / layer-drop need one; use channel-prune instead"
         )
-    return best
+    return outer
+
+
+def find_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """The longest stack of transformer layers."""
+    return max(find_stacks(model), key=lambda s: len(s[1]))
 
 
 @dataclasses.dataclass
@@ -87,32 +99,49 @@ def _child(m: nn.Module, names: tuple[str, ...]) -> nn.Module | None:
     return None
 
 
-def find_attention(layer: nn.Module) -> Attention:
+def _attention_at(layer: nn.Module, name: str, m: nn.Module) -> Attention | None:
+    q, k, v = _child(m, _Q), _child(m, _K), _child(m, _V)
+    fused = _child(m, ("c_attn", "qkv"))
+    if not ((q and k and v) or fused):
+        return None
+    o = _child(m, ("o_proj", "out_proj", "c_proj", "proj", "out_lin", "o", "dense"))
+    if o is None:  # BERT: the output projection lives in a sibling `output.dense`
+        parent = layer.get_submodule(name.rpartition(".")[0]) if "." in name else layer
+        o = _child(getattr(parent, "output", nn.Module()), ("dense",))
+    if o is None:
+        return None
+    heads = next((getattr(m, a) for a in ("num_attention_heads", "num_heads", "n_heads")
+                  if isinstance(getattr(m, a, None), int)), None)
+    head_dim = next((getattr(m, a) for a in ("head_dim", "attention_head_size", "key_value_proj_dim")
+                     if isinstance(getattr(m, a, None), int)), None)
+    cfg = getattr(m, "config", None)
+    if heads is None and head_dim is not None:
+        heads = in_features(o) // head_dim
+    if heads is None and cfg is not None:
+        heads = cfg.num_attention_heads
+    if heads is None:
+        return None
+    head_dim = head_dim or in_features(o) // heads
+    kv = out_features(k) // head_dim if k is not None else heads
+    return Attention(m, q, k, v, o, fused, heads, kv, head_dim)
+
+
+def find_attentions(layer: nn.Module) -> list[Attention]:
+    """Every attention of a layer (self- and cross-attention), by its q/k/v and output projections."""
+    out: list[Attention] = []
     for name, m in layer.named_modules():
-        q, k, v = _child(m, _Q), _child(m, _K), _child(m, _V)
-        fused = _child(m, ("c_attn", "qkv"))
-        if not ((q and k and v) or fused):
+        if any(m is a.module or any(m is x for x in a.module.modules()) for a in out):
             continue
-        o = _child(m, ("o_proj", "out_proj", "c_proj", "proj", "out_lin", "o"))
-        if o is None:  # BERT: the output projection lives in a sibling `output.dense`
-            parent = layer.get_submodule(name.rpartition(".")[0]) if "." in name else layer
-            o = _child(getattr(parent, "output", nn.Module()), ("dense",))
-        if o is None:
-            continue
-        heads = next((getattr(m, a) for a in ("num_attention_heads", "num_heads", "n_heads")
-                      if isinstance(getattr(m, a, None), int)), None)
-        head_dim = next((getattr(m, a) for a in ("head_dim", "attention_head_size") if isinstance(getattr(m, a, None), int)), None)
-        cfg = getattr(m, "config", None)
-        if heads is None and head_dim is not None:
-            heads = in_features(o) // head_dim
-        if heads is None and cfg is not None:
-            heads = cfg.num_attention_heads
-        if heads is None:
-            continue
-        head_dim = head_dim or in_features(o) // heads
-        kv = out_features(k) // head_dim if k is not None else heads
-        return Attention(m, q, k, v, o, fused, heads, kv, head_dim)
-    raise UnsupportedLayerError(f"no attention with q/k/v and output projections found in {type(layer).__name__}")
+        att = _attention_at(layer, name, m)
+        if att is not None:
+            out.append(att)
+    if not out:
+        raise UnsupportedLayerError(f"no attention with q/k/v and output projections found in {type(layer).__name__}")
+    return out
+
+
+def find_attention(layer: nn.Module) -> Attention:
+    return find_attentions(layer)[0]
 
 
 def head_scores(att: Attention, criterion: str, gen: torch.Generator) -> torch.Tensor:
@@ -147,22 +176,24 @@ def prune_heads(att: Attention, keep: torch.Tensor) -> None:
     select_dim(att.o, "in", rows)
     new_h = len(keep)
     m = att.module
+    for c in m.children():  # per-head tables, e.g. T5's relative_attention_bias (buckets, heads)
+        if isinstance(c, nn.Embedding) and c.embedding_dim == h:
+            c.weight = nn.Parameter(c.weight.detach()[:, keep].clone(), requires_grad=c.weight.requires_grad)
+            fix_attributes(c)
     for a, v in (("num_attention_heads", new_h), ("num_heads", new_h), ("n_heads", new_h), ("all_head_size", new_h * d),
-                 ("split_size", new_h * d), ("num_key_value_groups", new_h // att.kv_heads)):
+                 ("split_size", new_h * d), ("inner_dim", new_h * d), ("num_key_value_groups", new_h // att.kv_heads)):
         if isinstance(getattr(m, a, None), int) and not isinstance(getattr(m, a), bool):
             if a != "num_key_value_groups" or att.kv_heads != h:
                 setattr(m, a, v)
     att.heads = new_h
 
 
-def find_ffn(layer: nn.Module, att: Attention | None, inter: int | None, width: int | None = None
+def find_ffn(layer: nn.Module, atts: list[Attention], inter: int | None, width: int | None = None
              ) -> tuple[list[nn.Module], list[nn.Module]]:
-    """(producers, consumers) of the FFN hidden dimension: projections outside the attention whose
+    """(producers, consumers) of the FFN hidden dimension: projections outside the attentions whose
     output (input) size is the intermediate size -- where no config names it, the most common output
     width other than the model's own ``width`` (an attention the name lists missed has that width)."""
-    skip = {id(x) for x in att.module.modules()} if att else set()
-    if att is not None:
-        skip.add(id(att.o))
+    skip = {id(x) for a in atts for x in a.module.modules()} | {id(a.o) for a in atts}
     projs = [m for m in layer.modules() if is_proj(m) and id(m) not in skip]
     if inter is None:
         sizes = [out_features(m) for m in projs if out_features(m) != width]
@@ -189,14 +220,34 @@ def ffn_scores(ups: list[nn.Module], downs: list[nn.Module], criterion: str, gen
     return s
 
 
-def set_config(model: nn.Module, **fields: Any) -> None:
+_FIELDS = {  # config fields per unit: (any stack, encoder stack, decoder stack)
+    "heads": (("num_attention_heads", "n_head", "num_heads"), ("encoder_attention_heads",), ("decoder_attention_heads",)),
+    "ffn": (("intermediate_size", "n_inner", "d_ff", "ffn_dim"), ("encoder_ffn_dim",), ("decoder_ffn_dim",)),
+    "layers": (("num_hidden_layers", "n_layer"), ("encoder_layers", "num_layers"), ("decoder_layers", "num_decoder_layers")),
+}
+
+
+def set_stack_config(model: nn.Module, unit: str, changes: list[tuple[str, int, int]]) -> None:
+    """Write new sizes into every Hugging Face config field that held the old size of a pruned stack:
+    ``changes`` are (stack name, old, new). Encoder / decoder fields follow their stack; the shared
+    fields change only where every stack ended at the same size."""
+    generic, enc, dec = _FIELDS[unit]
+    news = {new for _, _, new in changes}
     for cfg in hf_configs(model):
-        for k, v in fields.items():
-            if k == "n_inner" and not hasattr(cfg, "n_inner"):
-                continue
-            if k == "head_dim" and cfg.model_type not in ("llama", "vit", "mistral", "qwen2", "gemma"):
-                continue  # this model derives head size from hidden_size / num_attention_heads
-            setattr(cfg, k, v)
+        for stack, old, new in changes:
+            own = dec if "decoder" in stack else enc if "encoder" in stack else ()
+            for f in own + (generic if len(news) == 1 else ()):
+                cur = getattr(cfg, f, None)
+                if f == "n_inner" and cur is None and hasattr(cfg, "n_embd") and 4 * cfg.n_embd == old:
+                    cur = old  # GPT-2: n_inner None means 4 x n_embd
+                if cur == old and not isinstance(cur, bool):
+                    setattr(cfg, f, new)
+            if unit == "ffn" and getattr(cfg, "model_type", "") == "distilbert" and cfg.hidden_dim == old:
+                cfg.hidden_dim = new  # DistilBERT's FFN width (its model width is `dim`)
+            if unit == "heads" and len(news) == 1 and not isinstance(getattr(cfg, "head_dim", None), int):
+                width = getattr(cfg, "hidden_size", None)
+                if isinstance(width, int) and width % old == 0:  # pin the head size: classes that read
+                    cfg.head_dim = width // old  # config.head_dim (Llama, Phi, ...) rebuild the pruned shapes
 
 
 def record_structure(model: nn.Module) -> None:
@@ -215,3 +266,51 @@ def record_structure(model: nn.Module) -> None:
             if attrs and name:
                 rec[name] = attrs
         cfg.torchshrink_structure = rec
+
+
+def from_pretrained(path: str | Path, model_class: Any = None) -> nn.Module:
+    """Load a pruned Hugging Face model written with ``save_pretrained``. Llama / ViT configs carry
+    ``head_dim`` and reload with transformers alone; BERT and GPT-2 derive head size from
+    ``hidden_size / num_attention_heads``, so their pruned shapes are rebuilt here from the
+    checkpoint and the ``torchshrink_structure`` the config records."""
+    import safetensors.torch
+    from transformers import AutoConfig, AutoModel
+
+    path = Path(path)
+    files = sorted(path.glob("*.safetensors"))
+    if not (path / "config.json").is_file() or not files:
+        raise ModelLoadError(f"{path} is not a save_pretrained folder (config.json + *.safetensors)")
+    cls = model_class or AutoModel
+    try:  # transformers alone, when the config describes the pruned shapes (it raises otherwise)
+        return cls.from_pretrained(str(path), local_files_only=True).eval()
+    except (RuntimeError, ValueError) as e:
+        log.info("from_pretrained: transformers cannot rebuild %s alone (%s); rebuilding shapes", path, type(e).__name__)
+    cfg = AutoConfig.from_pretrained(str(path), local_files_only=True)
+    model = cls.from_config(cfg) if hasattr(cls, "from_config") else cls(cfg)
+    state: dict[str, torch.Tensor] = {}
+    for f in files:
+        state.update(safetensors.torch.load_file(str(f)))
+    own = dict(model.named_parameters())
+    own.update(dict(model.named_buffers()))
+    for key, t in state.items():
+        if key in own and own[key].shape != t.shape:
+            mod_name, _, attr = key.rpartition(".")
+            m = model.get_submodule(mod_name)
+            setattr(m, attr, nn.Parameter(torch.empty_like(t)) if attr in m._parameters else torch.empty_like(t))
+            fix_attributes(m)
+    for name, attrs in (getattr(cfg, "torchshrink_structure", None) or {}).items():
+        try:
+            m = model.get_submodule(name)
+        except AttributeError:
+            continue
+        for a, v in attrs.items():
+            if a in HEAD_ATTRS:
+                setattr(m, a, v)
+    res = model.load_state_dict(state, strict=False)
+    tied = getattr(model, "_tied_weights_keys", None) or {}
+    missing = [k for k in res.missing_keys if k not in tied]
+    if res.unexpected_keys:
+        raise ModelLoadError(f"{path}: weights do not fit the rebuilt model (unexpected: {res.unexpected_keys[:3]})")
+    if missing:
+        log.info("from_pretrained: tensors not in the checkpoint (tied or initialised): %s", missing[:5])
+    return model.eval()

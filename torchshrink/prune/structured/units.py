@@ -3,10 +3,10 @@ for pruned Hugging Face models whose classes derive head size from the config.""
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import logging
 import math
-from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -14,27 +14,35 @@ import torch.nn.functional as F
 from torch import nn
 
 from torchshrink.core.config import Config, check_range, register
-from torchshrink.core.errors import ConfigError, ModelLoadError, UnsupportedLayerError
+from torchshrink.core.errors import ConfigError, UnsupportedLayerError
 from torchshrink.core.report import current
 from torchshrink.core.select import Select, name_matches
 from torchshrink.core.surgery import set_module
+from torchshrink.prune.structured.activations import (
+    DATA_AWARE,
+    InputStats,
+    compensate,
+    feature_scores,
+    input_stats,
+    resolve,
+    zero_inputs,
+)
 from torchshrink.prune.structured.channel import first_batch
-from torchshrink.prune.structured.groups import fix_attributes
 from torchshrink.prune.structured.trace import call_model
 from torchshrink.prune.structured.transformer import (
-    HEAD_ATTRS,
     ffn_scores,
-    find_attention,
+    find_attentions,
     find_ffn,
-    find_layers,
+    find_stacks,
     head_scores,
     hf_configs,
+    out_features,
     prune_heads,
     record_structure,
     select_dim,
-    set_config,
+    set_stack_config,
 )
-from torchshrink.prune.structured.verify import probe_batch, reference, verify
+from torchshrink.prune.structured.verify import probe_batch, reference, run_outputs, verify
 
 log = logging.getLogger(__name__)
 
@@ -52,12 +60,14 @@ def _layer_selected(prefix: str, i: int, select: Select | None) -> bool:
 class HeadPruneConfig(Config):
     """Remove ``amount`` of the attention heads of every selected layer (the same count per layer,
     so the HF config can describe the result). With grouped-query attention every KV group keeps
-    the same number of query heads, so each head still reads its own KV head."""
+    the same number of query heads, so each head still reads its own KV head. ``importance``: see
+    :mod:`~torchshrink.prune.structured.activations` (``auto``: data-aware ``fluctuation`` with
+    calibration data, which measured best on MiniLM, benchmarks/prune_structured.py; ``l1`` without)."""
 
     kind = "head-prune"
     family = "prune"
     amount: float = 0.5
-    importance: Literal["l1", "l2", "random"] = "l1"
+    importance: Literal["auto", "l1", "l2", "random", "activation", "fluctuation"] = "auto"
     seed: int = 0
 
     def validate(self) -> None:
@@ -67,12 +77,12 @@ class HeadPruneConfig(Config):
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class FfnPruneConfig(Config):
     """Remove ``amount`` of the FFN intermediate neurons of every selected layer; kept counts are
-    multiples of ``round_to``."""
+    multiples of ``round_to``. ``importance`` as for :class:`HeadPruneConfig`."""
 
     kind = "ffn-prune"
     family = "prune"
     amount: float = 0.5
-    importance: Literal["l1", "l2", "random"] = "l1"
+    importance: Literal["auto", "l1", "l2", "random", "activation", "fluctuation"] = "auto"
     round_to: int = 1
     seed: int = 0
 
@@ -106,35 +116,99 @@ def _heads_to_keep(scores: torch.Tensor, heads: int, kv: int, amount: float) -> 
     return torch.sort(torch.cat(keep)).values
 
 
+def _unit_scores(stats: dict[int, InputStats], consumers: list[nn.Module], criterion: str, n_units: int) -> torch.Tensor:
+    """Data-aware score per unit: its consumers' input-feature scores summed over the unit's features."""
+    total = sum(feature_scores(m, stats[id(m)], criterion) for m in consumers)
+    return total.reshape(n_units, -1).sum(1)
+
+
+def _removal_checked(model: nn.Module, refs: list, kind: str, cuts: list[tuple[nn.Module, torch.Tensor]],
+                     stats: dict[int, InputStats] | None, prune: Any) -> None:
+    """Compensate (fluctuation), take the masked original's outputs (consumer inputs ``cuts`` zeroed),
+    run ``prune()`` and check the pruned model against them."""
+    if stats is not None:
+        for m, removed in cuts:
+            compensate(m, stats[id(m)], removed)
+    masked = None
+    if refs and cuts:
+        names = {id(m): n for n, m in model.named_modules()}
+        twin = copy.deepcopy(model)
+        for m, removed in cuts:
+            zero_inputs(twin.get_submodule(names[id(m)]), removed)
+        masked = run_outputs(twin, refs)
+        del twin
+    prune()
+    verify(model, refs, kind, masked=masked)
+
+
+def _dropped(n: int, keep: torch.Tensor) -> torch.Tensor:
+    mask = torch.ones(n, dtype=torch.bool)
+    mask[keep] = False
+    return mask.nonzero().flatten()
+
+
+def _selected_layers(model: nn.Module, select: Select | None, kind: str) -> list[tuple[str, list[nn.Module]]]:
+    """(stack name, its selected layers) for every stack of transformer layers."""
+    out = [(prefix, [b for i, b in enumerate(layers) if _layer_selected(prefix, i, select)])
+           for prefix, layers in find_stacks(model)]
+    out = [(p, ls) for p, ls in out if ls]
+    if not out:
+        raise UnsupportedLayerError(f"{kind}: the selection matched no transformer layer of {type(model).__name__}")
+    return out
+
+
+def _whole(select: Select | None) -> bool:
+    return select is None or not (select.include or select.exclude)
+
+
+def _head_table(att: Any) -> bool:
+    return any(isinstance(c, nn.Embedding) and c.embedding_dim == att.heads for c in att.module.children())
+
+
 def head_prune(model: nn.Module, config: HeadPruneConfig, *, select: Select | None = None, data: Any = None,
                **_: Any) -> nn.Module:
     refs = reference(model, probe_batch(model, data))
-    prefix, layers = find_layers(model)
     gen = torch.Generator().manual_seed(config.seed)
-    new_heads, head_dim = None, None
-    for i, layer in enumerate(layers):
-        if not _layer_selected(prefix, i, select):
-            continue
-        att = find_attention(layer)
-        keep = _heads_to_keep(head_scores(att, config.importance, gen), att.heads, att.kv_heads, config.amount)
+    criterion = resolve(config.importance, data)
+    per_layer = [(prefix, [find_attentions(layer) for layer in layers])
+                 for prefix, layers in _selected_layers(model, select, "head-prune")]
+    stacks = [(prefix, [a for ats in layers for a in ats]) for prefix, layers in per_layer]
+    atts = [a for _, ats in stacks for a in ats]
+    stats = input_stats(model, [a.o for a in atts], data) if criterion in DATA_AWARE else None
+    scores = {id(a): (_unit_scores(stats, [a.o], criterion, a.heads) if stats is not None
+                      else head_scores(a, criterion, gen)) for a in atts}
+    for _, layers in per_layer:  # a per-head table one layer computes and all read (T5's relative position
+        if any(_head_table(a) for ats in layers for a in ats):  # bias): every layer keeps the same heads
+            for j in range(min(len(ats) for ats in layers)):
+                total = sum(scores[id(ats[j])] for ats in layers)
+                for ats in layers:
+                    scores[id(ats[j])] = total
+    plan, cuts = [], []
+    for att in atts:
+        keep = _heads_to_keep(scores[id(att)], att.heads, att.kv_heads, config.amount)
         if len(keep) < att.heads:
+            plan.append((att, keep))
+            cols = _dropped(att.heads, keep)
+            cuts.append((att.o, (cols[:, None] * att.head_dim + torch.arange(att.head_dim)[None, :]).reshape(-1)))
+    old = {prefix: ats[0].heads for prefix, ats in stacks}
+
+    def prune() -> None:
+        for att, keep in plan:
             prune_heads(att, keep)
-        new_heads, head_dim = att.heads, att.head_dim
-    if new_heads is None:
-        raise UnsupportedLayerError(f"head-prune: the selection matched no layer of {prefix or 'the model'}")
-    if select is None or not (select.include or select.exclude):
-        set_config(model, num_attention_heads=new_heads, head_dim=head_dim)
+
+    _removal_checked(model, refs, "head-prune", cuts, stats if criterion == "fluctuation" else None, prune)
+    if _whole(select):
+        set_stack_config(model, "heads", [(prefix, old[prefix], ats[0].heads) for prefix, ats in stacks])
     record_structure(model)
-    verify(model, refs, "head-prune")
+    current(model).notes.update({"importance": criterion})
     return model
 
 
 def ffn_prune(model: nn.Module, config: FfnPruneConfig, *, select: Select | None = None, data: Any = None,
               **_: Any) -> nn.Module:
     refs = reference(model, probe_batch(model, data))
-    prefix, layers = find_layers(model)
     cfgs = hf_configs(model)
-    inter = next((getattr(c, a) for c in cfgs for a in ("intermediate_size", "n_inner", "d_ff") if getattr(c, a, None)), None)
+    inter = next((getattr(c, a) for c in cfgs for a in ("intermediate_size", "n_inner", "d_ff", "ffn_dim") if getattr(c, a, None)), None)
     if inter is None and cfgs and getattr(cfgs[0], "model_type", "") == "distilbert":
         inter = cfgs[0].hidden_dim  # DistilBERT's FFN width (its model width is `dim`)
     width = next((getattr(c, a) for c in cfgs for a in ("hidden_size", "dim", "d_model", "n_embd")
@@ -142,36 +216,47 @@ def ffn_prune(model: nn.Module, config: FfnPruneConfig, *, select: Select | None
     if inter is None and cfgs and getattr(cfgs[0], "model_type", "") == "gpt2":
         inter = 4 * cfgs[0].n_embd
     gen = torch.Generator().manual_seed(config.seed)
-    new_size = None
-    for i, layer in enumerate(layers):
-        if not _layer_selected(prefix, i, select):
-            continue
-        try:
-            att = find_attention(layer)
-        except UnsupportedLayerError:
-            att = None
-        ups, downs = find_ffn(layer, att, inter, width)
-        n = ups[0].weight.shape[0] if isinstance(ups[0], nn.Linear) else ups[0].weight.shape[1]
+    criterion = resolve(config.importance, data)
+    units = []
+    for prefix, layers in _selected_layers(model, select, "ffn-prune"):
+        for layer in layers:
+            try:
+                atts = find_attentions(layer)
+            except UnsupportedLayerError:
+                atts = []
+            own = inter
+            for c in cfgs:  # encoder / decoder FFN widths (BART) where the config names them
+                f = "decoder_ffn_dim" if "decoder" in prefix else "encoder_ffn_dim" if "encoder" in prefix else ""
+                own = getattr(c, f, None) or own
+            units.append((prefix, *find_ffn(layer, atts, own, width)))
+    stats = input_stats(model, [d for _, _, downs in units for d in downs], data) if criterion in DATA_AWARE else None
+    plan, cuts = [], []
+    for prefix, ups, downs in units:
+        n = out_features(ups[0])
         n_keep = max(1, n - math.floor(n * config.amount))
         if config.round_to > 1:
             n_keep = min(n, max(config.round_to, math.ceil(n_keep / config.round_to) * config.round_to))
-        keep = torch.sort(torch.topk(ffn_scores(ups, downs, config.importance, gen), n_keep).indices).values
-        for m in ups:
-            select_dim(m, "out", keep)
-        for m in downs:
-            select_dim(m, "in", keep)
-        new_size = n_keep
-    if new_size is None:
-        raise UnsupportedLayerError(f"ffn-prune: the selection matched no layer of {prefix or 'the model'}")
-    if select is None or not (select.include or select.exclude):
-        set_config(model, intermediate_size=new_size, n_inner=new_size)
-        for c in cfgs:  # the FFN width under the names these configs give it
-            if getattr(c, "model_type", "") == "distilbert":
-                c.hidden_dim = new_size
-            elif isinstance(getattr(c, "d_ff", None), int):
-                c.d_ff = new_size
+        scores = (_unit_scores(stats, downs, criterion, n) if stats is not None
+                  else ffn_scores(ups, downs, criterion, gen))
+        keep = torch.sort(torch.topk(scores, n_keep).indices).values
+        plan.append((prefix, n, ups, downs, keep))
+        cuts.extend((d, _dropped(n, keep)) for d in downs)
+
+    def prune() -> None:
+        for _, _, ups, downs, keep in plan:
+            for m in ups:
+                select_dim(m, "out", keep)
+            for m in downs:
+                select_dim(m, "in", keep)
+
+    _removal_checked(model, refs, "ffn-prune", cuts, stats if criterion == "fluctuation" else None, prune)
+    if _whole(select):
+        firsts = {}
+        for prefix, n, _, _, keep in plan:
+            firsts.setdefault(prefix, (prefix, n, len(keep)))
+        set_stack_config(model, "ffn", list(firsts.values()))
     record_structure(model)
-    verify(model, refs, "ffn-prune")
+    current(model).notes.update({"importance": criterion})
     return model
 
 
@@ -207,49 +292,95 @@ def _residual_blocks(model: nn.Module, batch: Any) -> list[tuple[str, nn.Module]
     return [(n, b) for n, b in cands if n in scores]
 
 
-def layer_drop(model: nn.Module, config: LayerDropConfig, *, select: Select | None = None, data: Any = None,
-               **_: Any) -> nn.Module:
-    refs = reference(model, probe_batch(model, data))
-    try:
-        prefix, layers = find_layers(model)
-        blocks = [(f"{prefix}.{i}", b) for i, b in enumerate(layers) if _layer_selected(prefix, i, select)]
-        hf = True
-    except UnsupportedLayerError:
-        blocks, hf = _residual_blocks(model, first_batch(model, data)), False
-        blocks = [(n, b) for n, b in blocks if select is None or not select.exclude
-                  or not any(name_matches(n, p) for p in select.exclude)]
-    if not blocks:
-        raise UnsupportedLayerError(f"layer-drop: no droppable layer or same-shape residual block in {type(model).__name__}")
+def _odd_layers(layers: nn.ModuleList) -> dict[int, str]:
+    """Layers holding parameters the stack's other layers lack (T5's first block owns the relative
+    position table the others read): dropping one would change what the others compute."""
+    keys = [frozenset(n for n, _ in b.named_parameters()) for b in layers]
+    common = max(set(keys), key=keys.count)
+    return {i: sorted(k - common)[0] for i, k in enumerate(keys) if k - common}
+
+
+def _drop_hf(model: nn.Module, config: LayerDropConfig, stacks: list[tuple[str, nn.ModuleList]],
+             select: Select | None, data: Any) -> list[str]:
+    if config.layers and len(stacks) > 1:
+        raise ConfigError(f"layer-drop.layers: {type(model).__name__} has {len(stacks)} layer stacks "
+                          f"({', '.join(f'{p} ({len(ls)})' for p, ls in stacks)}); choose with select and amount instead")
+    cands, fixed = {}, {}
+    for prefix, layers in stacks:
+        odd = _odd_layers(layers)
+        fixed.update({f"{prefix}.{i}": why for i, why in odd.items()})
+        cands[prefix] = [(f"{prefix}.{i}", b) for i, b in enumerate(layers) if _layer_selected(prefix, i, select) and i not in odd]
     if config.layers:
-        names = [f"{prefix}.{i}" if hf else blocks[i][0] for i in config.layers if (hf and i < len(layers)) or i < len(blocks)]
+        prefix, layers = stacks[0]
+        names = [f"{prefix}.{i}" for i in config.layers if i < len(layers)]
         if len(names) != len(config.layers):
-            raise ConfigError(f"layer-drop.layers={list(config.layers)}: the model has {len(layers) if hf else len(blocks)} droppable layers")
+            raise ConfigError(f"layer-drop.layers={list(config.layers)}: the model has {len(layers)} layers")
+        bad = [n for n in names if n in fixed]
+        if bad:
+            raise ConfigError(f"layer-drop.layers: {bad[0]} holds {fixed[bad[0]]}, which the other layers use; it cannot be dropped")
     else:
-        n_drop = math.floor(len(blocks) * config.amount)
-        if config.amount > 0 and n_drop == 0:
+        want = {prefix: math.floor(len(layers) * config.amount) for prefix, layers in stacks}
+        if config.amount > 0 and not any(want.values()):
+            n = max(len(ls) for _, ls in stacks)
             raise UnsupportedLayerError(
-                f"layer-drop: amount {config.amount} of {len(blocks)} droppable layer(s) removes none (a model whose "
+                f"layer-drop: amount {config.amount} of {n} droppable layer(s) removes none (a model whose "
                 "layers are one shared group, e.g. ALBERT, cannot lose layers this way); raise amount or name `layers`")
-        bi = _block_influence(model, blocks, first_batch(model, data)) if n_drop else {}
-        names = sorted(bi, key=bi.get)[:n_drop]
-    if hf:
-        drop = {int(n.rsplit(".", 1)[1]) for n in names}
+        blocks = [nb for prefix in cands for nb in cands[prefix]]
+        bi = _block_influence(model, blocks, first_batch(model, data)) if blocks else {}
+        names = []
+        for prefix, _ in stacks:
+            ranked = sorted((n for n, _ in cands[prefix] if n in bi), key=bi.get)
+            names += ranked[:want[prefix]]
+    changes = []
+    for prefix, layers in stacks:
+        drop = {int(n.rsplit(".", 1)[1]) for n in names if n.rpartition(".")[0] == prefix}
+        if not drop:
+            continue
         kept = [b for i, b in enumerate(layers) if i not in drop]
         if not kept:
-            raise ConfigError("layer-drop would remove every layer; keep at least one")
+            raise ConfigError(f"layer-drop would remove every layer of {prefix}; keep at least one")
         for j, b in enumerate(kept):
             for m in b.modules():
                 if isinstance(getattr(m, "layer_idx", None), int):
                     m.layer_idx = j
         set_module(model, prefix, nn.ModuleList(kept))
+        changes.append((prefix, len(layers), len(kept)))
         for cfg in hf_configs(model):
-            if getattr(cfg, "num_hidden_layers", None) == len(layers):
-                cfg.num_hidden_layers = len(kept)
             lt = getattr(cfg, "layer_types", None)
-            if isinstance(lt, list) and len(lt) == len(layers):
+            if len(stacks) == 1 and isinstance(lt, list) and len(lt) == len(layers):
                 cfg.layer_types = [t for i, t in enumerate(lt) if i not in drop]
-        record_structure(model)
+    set_stack_config(model, "layers", changes)
+    record_structure(model)
+    return names
+
+
+def layer_drop(model: nn.Module, config: LayerDropConfig, *, select: Select | None = None, data: Any = None,
+               **_: Any) -> nn.Module:
+    refs = reference(model, probe_batch(model, data))
+    try:
+        stacks = find_stacks(model)
+    except UnsupportedLayerError:
+        stacks = []
+    if stacks:
+        names = _drop_hf(model, config, stacks, select, data)
     else:
+        blocks = _residual_blocks(model, first_batch(model, data))
+        blocks = [(n, b) for n, b in blocks if select is None or not select.exclude
+                  or not any(name_matches(n, p) for p in select.exclude)]
+        if not blocks:
+            raise UnsupportedLayerError(f"layer-drop: no droppable layer or same-shape residual block in {type(model).__name__}")
+        if config.layers:
+            if any(i >= len(blocks) for i in config.layers):
+                raise ConfigError(f"layer-drop.layers={list(config.layers)}: the model has {len(blocks)} droppable layers")
+            names = [blocks[i][0] for i in config.layers]
+        else:
+            n_drop = math.floor(len(blocks) * config.amount)
+            if config.amount > 0 and n_drop == 0:
+                raise UnsupportedLayerError(
+                    f"layer-drop: amount {config.amount} of {len(blocks)} droppable block(s) removes none; raise amount "
+                    "or name `layers`")
+            bi = _block_influence(model, blocks, first_batch(model, data))
+            names = sorted(bi, key=bi.get)[:n_drop]
         for n in names:
             set_module(model, n, nn.Identity())
     current(model).changed.update({n: "dropped" for n in sorted(names)})
@@ -260,51 +391,3 @@ def layer_drop(model: nn.Module, config: LayerDropConfig, *, select: Select | No
 register(HeadPruneConfig, head_prune)
 register(FfnPruneConfig, ffn_prune)
 register(LayerDropConfig, layer_drop)
-
-
-def from_pretrained(path: str | Path, model_class: Any = None) -> nn.Module:
-    """Load a pruned Hugging Face model written with ``save_pretrained``. Llama / ViT configs carry
-    ``head_dim`` and reload with transformers alone; BERT and GPT-2 derive head size from
-    ``hidden_size / num_attention_heads``, so their pruned shapes are rebuilt here from the
-    checkpoint and the ``torchshrink_structure`` the config records."""
-    import safetensors.torch
-    from transformers import AutoConfig, AutoModel
-
-    path = Path(path)
-    files = sorted(path.glob("*.safetensors"))
-    if not (path / "config.json").is_file() or not files:
-        raise ModelLoadError(f"{path} is not a save_pretrained folder (config.json + *.safetensors)")
-    cls = model_class or AutoModel
-    try:  # transformers alone, when the config describes the pruned shapes (it raises otherwise)
-        return cls.from_pretrained(str(path), local_files_only=True).eval()
-    except (RuntimeError, ValueError) as e:
-        log.info("from_pretrained: transformers cannot rebuild %s alone (%s); rebuilding shapes", path, type(e).__name__)
-    cfg = AutoConfig.from_pretrained(str(path), local_files_only=True)
-    model = cls.from_config(cfg)
-    state: dict[str, torch.Tensor] = {}
-    for f in files:
-        state.update(safetensors.torch.load_file(str(f)))
-    own = dict(model.named_parameters())
-    own.update(dict(model.named_buffers()))
-    for key, t in state.items():
-        if key in own and own[key].shape != t.shape:
-            mod_name, _, attr = key.rpartition(".")
-            m = model.get_submodule(mod_name)
-            setattr(m, attr, nn.Parameter(torch.empty_like(t)) if attr in m._parameters else torch.empty_like(t))
-            fix_attributes(m)
-    for name, attrs in (getattr(cfg, "torchshrink_structure", None) or {}).items():
-        try:
-            m = model.get_submodule(name)
-        except AttributeError:
-            continue
-        for a, v in attrs.items():
-            if a in HEAD_ATTRS:
-                setattr(m, a, v)
-    res = model.load_state_dict(state, strict=False)
-    tied = getattr(model, "_tied_weights_keys", None) or {}
-    missing = [k for k in res.missing_keys if k not in tied]
-    if res.unexpected_keys:
-        raise ModelLoadError(f"{path}: weights do not fit the rebuilt model (unexpected: {res.unexpected_keys[:3]})")
-    if missing:
-        log.info("from_pretrained: tensors not in the checkpoint (tied or initialised): %s", missing[:5])
-    return model.eval()

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from torchshrink.core.data import Batch
 from torchshrink.core.errors import UnsupportedLayerError
 from torchshrink.measure.quality import main_output
 from torchshrink.prune.structured.trace import call_model
@@ -23,6 +24,8 @@ def _resize(batch: Any) -> Any:
             return t
         return t[:1] if t.shape[0] > 1 else torch.cat([t, t])
 
+    if isinstance(batch, Batch):
+        return Batch(tuple(one(t) for t in batch.inputs), None, {k: one(v) for k, v in batch.kwargs.items()})
     if isinstance(batch, dict):
         return {k: one(v) for k, v in batch.items()}
     if isinstance(batch, list | tuple):
@@ -64,25 +67,47 @@ def reference(model: nn.Module, batch: Any) -> list[tuple[Any, torch.Size]]:
     return out
 
 
-def verify(pruned: nn.Module, refs: list[tuple[Any, torch.Size]], kind: str) -> None:
-    """Refuse (one line) a pruned model that fails to run, changes its output shape or gives non-finite values."""
-    was = pruned.training
-    pruned.eval()
+def run_outputs(model: nn.Module, refs: list[tuple[Any, torch.Size]]) -> list[torch.Tensor]:
+    """The model's main output on each reference batch (eval mode, no grad)."""
+    was = model.training
+    model.eval()
     try:
         with torch.no_grad():
-            for b, shape in refs:
-                try:
-                    y = main_output(call_model(pruned, b))
-                except Exception as e:  # noqa: BLE001 - whatever the broken forward raises
-                    why = f"it fails to run ({type(e).__name__}: {(str(e).splitlines() or [''])[0][:160]})"
-                else:
-                    if y.shape == shape and bool(torch.isfinite(y.float()).all()):
-                        continue
-                    why = (f"its output shape changed from {tuple(shape)} to {tuple(y.shape)}" if y.shape != shape
-                           else "it gives non-finite outputs")
-                raise UnsupportedLayerError(
-                    f"{kind} refused: the pruned model was checked on the trace batch and {why}; the model's forward "
-                    "probably uses a size the tracer cannot follow (e.g. a channel count written in Python); "
-                    "leave those layers out with select / ignore")
+            return [main_output(call_model(model, b)) for b, _ in refs]
     finally:
-        pruned.train(was)
+        model.train(was)
+
+
+def problem(pruned: nn.Module, refs: list[tuple[Any, torch.Size]], masked: list[torch.Tensor] | None = None,
+            rtol: float = 1e-3) -> str | None:
+    """Why the pruned model is broken, or None: it must run on every reference batch, keep the output
+    shape, give finite values and, where ``masked`` (the masked original's outputs) is given, equal them
+    to ``rtol`` of their largest magnitude."""
+    try:
+        ys = run_outputs(pruned, refs)
+    except Exception as e:  # noqa: BLE001 - whatever the broken forward raises
+        return f"it fails to run ({type(e).__name__}: {(str(e).splitlines() or [''])[0][:160]})"
+    for i, (y, (_, shape)) in enumerate(zip(ys, refs, strict=True)):
+        if y.shape != shape:
+            return f"its output shape changed from {tuple(shape)} to {tuple(y.shape)}"
+        if not bool(torch.isfinite(y.float()).all()):
+            return "it gives non-finite outputs"
+        if masked is not None:
+            ref = masked[i].float()
+            err = float((y.float() - ref).abs().max()) / max(float(ref.abs().max()), 1e-6)
+            if err > rtol:
+                return (f"its outputs differ from the original with the same channels zeroed (relative error "
+                        f"{err:.2g} > {rtol:g}), so the forward reads a size the tracer cannot follow")
+    return None
+
+
+def verify(pruned: nn.Module, refs: list[tuple[Any, torch.Size]], kind: str,
+           masked: list[torch.Tensor] | None = None) -> None:
+    """Refuse (one line) a pruned model that fails to run, changes its output shape, gives non-finite
+    values, or (with ``masked``) computes something else than the masked original."""
+    why = problem(pruned, refs, masked)
+    if why is not None:
+        raise UnsupportedLayerError(
+            f"{kind} refused: the pruned model was checked on the trace batch and {why}; the model's forward "
+            "probably uses a size the tracer cannot follow (e.g. a channel count written in Python); "
+            "leave those layers out with select / ignore")
