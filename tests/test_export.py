@@ -167,3 +167,36 @@ def test_half_exact_format_is_used_only_when_lossless():
     lossy = exact + 1e-4
     fmt, parts = encode_tensor(lossy, "half-exact")  # falls back to an automatic, exact format
     assert fmt == "dense" and torch.equal(parts[""], lossy)
+
+
+def test_what_the_saver_writes_the_loader_accepts_all_zero_and_dashed_names(tmp_path):
+    """An all-zero 1000x768 head (torchvision ViT's init) compresses past the loader's bomb limit: the saver
+    must pick a format the loader accepts. Module names with '-' (torchvision RegNet's "block1-0") load."""
+    net = torch.nn.Sequential()
+    net.add_module("block1-0", torch.nn.Linear(8, 768))
+    net.add_module("head", torch.nn.Linear(768, 1000))
+    with torch.no_grad():
+        net.head.weight.zero_()
+    x = torch.randn(2, 8)
+    ts.save(net, tmp_path / "m")
+    back = ts.load(tmp_path / "m", model=_dashed())
+    assert torch.equal(back(x), net(x))
+
+
+def _dashed():
+    net = torch.nn.Sequential()
+    net.add_module("block1-0", torch.nn.Linear(8, 768))
+    net.add_module("head", torch.nn.Linear(768, 1000))
+    return net
+
+
+@pytest.mark.parametrize("name", ["mnasnet0_5", "regnet_x_400mf"])
+def test_a_torchvision_instance_saves_with_its_builder_and_reloads(name, tmp_path):
+    """Given as an instance (not a spec), a torchvision model's builder is found from its module tree;
+    MNASNet's state-dict version and RegNet's meta-device build (tensor ops in its width rule) both load."""
+    tv = pytest.importorskip("torchvision")
+    m = tv.models.get_model(name, weights=None).eval()
+    x = torch.randn(1, 3, 64, 64)
+    ts.save(m, tmp_path / "m")
+    assert json.loads((tmp_path / "m" / "manifest.json").read_text()).get("source") == f"torchvision:{name}"
+    assert torch.equal(ts.load(tmp_path / "m")(x), m(x))

@@ -2,7 +2,9 @@
 
 Accepted specs:
   torchvision:NAME            a torchvision architecture, no weights (e.g. torchvision:resnet18)
-  zoo:NAME                    an embedded default (zoo:digits-cnn, zoo:digits-mlp, zoo:minilm)
+  zoo:NAME                    an embedded default (zoo:digits-cnn, zoo:digits-mlp, zoo:minilm,
+                              zoo:smollm2 with the llm extra)
+  PATH.gguf                   a GGUF language model (dequantized to fp32 by transformers, cached)
   package.module:factory      a function or class called with no arguments
   PATH/                       a torchshrink save folder or a local Hugging Face model folder
   PATH.pt2                    a torch.export archive: it is unpickled, which can run code, so
@@ -30,7 +32,7 @@ from torch import nn
 
 from torchshrink.core import state
 from torchshrink.core.errors import ModelLoadError
-from torchshrink.export.skeleton import tag, torchvision_model
+from torchshrink.export.skeleton import registered_hf_class, tag, torchvision_model
 
 SPEC_HELP = (
     "use torchvision:NAME, zoo:NAME, package.module:factory, a saved folder, a Hugging Face folder, "
@@ -69,6 +71,10 @@ def load_model(spec: str, *, trust_code: bool = False) -> nn.Module:
         raise ModelLoadError(
             f"{spec} holds weights only; name the architecture too, e.g. torchvision:resnet18@{spec}"
         )
+    if path.suffix == ".gguf":
+        from torchshrink.llm.models import load_causal_lm
+
+        return load_causal_lm(spec)[0]
     if spec.startswith("torchvision:"):
         return torchvision_model(spec.split(":", 1)[1])
     if spec.startswith("zoo:"):
@@ -125,12 +131,15 @@ def _from_folder(path: Path) -> nn.Module:
         return load(path)
     if (path / "config.json").is_file():
         try:
-            from transformers import AutoModel
+            from transformers import AutoConfig, AutoModel
         except ImportError:
             raise ModelLoadError("transformers is not installed: pip install 'torchshrink[nlp]'") from None
         _check_hf_size(path)
-        try:
-            model = AutoModel.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
+        try:  # the head class the config names (a causal-LM / classification head), if transformers registers it
+            cfg = AutoConfig.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
+            arch = (getattr(cfg, "architectures", None) or [""])[0]
+            cls = registered_hf_class(cfg.model_type, arch) or AutoModel
+            model = cls.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
         except Exception as e:
             raise ModelLoadError(f"{path} is not a loadable Hugging Face model folder ({type(e).__name__}: {e})") from None
         return tag(model.eval(), f"hf:{path.resolve()}", {"kind": "tokens", "shape": [1, 128], "vocab": model.config.vocab_size})

@@ -154,9 +154,15 @@ def encode_tensor(t: torch.Tensor, preferred: str | None = None) -> tuple[str, E
             if not fmt.auto:
                 continue
             parts = fmt.encode(t)
-            if parts is not None and nbytes(parts) < best_bytes * 0.98:
+            if parts is not None and nbytes(parts) < best_bytes * 0.98 and loadable(dense_bytes, nbytes(parts)):
                 best, best_bytes = (fmt.name, parts), nbytes(parts)
     return best
+
+
+def loadable(declared: int, stored: int) -> bool:
+    """Whether ``decode_tensor`` accepts this expansion: the saver never writes what the loader refuses
+    (an all-zero head, like torchvision ViT's, compresses past the bomb limit)."""
+    return declared <= max(1 << 20, MAX_EXPANSION * stored)
 
 
 # A format may decode to at most this many bytes per stored byte (sparse and entropy-coded
@@ -178,7 +184,7 @@ def decode_tensor(fmt: str, parts: Encoded, meta: dict[str, Any]) -> torch.Tenso
         out = parts.get("")
         if out is None:
             raise ModelLoadError("the weights file lacks the tensor")
-    elif declared > max(1 << 20, MAX_EXPANSION * stored):
+    elif not loadable(declared, stored):
         raise ModelLoadError(f"declares {declared:,} bytes ({meta['shape']}) from {stored:,} stored bytes; refused")
     else:
         try:

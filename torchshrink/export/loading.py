@@ -44,7 +44,7 @@ MAX_MANIFEST_BYTES = 64 << 20
 # (a binarized model stores 1/32 of its fp32 skeleton), or 256 MiB
 SKELETON_FACTOR = 64
 SKELETON_FLOOR = 256 << 20
-_PART = re.compile(r"(?:[A-Za-z_][A-Za-z0-9_]*|[0-9]+)\Z")
+_PART = re.compile(r"(?:[A-Za-z_][A-Za-z0-9_-]*|[0-9]+)\Z")  # torchvision RegNet names blocks "block1-0"
 
 
 # module classes that moved since a file was written: the old path, as a manifest names it -> the new one
@@ -236,6 +236,19 @@ def _fit_skeleton(net: nn.Module, tensors: dict[str, torch.Tensor], skeleton_mod
                 store[attr] = nn.Parameter(new, requires_grad=cur.requires_grad) if store is owner._parameters else new
 
 
+def _with_versions(net: nn.Module, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The tensors with the rebuilt modules' own state-dict versions attached (torch keeps them in
+    ``state_dict()._metadata``; classes such as torchvision's MNASNet refuse a state dict without them).
+    The versions come from the code that rebuilds the model, never from the file."""
+    from collections import OrderedDict
+
+    out = OrderedDict(tensors)
+    meta = getattr(net.state_dict(), "_metadata", None)
+    if meta is not None:
+        out._metadata = meta  # type: ignore[attr-defined]
+    return out
+
+
 def _retie(net: nn.Module, meta: dict[str, Any]) -> None:
     """Make tied parameters one Parameter object again (assign=True wraps each key separately)."""
     for key, info in meta.items():
@@ -261,10 +274,26 @@ def _order_like(net: nn.Module, records: list[dict[str, Any]]) -> None:
 
 
 def _skeleton(manifest: dict[str, Any]) -> nn.Module:
-    """The architecture, built first on the meta device: one much larger than the file is refused."""
-    with torch.device("meta"):
-        probe = build_skeleton(manifest)
-    check_skeleton_size(probe, _declared_bytes(manifest["tensors"]), "the manifest")
+    """The architecture, built first on the meta device: one much larger than the file is refused.
+    A torchvision builder that cannot run on the meta device (RegNet computes its widths with tensor
+    ops) is sized from its structure record instead (built once on the CPU from torchvision's own list,
+    cached)."""
+    stored = _declared_bytes(manifest["tensors"])
+    try:
+        with torch.device("meta"):
+            probe = build_skeleton(manifest)
+    except NotImplementedError:
+        from torchshrink.export.skeleton import _builder_structure
+
+        arch = (manifest.get("source") or "").split("@", 1)[0]
+        rec = _builder_structure(arch.split(":", 1)[1]) if arch.startswith("torchvision:") else None
+        if rec is None or "bytes" not in rec:
+            raise
+        if rec["bytes"] > max(SKELETON_FLOOR, SKELETON_FACTOR * stored):
+            raise ModelLoadError(f"the manifest declares a model of {rec['bytes']:,} bytes with {stored:,} bytes "
+                                 "of weights; refused") from None
+    else:
+        check_skeleton_size(probe, stored, "the manifest")
     return build_skeleton(manifest)
 
 
@@ -299,6 +328,7 @@ def load(directory: str | os.PathLike[str], *, model: nn.Module | None = None) -
     tensors = decode_state(flat, declared)
     if manifest.get("fx_graph") is None:
         _fit_skeleton(net, tensors, {r["name"] for r in manifest["modules"] if r.get("init") is None})
+    tensors = _with_versions(net, tensors)
     try:
         res = net.load_state_dict(tensors, strict=False, assign=True)
     except RuntimeError as e:

@@ -51,30 +51,65 @@ def _structure(model: nn.Module) -> tuple[dict[str, str], set[str]]:
     return sig, replaced
 
 
-def guess_torchvision_source(model: nn.Module) -> str | None:
-    """``torchvision:<name>`` for a model built by a torchvision builder (given as an instance, not as
-    a spec): the builder of the same class whose module tree (names and classes, built on the meta
-    device) is the model's, up to layers compression replaced or dropped. None if none matches."""
-    mod = type(model).__module__
-    if not mod.startswith("torchvision.models."):
-        return None
+def _builder_structure(name: str) -> dict[str, Any] | None:
+    """The class and module tree of torchvision builder ``name``: built on the meta device (no memory), or
+    on the CPU for builders that compute widths with tensor ops (RegNet), and cached per torchvision
+    version in the torchshrink cache."""
+    import json
+
     import torch
     import torchvision
 
+    from torchshrink.core.cache import cache_dir
+    from torchshrink.core.files import write_atomic
+
+    path = cache_dir() / "torchvision-structure" / f"{torchvision.__version__}-{name}.json"
+    if path.is_file():
+        try:
+            return json.loads(path.read_text())
+        except (OSError, ValueError):
+            pass
+    builder = torchvision.models.get_model_builder(name)
+    cand = None
+    for device in ("meta", "cpu"):
+        try:
+            with torch.device(device), torch.no_grad():
+                cand = builder(weights=None)
+            break
+        except Exception:  # noqa: BLE001 - a builder that cannot run there
+            continue
+    if cand is None:
+        return None
+    sig, _ = _structure(cand)
+    size = sum(t.numel() * t.element_size() for t in [*cand.parameters(), *cand.buffers()])
+    out = {"class": f"{type(cand).__module__}.{type(cand).__qualname__}", "modules": sig, "bytes": size}
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(path, json.dumps(out))
+    except OSError:
+        pass
+    return out
+
+
+def guess_torchvision_source(model: nn.Module) -> str | None:
+    """``torchvision:<name>`` for a model built by a torchvision builder (given as an instance, not as
+    a spec): the builder of the same class whose module tree (names and classes) is the model's, up to
+    layers compression replaced or dropped. None if none matches."""
+    mod = type(model).__module__
+    if not mod.startswith("torchvision.models."):
+        return None
+    import torchvision
+
+    cls = f"{mod}.{type(model).__qualname__}"
     sig, replaced = _structure(model)
     for name in torchvision.models.list_models(module=torchvision.models):
-        builder = torchvision.models.get_model_builder(name)
-        if builder.__module__ != mod:
+        if torchvision.models.get_model_builder(name).__module__ != mod:
             continue
-        try:
-            with torch.device("meta"):
-                cand = builder(weights=None)
-        except Exception:  # noqa: BLE001 - a builder that cannot run on the meta device is not a match
+        cand = _builder_structure(name)
+        if cand is None or cand["class"] != cls:
             continue
-        if type(cand) is not type(model):
-            continue
-        csig, _ = _structure(cand)
-        kept = {n: c for n, c in csig.items() if n not in replaced and not any(n.startswith(f"{r}.") for r in replaced)}
+        kept = {n: c for n, c in cand["modules"].items()
+                if n not in replaced and not any(n.startswith(f"{r}.") for r in replaced)}
         same = all(sig.get(n) == c or sig.get(n) == "torch.nn.modules.linear.Identity" for n, c in kept.items())
         if same and set(sig) <= set(kept) | replaced:
             return f"torchvision:{name}"
@@ -91,13 +126,28 @@ def _zoo_skeleton(name: str) -> nn.Module:
     return classes[name]()
 
 
+def registered_hf_class(model_type: str, short: str) -> Any:
+    """transformers' class ``short`` if transformers registers it for ``model_type`` in one of its auto
+    mappings (a name read from a file can only pick among those), else None."""
+    import transformers
+    from transformers.models.auto import modeling_auto
+
+    for mapping_name in dir(modeling_auto):
+        mapping = getattr(modeling_auto, mapping_name)
+        if not mapping_name.startswith("MODEL_") or not mapping_name.endswith("_MAPPING_NAMES") or not isinstance(mapping, dict):
+            continue
+        entry = mapping.get(model_type)
+        names = entry if isinstance(entry, tuple | list) else (entry,)
+        if short and short in names:
+            return getattr(transformers, short, None)
+    return None
+
+
 def _hf_skeleton(hf: dict[str, Any], cls_name: str | None) -> nn.Module:
     """A transformers model from its config: the config class is picked by ``model_type`` among the
     ones transformers registers, the model class among the auto classes registered for it."""
     try:
-        import transformers
         from transformers import AutoConfig
-        from transformers.models.auto import modeling_auto
         from transformers.models.auto.configuration_auto import CONFIG_MAPPING
     except ImportError:
         raise ModelLoadError("this saved model is a transformers model: pip install 'torchshrink[nlp]'") from None
@@ -113,17 +163,7 @@ def _hf_skeleton(hf: dict[str, Any], cls_name: str | None) -> nn.Module:
         cfg = AutoConfig.for_model(model_type, **fields)
     except Exception as e:  # transformers validates config values with several error types
         raise ModelLoadError(f"the saved transformers config is invalid ({type(e).__name__}: {str(e)[:160]})") from None
-    cls: Any = None
-    short = (cls_name or "").rsplit(".", 1)[-1]
-    for mapping_name in dir(modeling_auto):
-        mapping = getattr(modeling_auto, mapping_name)
-        if not mapping_name.startswith("MODEL_") or not mapping_name.endswith("_MAPPING_NAMES") or not isinstance(mapping, dict):
-            continue
-        entry = mapping.get(model_type)
-        names = entry if isinstance(entry, tuple | list) else (entry,)
-        if short in names:
-            cls = getattr(transformers, short, None)
-            break
+    cls = registered_hf_class(model_type, (cls_name or "").rsplit(".", 1)[-1])
     if cls is None:
         from transformers import AutoModel
 
@@ -131,7 +171,7 @@ def _hf_skeleton(hf: dict[str, Any], cls_name: str | None) -> nn.Module:
     try:
         return cls(cfg)
     except Exception as e:
-        raise ModelLoadError(f"cannot build {short} from the saved config ({type(e).__name__}: {str(e)[:160]})") from None
+        raise ModelLoadError(f"cannot build {cls.__name__} from the saved config ({type(e).__name__}: {str(e)[:160]})") from None
 
 
 def build_skeleton(manifest: dict[str, Any]) -> nn.Module:

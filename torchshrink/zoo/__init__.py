@@ -9,7 +9,7 @@ from torchshrink.core.errors import ModelLoadError
 from torchshrink.zoo.digits import DigitsCNN, DigitsMLP, digits_loaders, digits_splits, digits_teacher
 from torchshrink.zoo.text import english_sentences, sentence_split
 
-ZOO_MODELS = ("digits-cnn", "digits-mlp", "minilm")
+ZOO_MODELS = ("digits-cnn", "digits-mlp", "minilm", "smollm2")
 
 
 def load_zoo_model(name: str) -> nn.Module:
@@ -21,6 +21,10 @@ def load_zoo_model(name: str) -> nn.Module:
         from torchshrink.zoo.minilm import load_minilm
 
         return load_minilm()
+    if name == "smollm2":
+        from torchshrink.llm.models import load_causal_lm
+
+        return load_causal_lm("zoo:smollm2")[0]
     raise ModelLoadError(f"unknown zoo model {name!r}; known: {', '.join('zoo:' + n for n in ZOO_MODELS)}")
 
 

@@ -1,0 +1,124 @@
+"""Language-model foundations (#20): prose split by document, windowed perplexity, RTN / GPTQ grids and
+the layer-by-layer quantizer, on tiny Llama configs (no download)."""
+
+import gzip
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from torchshrink.core.errors import ConfigError, DataError, ModelLoadError
+from torchshrink.llm import perplexity, prose_split, token_windows
+from torchshrink.llm.sequential import quantize_lm
+from torchshrink.llm.text import is_prose
+from torchshrink.llm.wquant import Grid, gptq, layer_error, rtn
+
+tf = pytest.importorskip("transformers")
+torch.set_num_threads(2)
+
+PARA = ("The package manager resolves the dependencies of every package that the administrator asks for, and it "
+        "downloads them from the configured mirrors before installing them in the right order.")
+
+
+def _llama(vocab=64, layers=2):
+    torch.manual_seed(0)
+    cfg = tf.LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    return tf.LlamaForCausalLM(cfg).eval()
+
+
+def test_prose_split_is_by_document_and_names_the_install_command(tmp_path):
+    with pytest.raises(DataError, match="apt-get install"):
+        prose_split(tmp_path)
+    html = tmp_path / "debian-handbook/html/en-US"
+    html.mkdir(parents=True)
+    for i in range(12):  # chapters: <p> prose kept, <pre> code dropped, inline <code> kept
+        (html / f"chapter{i}.html").write_text(
+            f"<html><head><title>x</title></head><body><p>{PARA} Chapter {i} runs <code>apt</code> here.</p>"
+            f"<pre>$ apt-get install foo bar baz</pre><p>short</p></body></html>")
+    faq = tmp_path / "debian/FAQ"
+    faq.mkdir(parents=True)
+    with gzip.open(faq / "debian-faq.en.txt.gz", "wt") as f:
+        f.write(f"{PARA}\n\n$ code line\n\n{PARA} Again.\n")
+    cal, ev, names = prose_split(tmp_path)
+    assert not set(names["calibration"]) & set(names["evaluation"]) and names["evaluation"]
+    assert len(cal) + len(ev) == 14 and all(is_prose(p) for p in cal + ev)
+    assert any("runs apt here." in p for p in cal + ev) and not any("apt-get install foo" in p for p in cal + ev)
+
+
+class _Tok:
+    bos_token_id = 1
+
+    def __call__(self, text, add_special_tokens=False):
+        return {"input_ids": [2 + (ord(c) % 60) for c in text]}
+
+
+def test_token_windows_and_too_short_text():
+    ids = token_windows(_Tok(), [PARA] * 3, 200)
+    assert ids.shape == (200,) and ids[0] == 1
+    with pytest.raises(DataError, match="fewer than the 5000"):
+        token_windows(_Tok(), [PARA], 5000)
+
+
+def test_perplexity_matches_a_direct_computation_and_strides_score_each_token_once():
+    m = _llama()
+    ids = torch.randint(0, 64, (256,), generator=torch.Generator().manual_seed(0))
+    got = perplexity(m, ids, window=64)
+    with torch.no_grad():
+        logp = F.log_softmax(m(ids.reshape(4, 64)).logits[:, :-1], -1)
+    nll = -logp.gather(-1, ids.reshape(4, 64)[:, 1:, None]).mean()
+    assert got["tokens"] == 4 * 63 and math.isclose(got["perplexity"], math.exp(float(nll)), rel_tol=1e-5)
+    strided = perplexity(m, ids, window=64, stride=16)
+    assert strided["tokens"] == 255  # every token but the first, once
+    with pytest.raises(DataError, match="too short"):
+        perplexity(m, ids[:30], window=64)
+    with pytest.raises(ModelLoadError, match="not a causal language model"):
+        perplexity(tf.LlamaModel(m.config).eval(), ids, window=64)
+
+
+def test_grids_rtn_bounds_and_group_fallback():
+    w = torch.randn(16, 96)
+    for grid in (Grid(4, 32, True), Grid(4, 32, False), Grid(3, 32, False), Grid(8, 0, True)):
+        q = rtn(w, grid)
+        assert int(q.codes.max()) <= grid.qmax
+        step = q.scale.repeat_interleave(grid.group or 96, 1) if grid.group else q.scale
+        assert bool(((q.dequantized() - w).abs() <= step / 2 + 1e-5).all())  # within half a step everywhere
+    assert rtn(w, Grid(4, 64, False)).grid.group == 0  # 64 does not divide 96: per channel, said in the label
+    assert rtn(w, Grid(4, 64, False)).grid.label == "W4 per-channel asym"
+    with pytest.raises(ConfigError, match="allowed: 2, 3, 4, 8"):
+        Grid(5, 64)
+    with pytest.raises(ConfigError, match="power of two"):
+        Grid(4, 48)
+
+
+def test_gptq_beats_rtn_on_correlated_inputs_and_its_codes_reproduce_its_weights():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2048, 16, generator=g) @ torch.randn(16, 128, generator=g) + 0.1 * torch.randn(2048, 128, generator=g)
+    w = torch.randn(64, 128, generator=g)
+    h = x.T @ x
+    for grid in (Grid(4, 32, False), Grid(3, 32, True)):
+        e_rtn = layer_error(w, rtn(w, grid), h)
+        for act_order in (True, False):
+            q = gptq(w, h, grid, act_order=act_order)
+            assert layer_error(w, q, h) < 0.5 * e_rtn
+            assert int(q.codes.max()) <= grid.qmax and q.scale.shape == (64, 4)
+
+
+def test_quantize_lm_puts_every_decoder_linear_on_its_grid_and_leaves_embeddings():
+    m = _llama()
+    emb = m.model.embed_tokens.weight.clone()
+    samples = torch.randint(0, 64, (4, 32), generator=torch.Generator().manual_seed(1))
+    ref = m(samples).logits
+    with pytest.raises(DataError, match="GPTQ needs calibration"):
+        quantize_lm(m, Grid(4, 32), method="gptq")
+    codes, rep = quantize_lm(m, Grid(4, 32, False), method="gptq", samples=samples)
+    assert len(codes) == 2 * 7 and len(rep) == 14 and all(r.error < 0.5 for r in rep)
+    for name, q in codes.items():
+        w = m.get_submodule(name).weight
+        assert torch.allclose(w, q.dequantized(), atol=1e-6)
+        per_group = w.reshape(w.shape[0], -1, 32)
+        assert max(len(torch.unique(row)) for row in per_group.reshape(-1, 32)) <= 16
+    assert torch.equal(m.model.embed_tokens.weight, emb)
+    out = m(samples).logits
+    assert torch.isfinite(out).all() and not torch.equal(out, ref)

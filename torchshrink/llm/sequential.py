@@ -1,0 +1,126 @@
+"""Layer-by-layer weight quantization of a decoder LM with bounded memory: the calibration inputs of
+the first decoder layer are captured once, then each layer in turn collects its Linears' Hessians
+``X^T X`` from those inputs, is quantized, and is run again (quantized) to give the next layer its
+inputs. Only one layer's activations for the calibration set are held at a time; the embedding and
+the LM head stay in float (tied to the embedding in most small LMs)."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from torchshrink.core.errors import DataError
+from torchshrink.llm.models import causal_lm
+from torchshrink.llm.wquant import Grid, Quantized, gptq, layer_error, rtn
+from torchshrink.prune.structured.transformer import find_layers
+
+
+class _Stop(Exception):
+    pass
+
+
+def capture_inputs(model: nn.Module, layer: nn.Module, samples: torch.Tensor) -> tuple[list[torch.Tensor], dict[str, Any]]:
+    """The first decoder layer's hidden-state input for each calibration sample (rows of ``samples``),
+    and the keyword arguments the model passes it (rotary embeddings, masks), taken from the first."""
+    got: list[torch.Tensor] = []
+    kw: dict[str, Any] = {}
+
+    def hook(mod: nn.Module, args: tuple, kwargs: dict) -> None:
+        x = args[0] if args else kwargs.pop("hidden_states")
+        got.append(x.detach())
+        if not kw:
+            kw.update({k: v for k, v in kwargs.items() if k != "hidden_states"})
+        raise _Stop
+
+    h = layer.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            for row in samples:
+                try:
+                    model(input_ids=row[None], use_cache=False)
+                except _Stop:
+                    pass
+    finally:
+        h.remove()
+    kw.pop("past_key_values", None)
+    kw.pop("past_key_value", None)
+    kw["use_cache"] = False
+    return got, kw
+
+
+def _run(layer: nn.Module, x: torch.Tensor, kw: dict[str, Any]) -> torch.Tensor:
+    out = layer(x, **kw)
+    return out[0] if isinstance(out, tuple) else out
+
+
+@dataclasses.dataclass
+class LayerReport:
+    name: str
+    grid: str
+    error: float  # relative output error on the calibration inputs (tr dW H dW^T / tr W H W^T)
+
+
+def quantize_lm(model: nn.Module, grid: Grid, *, method: str = "gptq", samples: torch.Tensor | None = None,
+                damp: float = 0.01, act_order: bool = True, static_groups: bool = True,
+                on_layer: Callable[[int, float], None] | None = None) -> tuple[dict[str, Quantized], list[LayerReport]]:
+    """Quantize every Linear of every decoder layer in place (weights become their dequantized grid values)
+    and return the codes by qualified name, with one report line per Linear. ``samples``: calibration token
+    rows ``[n, seq]`` (needed by GPTQ; RTN ignores them)."""
+    causal_lm(model)
+    prefix, layers = find_layers(model)
+    if method not in ("rtn", "gptq"):
+        raise DataError(f"method={method!r}; allowed: 'rtn', 'gptq'")
+    if method == "gptq" and (samples is None or samples.dim() != 2 or samples.shape[0] < 1):
+        raise DataError("GPTQ needs calibration token rows [n_samples, seq_len]; give samples=")
+    codes: dict[str, Quantized] = {}
+    reports: list[LayerReport] = []
+    was = model.training
+    model.eval()
+    try:
+        inps, kw = capture_inputs(model, layers[0], samples) if method == "gptq" else ([], {})
+        for li, layer in enumerate(layers):
+            t0 = time.perf_counter()
+            linears = {n: m for n, m in layer.named_modules() if isinstance(m, nn.Linear)}
+            hess = {n: torch.zeros(m.in_features, m.in_features) for n, m in linears.items()}
+            count = {n: 0 for n in linears}
+            hooks = []
+            if method == "gptq":
+                def make(n: str, hess: dict = hess, count: dict = count) -> Any:
+                    def hook(mod: nn.Module, args: tuple) -> None:
+                        x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
+                        hess[n].addmm_(x.T, x)
+                        count[n] += x.shape[0]
+                    return hook
+                hooks = [m.register_forward_pre_hook(make(n)) for n, m in linears.items()]
+                with torch.no_grad():
+                    for x in inps:
+                        _run(layer, x, kw)
+                for h in hooks:
+                    h.remove()
+            for n, m in linears.items():
+                w = m.weight.detach()
+                if method == "gptq":
+                    H = hess[n] / max(count[n], 1)
+                    q = gptq(w, H, grid, damp=damp, act_order=act_order, static_groups=static_groups)
+                    err = layer_error(w, q, H)
+                else:
+                    q = rtn(w, grid)
+                    err = float((q.dequantized() - w.float()).pow(2).sum() / w.float().pow(2).sum().clamp_min(1e-30))
+                with torch.no_grad():
+                    m.weight.copy_(q.dequantized().to(m.weight.dtype))
+                full = f"{prefix}.{li}.{n}"
+                codes[full] = q
+                reports.append(LayerReport(full, q.grid.label, err))
+            if method == "gptq":
+                with torch.no_grad():
+                    inps = [_run(layer, x, kw) for x in inps]
+            if on_layer is not None:
+                on_layer(li, time.perf_counter() - t0)
+    finally:
+        model.train(was)
+    return codes, reports
