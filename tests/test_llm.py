@@ -110,9 +110,9 @@ def test_quantize_lm_puts_every_decoder_linear_on_its_grid_and_leaves_embeddings
     emb = m.model.embed_tokens.weight.clone()
     samples = torch.randint(0, 64, (4, 32), generator=torch.Generator().manual_seed(1))
     ref = m(samples).logits
-    with pytest.raises(DataError, match="GPTQ needs calibration"):
+    with pytest.raises(DataError, match="gptq needs calibration"):
         quantize_lm(m, Grid(4, 32), method="gptq")
-    codes, rep = quantize_lm(m, Grid(4, 32, False), method="gptq", samples=samples)
+    codes, rep, _ = quantize_lm(m, Grid(4, 32, False), method="gptq", samples=samples)
     assert len(codes) == 2 * 7 and len(rep) == 14 and all(r.error < 0.5 for r in rep)
     for name, q in codes.items():
         w = m.get_submodule(name).weight
@@ -122,3 +122,31 @@ def test_quantize_lm_puts_every_decoder_linear_on_its_grid_and_leaves_embeddings
     assert torch.equal(m.model.embed_tokens.weight, emb)
     out = m(samples).logits
     assert torch.isfinite(out).all() and not torch.equal(out, ref)
+
+
+def test_awq_scaling_keeps_the_float_model_and_lowers_the_quantized_error():
+    """AWQ folds its scales into the norms and projections: the float model computes the same; on a layer
+    whose inputs have a few large channels, AWQ + RTN quantizes closer to the float model than RTN."""
+    m = _llama(layers=1)
+    with torch.no_grad():  # outlier input channels, as real LMs have
+        m.model.layers[0].input_layernorm.weight[:3] = 20.0
+        m.model.layers[0].post_attention_layernorm.weight[:3] = 20.0
+    samples = torch.randint(0, 64, (8, 32), generator=torch.Generator().manual_seed(3))
+    ref = m(samples).logits
+    import copy
+
+    from torchshrink.llm.awq import awq_layer
+    from torchshrink.llm.sequential import _run, capture_inputs
+
+    scaled = copy.deepcopy(m)
+    inps, kw = capture_inputs(scaled, scaled.model.layers[0], samples)
+    alphas = awq_layer(scaled.model.layers[0], inps, lambda mod, x: _run(mod, x, kw), Grid(3, 32))
+    assert alphas and any(a > 0 for a in alphas.values())
+    assert torch.allclose(scaled(samples).logits, ref, atol=1e-4, rtol=1e-4)  # same float model
+    err = {}
+    for method in ("rtn", "awq"):
+        q = copy.deepcopy(m)
+        res = quantize_lm(q, Grid(3, 32), method=method, samples=samples)
+        err[method] = float((q(samples).logits - ref).pow(2).mean())
+        assert (res.alphas != {}) == (method == "awq")
+    assert err["awq"] < err["rtn"]

@@ -38,6 +38,26 @@ def test_hf_folder_loads_without_network(tmp_path):
     assert ids.shape == (2, 8) and int(ids.max()) < 100
 
 
+def test_hf_folder_loads_with_the_head_class_its_config_names(tmp_path):
+    """A *ForCausalLM / *ForSequenceClassification folder keeps its head (was: rebuilt as the bare model);
+    a class name transformers does not register for that model type falls back to the bare model."""
+    import json
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    lm = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                      num_attention_heads=2, num_key_value_heads=1)).eval()
+    lm.save_pretrained(tmp_path / "lm")
+    back = ts.load_model(str(tmp_path / "lm"))
+    ids = torch.randint(0, 64, (1, 5))
+    assert type(back).__name__ == "LlamaForCausalLM" and torch.allclose(back(ids).logits, lm(ids).logits, atol=1e-6)
+    cfg = json.loads((tmp_path / "lm" / "config.json").read_text())
+    cfg["architectures"] = ["os.system"]  # a name from the file is only ever looked up among registered classes
+    (tmp_path / "lm" / "config.json").write_text(json.dumps(cfg))
+    assert type(ts.load_model(str(tmp_path / "lm"))).__name__ == "LlamaModel"
+
+
 @pytest.mark.parametrize(
     "spec, message",
     [

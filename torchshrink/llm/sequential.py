@@ -9,15 +9,18 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
 
 from torchshrink.core.errors import DataError
+from torchshrink.llm.awq import awq_layer
 from torchshrink.llm.models import causal_lm
 from torchshrink.llm.wquant import Grid, Quantized, gptq, layer_error, rtn
 from torchshrink.prune.structured.transformer import find_layers
+
+METHODS = ("rtn", "gptq", "awq", "awq+gptq")
 
 
 class _Stop(Exception):
@@ -58,6 +61,12 @@ def _run(layer: nn.Module, x: torch.Tensor, kw: dict[str, Any]) -> torch.Tensor:
     return out[0] if isinstance(out, tuple) else out
 
 
+class LMQuantResult(NamedTuple):
+    codes: dict[str, Quantized]
+    layers: list[LayerReport]
+    alphas: dict[str, dict[str, float]]
+
+
 @dataclasses.dataclass
 class LayerReport:
     name: str
@@ -67,29 +76,34 @@ class LayerReport:
 
 def quantize_lm(model: nn.Module, grid: Grid, *, method: str = "gptq", samples: torch.Tensor | None = None,
                 damp: float = 0.01, act_order: bool = True, static_groups: bool = True,
-                on_layer: Callable[[int, float], None] | None = None) -> tuple[dict[str, Quantized], list[LayerReport]]:
+                on_layer: Callable[[int, float], None] | None = None) -> LMQuantResult:
     """Quantize every Linear of every decoder layer in place (weights become their dequantized grid values)
-    and return the codes by qualified name, with one report line per Linear. ``samples``: calibration token
-    rows ``[n, seq]`` (needed by GPTQ; RTN ignores them)."""
+    and return the codes by qualified name, one report line per Linear, and AWQ's alpha per scaled group.
+    ``method``: rtn | gptq | awq (AWQ scales, then round to nearest) | awq+gptq. ``samples``: calibration
+    token rows ``[n, seq]`` (every method but rtn needs them)."""
     causal_lm(model)
     prefix, layers = find_layers(model)
-    if method not in ("rtn", "gptq"):
-        raise DataError(f"method={method!r}; allowed: 'rtn', 'gptq'")
-    if method == "gptq" and (samples is None or samples.dim() != 2 or samples.shape[0] < 1):
-        raise DataError("GPTQ needs calibration token rows [n_samples, seq_len]; give samples=")
+    if method not in METHODS:
+        raise DataError(f"method={method!r}; allowed: {', '.join(METHODS)}")
+    data_aware = method != "rtn"
+    if data_aware and (samples is None or samples.dim() != 2 or samples.shape[0] < 1):
+        raise DataError(f"{method} needs calibration token rows [n_samples, seq_len]; give samples=")
     codes: dict[str, Quantized] = {}
     reports: list[LayerReport] = []
+    alphas: dict[str, dict[str, float]] = {}
     was = model.training
     model.eval()
     try:
-        inps, kw = capture_inputs(model, layers[0], samples) if method == "gptq" else ([], {})
+        inps, kw = capture_inputs(model, layers[0], samples) if data_aware else ([], {})
         for li, layer in enumerate(layers):
             t0 = time.perf_counter()
             linears = {n: m for n, m in layer.named_modules() if isinstance(m, nn.Linear)}
             hess = {n: torch.zeros(m.in_features, m.in_features) for n, m in linears.items()}
             count = {n: 0 for n in linears}
             hooks = []
-            if method == "gptq":
+            if method.startswith("awq"):
+                alphas[f"{prefix}.{li}"] = awq_layer(layer, inps, lambda m, x: _run(m, x, kw), grid)
+            if method.endswith("gptq"):
                 def make(n: str, hess: dict = hess, count: dict = count) -> Any:
                     def hook(mod: nn.Module, args: tuple) -> None:
                         x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
@@ -104,7 +118,7 @@ def quantize_lm(model: nn.Module, grid: Grid, *, method: str = "gptq", samples: 
                     h.remove()
             for n, m in linears.items():
                 w = m.weight.detach()
-                if method == "gptq":
+                if method.endswith("gptq"):
                     H = hess[n] / max(count[n], 1)
                     q = gptq(w, H, grid, damp=damp, act_order=act_order, static_groups=static_groups)
                     err = layer_error(w, q, H)
@@ -116,11 +130,11 @@ def quantize_lm(model: nn.Module, grid: Grid, *, method: str = "gptq", samples: 
                 full = f"{prefix}.{li}.{n}"
                 codes[full] = q
                 reports.append(LayerReport(full, q.grid.label, err))
-            if method == "gptq":
+            if data_aware:
                 with torch.no_grad():
                     inps = [_run(layer, x, kw) for x in inps]
             if on_layer is not None:
                 on_layer(li, time.perf_counter() - t0)
     finally:
         model.train(was)
-    return codes, reports
+    return LMQuantResult(codes, reports, alphas)

