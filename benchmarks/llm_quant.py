@@ -7,8 +7,10 @@ calibrated on. Calibration: ``--samples`` rows of 512 tokens from the calibratio
 the next 4,096 calibration-document tokens (used to pick the method per setting); evaluation:
 ``--eval-tokens`` tokens of the evaluation documents in windows of 512.
 
-Run: .venv/bin/python benchmarks/llm_quant.py [--check] [--samples 32] [--settings w4g64,w3g64,w8]
-(needs `make llm`). Peak RSS of the process is reported with the results.
+Sparsity (``--part sparse``): magnitude, Wanda and SparseGPT at 50% unstructured and 2:4 on the same text.
+
+Run: .venv/bin/python benchmarks/llm_quant.py [--check] [--samples 64] [--settings w4g64,w3g64,w8] [--part quant|sparse]
+(needs `make llm`; a part run alone keeps the other part's committed rows). Peak RSS is reported.
 """
 
 from __future__ import annotations
@@ -55,8 +57,11 @@ def main() -> int:
     ap.add_argument("--settings", default="w8,w4g64,w3g64")
     ap.add_argument("--methods", default="rtn,gptq,awq,awq+gptq")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--part", choices=["quant", "sparse", "both"], default="both")
     ap.add_argument("--out", default=str(OUT))
     a = ap.parse_args()
+    prev_path = Path(a.out) / "llm_quant.json"
+    prev = json.loads(prev_path.read_text()) if prev_path.is_file() and a.part != "both" else {}
     torch.set_num_threads(a.threads)
     model, tok = load_causal_lm("zoo:smollm2")
     cal, ev, docs = prose_split()
@@ -66,8 +71,9 @@ def main() -> int:
     base = perplexity(model, ids)
     base_val = perplexity(model, val)
     print("fp32", json.dumps(base), flush=True)
-    rows = []
-    for key in a.settings.split(","):
+    rows = prev.get("rows", []) if a.part == "sparse" else []
+    sparse_rows = prev.get("sparse_rows", []) if a.part == "quant" else []
+    for key in (a.settings.split(",") if a.part != "sparse" else []):
         grid = SETTINGS[key]
         for method in a.methods.split(","):
             q = copy.deepcopy(model)
@@ -84,7 +90,30 @@ def main() -> int:
             print(json.dumps(row), flush=True)
             rows.append(row)
             del q
+    if a.part != "quant":
+        from torchshrink.llm.sparse import sparsify_lm
+
+        for pattern, sparsity, nm in (("50%", 0.5, None), ("2:4", 0.5, (2, 4))):
+            for method in ("magnitude", "wanda", "sparsegpt"):
+                q = copy.deepcopy(model)
+                rep = sparsify_lm(q, method=method, sparsity=sparsity, nm=nm, samples=samples)
+                p, pv = perplexity(q, ids), perplexity(q, val)
+                row = {"pattern": pattern, "method": method, "perplexity": p["perplexity"],
+                       "increase_pct": 100 * (p["perplexity"] / base["perplexity"] - 1),
+                       "val_increase_pct": 100 * (pv["perplexity"] / base_val["perplexity"] - 1),
+                       "seconds": rep["seconds"], "generation": generate_check(q, tok)["text"][:80]}
+                print(json.dumps(row), flush=True)
+                sparse_rows.append(row)
+                del q
     targets = []
+    for pattern, limit in (("50%", 40.0), ("2:4", 100.0)):
+        cand = [r for r in sparse_rows if r["pattern"] == pattern and r["method"] != "magnitude"]
+        mag = next((r for r in sparse_rows if r["pattern"] == pattern and r["method"] == "magnitude"), None)
+        if cand and mag:
+            best = min(cand, key=lambda r: r["val_increase_pct"])
+            targets.append(Target(f"{pattern} sparsity: perplexity increase vs fp32 (method chosen on validation)",
+                                  best["increase_pct"], "<=", limit, "%",
+                                  f"{best['method']}; magnitude {mag['increase_pct']:+.1f}%"))
     for key, limit in TARGETS.items():
         cand = [r for r in rows if r["setting"] == key]
         if not cand:
@@ -106,8 +135,15 @@ def main() -> int:
             [[r["grid"], r["method"], f"{r['perplexity']:.3f}", f"{r['increase_pct']:+.1f}%", f"{r['val_increase_pct']:+.1f}%",
               f"{r['bits_per_weight']:.2f}", f"{r['seconds']:.0f}", r["generation"].replace("|", "/").replace("\n", " ")]
              for r in rows]),
+        "Sparsity (no fine-tuning; every decoder Linear; embeddings and LM head dense)": markdown_table(
+            ["pattern", "method", "perplexity", "vs fp32", "validation vs fp32", "seconds", "greedy continuation"],
+            [[r["pattern"], r["method"], f"{r['perplexity']:.3f}", f"{r['increase_pct']:+.1f}%",
+              f"{r['val_increase_pct']:+.1f}%", f"{r['seconds']:.0f}", r["generation"].replace("|", "/").replace("\n", " ")]
+             for r in sparse_rows]),
     }
-    ok = write_results("llm_quant", targets, tables, {"fp32": base, "fp32_val": base_val, "rows": rows,
+    if prev:
+        tables["Notes"] = f"- only the {a.part} part was run here; the other part's rows are from the previous run (same machine)"
+    ok = write_results("llm_quant", targets, tables, {"fp32": base, "fp32_val": base_val, "rows": rows, "sparse_rows": sparse_rows,
                                                       "documents": docs, "peak_rss_gib": peak_rss_gb()}, Path(a.out))
     for t in targets:
         print(f"{'PASS' if t.passed else 'FAIL'}: {t.name} ({t.value:.2f})")

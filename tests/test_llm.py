@@ -150,3 +150,64 @@ def test_awq_scaling_keeps_the_float_model_and_lowers_the_quantized_error():
         err[method] = float((q(samples).logits - ref).pow(2).mean())
         assert (res.alphas != {}) == (method == "awq")
     assert err["awq"] < err["rtn"]
+
+
+def test_packed_lm_saves_small_and_reloads_exactly(tmp_path):
+    import torchshrink as ts
+    from torchshrink.llm.modules import PackedLinear
+
+    m = _llama()
+    samples = torch.randint(0, 64, (4, 32), generator=torch.Generator().manual_seed(4))
+    fake = quantize_lm(__import__("copy").deepcopy(m), Grid(4, 32, False), method="gptq", samples=samples)
+    res = quantize_lm(m, Grid(4, 32, False), method="gptq", samples=samples, pack=True)
+    packed = [x for x in m.modules() if isinstance(x, PackedLinear)]
+    assert len(packed) == 14 and all(x.qweight.dtype == torch.uint8 for x in packed)
+    for name, q in res.codes.items():  # the packed layer IS what was evaluated
+        assert torch.equal(m.get_submodule(name).dequantized_weight(), q.dequantized())
+        assert torch.equal(fake.codes[name].codes, q.codes)
+    out = m(samples).logits
+    ts.save(m, tmp_path / "q")
+    back = ts.load(tmp_path / "q", model=_llama())
+    assert torch.equal(back(samples).logits, out)
+    layer_bytes = sum(b.numel() * b.element_size() for x in packed for b in x.buffers())
+    dense_bytes = sum(x.in_features * x.out_features * 4 for x in packed)
+    assert layer_bytes < 0.2 * dense_bytes  # 4 bits + fp16 scale + uint8 zero per 32 weights vs fp32
+
+
+def test_sparsity_methods_hit_the_pattern_and_rank_as_expected():
+    from torchshrink.llm.sparse import magnitude, sparsegpt, wanda
+
+    g = torch.Generator().manual_seed(5)
+    x = (torch.randn(2048, 16, generator=g) @ torch.randn(16, 128, generator=g) + 0.1 * torch.randn(2048, 128, generator=g))
+    x = x * torch.linspace(0.1, 4.0, 128)  # uneven input scales: magnitude ignores them
+    w = torch.randn(64, 128, generator=g)
+    h = x.T @ x / x.shape[0]
+
+    def out_err(new):
+        return float((x @ (new - w).T).pow(2).mean() / (x @ w.T).pow(2).mean())
+
+    for nm in (None, (2, 4)):
+        outs = {"magnitude": magnitude(w, 0.5, nm), "wanda": wanda(w, h, 0.5, nm), "sparsegpt": sparsegpt(w, h, 0.5, nm)}
+        for name, new in outs.items():
+            if nm is None:
+                assert bool(((new == 0).sum(1) == 64).all()), name  # exactly half of every row
+            else:
+                assert bool(((new.reshape(64, 32, 4) == 0).sum(-1) >= 2).all()), name  # 2 of every 4 zero
+        errs = {k: out_err(v) for k, v in outs.items()}
+        assert errs["sparsegpt"] < errs["wanda"] < errs["magnitude"], (nm, errs)
+
+
+def test_sparsify_lm_and_its_refusals():
+    from torchshrink.llm.sparse import sparsify_lm
+
+    m = _llama()
+    samples = torch.randint(0, 64, (4, 32), generator=torch.Generator().manual_seed(6))
+    with pytest.raises(DataError, match="sparsegpt needs calibration"):
+        sparsify_lm(m, method="sparsegpt")
+    with pytest.raises(ConfigError, match="0 < n < m"):
+        sparsify_lm(m, method="wanda", nm=(4, 4), samples=samples)
+    with pytest.raises(ConfigError, match="allowed: magnitude, wanda, sparsegpt"):
+        sparsify_lm(m, method="obs", samples=samples)
+    rep = sparsify_lm(m, method="sparsegpt", nm=(2, 4), samples=samples)
+    assert len(rep["layers"]) == 14 and all(abs(v - 0.5) < 1e-6 for v in rep["layers"].values())
+    assert torch.isfinite(m(samples).logits).all()

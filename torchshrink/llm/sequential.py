@@ -15,8 +15,10 @@ import torch
 from torch import nn
 
 from torchshrink.core.errors import DataError
+from torchshrink.core.surgery import set_module
 from torchshrink.llm.awq import awq_layer
 from torchshrink.llm.models import causal_lm
+from torchshrink.llm.modules import PackedLinear
 from torchshrink.llm.wquant import Grid, Quantized, gptq, layer_error, rtn
 from torchshrink.prune.structured.transformer import find_layers
 
@@ -67,6 +69,30 @@ class LMQuantResult(NamedTuple):
     alphas: dict[str, dict[str, float]]
 
 
+def hessians(layer: nn.Module, linears: dict[str, nn.Module], inps: list[torch.Tensor],
+             kw: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """``X^T X / n`` of each Linear's inputs over the calibration inputs of its layer."""
+    hess = {n: torch.zeros(m.in_features, m.in_features) for n, m in linears.items()}
+    count = dict.fromkeys(linears, 0)
+
+    def make(n: str) -> Any:
+        def hook(mod: nn.Module, args: tuple) -> None:
+            x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
+            hess[n].addmm_(x.T, x)
+            count[n] += x.shape[0]
+        return hook
+
+    hooks = [m.register_forward_pre_hook(make(n)) for n, m in linears.items()]
+    try:
+        with torch.no_grad():
+            for x in inps:
+                _run(layer, x, kw)
+    finally:
+        for h in hooks:
+            h.remove()
+    return {n: h / max(count[n], 1) for n, h in hess.items()}
+
+
 @dataclasses.dataclass
 class LayerReport:
     name: str
@@ -75,12 +101,13 @@ class LayerReport:
 
 
 def quantize_lm(model: nn.Module, grid: Grid, *, method: str = "gptq", samples: torch.Tensor | None = None,
-                damp: float = 0.01, act_order: bool = True, static_groups: bool = True,
+                damp: float = 0.01, act_order: bool = True, static_groups: bool = True, pack: bool = False,
                 on_layer: Callable[[int, float], None] | None = None) -> LMQuantResult:
     """Quantize every Linear of every decoder layer in place (weights become their dequantized grid values)
     and return the codes by qualified name, one report line per Linear, and AWQ's alpha per scaled group.
     ``method``: rtn | gptq | awq (AWQ scales, then round to nearest) | awq+gptq. ``samples``: calibration
-    token rows ``[n, seq]`` (every method but rtn needs them)."""
+    token rows ``[n, seq]`` (every method but rtn needs them). ``pack``: replace each Linear by a
+    :class:`~torchshrink.llm.modules.PackedLinear` holding its codes (what ``ts.save`` writes)."""
     causal_lm(model)
     prefix, layers = find_layers(model)
     if method not in METHODS:
@@ -98,28 +125,13 @@ def quantize_lm(model: nn.Module, grid: Grid, *, method: str = "gptq", samples: 
         for li, layer in enumerate(layers):
             t0 = time.perf_counter()
             linears = {n: m for n, m in layer.named_modules() if isinstance(m, nn.Linear)}
-            hess = {n: torch.zeros(m.in_features, m.in_features) for n, m in linears.items()}
-            count = {n: 0 for n in linears}
-            hooks = []
             if method.startswith("awq"):
                 alphas[f"{prefix}.{li}"] = awq_layer(layer, inps, lambda m, x: _run(m, x, kw), grid)
-            if method.endswith("gptq"):
-                def make(n: str, hess: dict = hess, count: dict = count) -> Any:
-                    def hook(mod: nn.Module, args: tuple) -> None:
-                        x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
-                        hess[n].addmm_(x.T, x)
-                        count[n] += x.shape[0]
-                    return hook
-                hooks = [m.register_forward_pre_hook(make(n)) for n, m in linears.items()]
-                with torch.no_grad():
-                    for x in inps:
-                        _run(layer, x, kw)
-                for h in hooks:
-                    h.remove()
+            hess = hessians(layer, linears, inps, kw) if method.endswith("gptq") else {}
             for n, m in linears.items():
                 w = m.weight.detach()
                 if method.endswith("gptq"):
-                    H = hess[n] / max(count[n], 1)
+                    H = hess[n]
                     q = gptq(w, H, grid, damp=damp, act_order=act_order, static_groups=static_groups)
                     err = layer_error(w, q, H)
                 else:
@@ -129,6 +141,8 @@ def quantize_lm(model: nn.Module, grid: Grid, *, method: str = "gptq", samples: 
                     m.weight.copy_(q.dequantized().to(m.weight.dtype))
                 full = f"{prefix}.{li}.{n}"
                 codes[full] = q
+                if pack and (q.grid.bits == 8 or m.in_features % 2 == 0):
+                    set_module(layer, n, PackedLinear.from_quantized(m, q))
                 reports.append(LayerReport(full, q.grid.label, err))
             if data_aware:
                 with torch.no_grad():

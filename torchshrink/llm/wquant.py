@@ -50,14 +50,19 @@ class Grid:
 def _minmax_params(w: torch.Tensor, grid: Grid, shrink: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     if grid.sym:
         amax = (w.abs().amax(-1, keepdim=True) * shrink).clamp_min(1e-12)
-        scale = 2 * amax / grid.qmax
-        zero = torch.full_like(scale, (grid.qmax + 1) / 2)
+        scale = _fp16(amax / (grid.qmax // 2))  # restricted range: +-amax map to codes zero +- qmax//2
+        zero = torch.full_like(scale, (grid.qmax + 1) // 2)
     else:
         lo = (w.amin(-1, keepdim=True) * shrink).clamp_max(0)
         hi = (w.amax(-1, keepdim=True) * shrink).clamp_min(0)
-        scale = ((hi - lo) / grid.qmax).clamp_min(1e-12)
-        zero = torch.round(-lo / scale)
+        scale = _fp16((hi - lo) / grid.qmax)
+        zero = torch.round(-lo / scale).clamp(0, grid.qmax)
     return scale, zero
+
+
+def _fp16(scale: torch.Tensor) -> torch.Tensor:
+    """Scales as the fp16 values they are stored as (so what is evaluated is what is saved)."""
+    return scale.clamp(6.1e-5, 6.5e4).half().float()
 
 
 def params(w: torch.Tensor, grid: Grid) -> tuple[torch.Tensor, torch.Tensor]:
