@@ -71,7 +71,8 @@ def main() -> int:
     base = perplexity(model, ids)
     base_val = perplexity(model, val)
     print("fp32", json.dumps(base), flush=True)
-    rows = prev.get("rows", []) if a.part == "sparse" else []
+    redo = {(k, mth) for k in a.settings.split(",") for mth in a.methods.split(",")}
+    rows = [r for r in prev.get("rows", []) if a.part == "sparse" or (r["setting"], r["method"]) not in redo]
     sparse_rows = prev.get("sparse_rows", []) if a.part == "quant" else []
     for key in (a.settings.split(",") if a.part != "sparse" else []):
         grid = SETTINGS[key]
@@ -90,6 +91,8 @@ def main() -> int:
             print(json.dumps(row), flush=True)
             rows.append(row)
             del q
+    order = {m: i for i, m in enumerate(("rtn", "gptq", "awq", "awq+gptq"))}
+    rows.sort(key=lambda r: (list(SETTINGS).index(r["setting"]), order.get(r["method"], 9)))
     if a.part != "quant":
         from torchshrink.llm.sparse import sparsify_lm
 
@@ -142,7 +145,8 @@ def main() -> int:
              for r in sparse_rows]),
     }
     if prev:
-        tables["Notes"] = f"- only the {a.part} part was run here; the other part's rows are from the previous run (same machine)"
+        tables["Notes"] = (f"- this run: part {a.part}, settings {a.settings}, methods {a.methods}; other rows are from the "
+                           "previous run of this script (same machine, same text)")
     ok = write_results("llm_quant", targets, tables, {"fp32": base, "fp32_val": base_val, "rows": rows, "sparse_rows": sparse_rows,
                                                       "documents": docs, "peak_rss_gib": peak_rss_gb()}, Path(a.out))
     for t in targets:

