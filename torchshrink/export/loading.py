@@ -283,10 +283,10 @@ def _skeleton(manifest: dict[str, Any]) -> nn.Module:
         with torch.device("meta"):
             probe = build_skeleton(manifest)
     except NotImplementedError:
-        from torchshrink.export.skeleton import _builder_structure
+        from torchshrink.export.skeleton import builder_structure
 
         arch = (manifest.get("source") or "").split("@", 1)[0]
-        rec = _builder_structure(arch.split(":", 1)[1]) if arch.startswith("torchvision:") else None
+        rec = builder_structure(arch.split(":", 1)[1]) if arch.startswith("torchvision:") else None
         if rec is None or "bytes" not in rec:
             raise
         if rec["bytes"] > max(SKELETON_FLOOR, SKELETON_FACTOR * stored):

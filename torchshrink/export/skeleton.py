@@ -51,7 +51,7 @@ def _structure(model: nn.Module) -> tuple[dict[str, str], set[str]]:
     return sig, replaced
 
 
-def _builder_structure(name: str) -> dict[str, Any] | None:
+def builder_structure(name: str) -> dict[str, Any] | None:
     """The class and module tree of torchvision builder ``name``: built on the meta device (no memory), or
     on the CPU for builders that compute widths with tensor ops (RegNet), and cached per torchvision
     version in the torchshrink cache."""
@@ -105,7 +105,7 @@ def guess_torchvision_source(model: nn.Module) -> str | None:
     for name in torchvision.models.list_models(module=torchvision.models):
         if torchvision.models.get_model_builder(name).__module__ != mod:
             continue
-        cand = _builder_structure(name)
+        cand = builder_structure(name)
         if cand is None or cand["class"] != cls:
             continue
         kept = {n: c for n, c in cand["modules"].items()

@@ -50,7 +50,8 @@ def perplexity(model: nn.Module, ids: torch.Tensor, *, window: int = 512, stride
     if not 0 < stride <= window:
         raise DataError(f"stride={stride} must be in 1..window ({window})")
     n = int(ids.numel())
-    if n < window + 1 if stride < window else n < window:
+    need = window + 1 if stride < window else window  # overlapping windows score from the second token on
+    if n < need:
         raise DataError(f"the text has {n} tokens, too short for windows of {window}; give more text or a smaller window")
     was = model.training
     model.eval()

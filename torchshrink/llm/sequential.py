@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple
 
 import torch
@@ -63,6 +63,48 @@ def _run(layer: nn.Module, x: torch.Tensor, kw: dict[str, Any]) -> torch.Tensor:
     return out[0] if isinstance(out, tuple) else out
 
 
+@dataclasses.dataclass
+class LayerStep:
+    """One decoder layer of a layer-by-layer pass: its qualified name, its Linears, and the calibration
+    inputs it receives (the previous layers already changed) with the keyword arguments to run it."""
+
+    name: str
+    layer: nn.Module
+    linears: dict[str, nn.Module]
+    inputs: list[torch.Tensor]
+    kwargs: dict[str, Any]
+
+    def run(self, mod: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        return _run(mod, x, self.kwargs)
+
+
+def layer_steps(model: nn.Module, samples: torch.Tensor | None, what: str, *, data_aware: bool) -> Iterator[LayerStep]:
+    """Walk the decoder layers in order with bounded memory (one layer's calibration activations at a
+    time). The caller changes ``step.layer`` in place; the next step's inputs are then that layer's
+    outputs on its own inputs. Without ``data_aware`` no inputs are captured. The model is in eval mode
+    during the walk and its training flag is restored after."""
+    causal_lm(model)
+    prefix, layers = find_layers(model)
+    if data_aware and (samples is None or samples.dim() != 2 or samples.shape[0] < 1):
+        raise DataError(f"{what} needs calibration token rows [n_samples, seq_len]; give samples=")
+
+    def walk() -> Iterator[LayerStep]:
+        was = model.training
+        model.eval()
+        try:
+            inps, kw = capture_inputs(model, layers[0], samples) if data_aware else ([], {})
+            for li, layer in enumerate(layers):
+                linears = {n: m for n, m in layer.named_modules() if isinstance(m, nn.Linear)}
+                yield LayerStep(f"{prefix}.{li}", layer, linears, inps, kw)
+                if inps:
+                    with torch.no_grad():
+                        inps = [_run(layer, x, kw) for x in inps]
+        finally:
+            model.train(was)
+
+    return walk()
+
+
 class LMQuantResult(NamedTuple):
     codes: dict[str, Quantized]
     layers: list[LayerReport]
@@ -108,47 +150,32 @@ def quantize_lm(model: nn.Module, grid: Grid, *, method: str = "gptq", samples: 
     ``method``: rtn | gptq | awq (AWQ scales, then round to nearest) | awq+gptq. ``samples``: calibration
     token rows ``[n, seq]`` (every method but rtn needs them). ``pack``: replace each Linear by a
     :class:`~torchshrink.llm.modules.PackedLinear` holding its codes (what ``ts.save`` writes)."""
-    causal_lm(model)
-    prefix, layers = find_layers(model)
     if method not in METHODS:
         raise DataError(f"method={method!r}; allowed: {', '.join(METHODS)}")
-    data_aware = method != "rtn"
-    if data_aware and (samples is None or samples.dim() != 2 or samples.shape[0] < 1):
-        raise DataError(f"{method} needs calibration token rows [n_samples, seq_len]; give samples=")
+    steps = layer_steps(model, samples, method, data_aware=method != "rtn")
     codes: dict[str, Quantized] = {}
     reports: list[LayerReport] = []
     alphas: dict[str, dict[str, float]] = {}
-    was = model.training
-    model.eval()
-    try:
-        inps, kw = capture_inputs(model, layers[0], samples) if data_aware else ([], {})
-        for li, layer in enumerate(layers):
-            t0 = time.perf_counter()
-            linears = {n: m for n, m in layer.named_modules() if isinstance(m, nn.Linear)}
-            if method.startswith("awq"):
-                alphas[f"{prefix}.{li}"] = awq_layer(layer, inps, lambda m, x: _run(m, x, kw), grid)
-            hess = hessians(layer, linears, inps, kw) if method.endswith("gptq") else {}
-            for n, m in linears.items():
-                w = m.weight.detach()
-                if method.endswith("gptq"):
-                    H = hess[n]
-                    q = gptq(w, H, grid, damp=damp, act_order=act_order, static_groups=static_groups)
-                    err = layer_error(w, q, H)
-                else:
-                    q = rtn(w, grid)
-                    err = float((q.dequantized() - w.float()).pow(2).sum() / w.float().pow(2).sum().clamp_min(1e-30))
-                with torch.no_grad():
-                    m.weight.copy_(q.dequantized().to(m.weight.dtype))
-                full = f"{prefix}.{li}.{n}"
-                codes[full] = q
-                if pack and (q.grid.bits == 8 or m.in_features % 2 == 0):
-                    set_module(layer, n, PackedLinear.from_quantized(m, q))
-                reports.append(LayerReport(full, q.grid.label, err))
-            if data_aware:
-                with torch.no_grad():
-                    inps = [_run(layer, x, kw) for x in inps]
-            if on_layer is not None:
-                on_layer(li, time.perf_counter() - t0)
-    finally:
-        model.train(was)
+    for li, step in enumerate(steps):
+        t0 = time.perf_counter()
+        if method.startswith("awq"):
+            alphas[step.name] = awq_layer(step.layer, step.inputs, step.run, grid)
+        hess = hessians(step.layer, step.linears, step.inputs, step.kwargs) if method.endswith("gptq") else {}
+        for n, m in step.linears.items():
+            w = m.weight.detach()
+            if method.endswith("gptq"):
+                q = gptq(w, hess[n], grid, damp=damp, act_order=act_order, static_groups=static_groups)
+                err = layer_error(w, q, hess[n])
+            else:
+                q = rtn(w, grid)
+                err = float((q.dequantized() - w.float()).pow(2).sum() / w.float().pow(2).sum().clamp_min(1e-30))
+            with torch.no_grad():
+                m.weight.copy_(q.dequantized().to(m.weight.dtype))
+            full = f"{step.name}.{n}"
+            codes[full] = q
+            if pack and (q.grid.bits == 8 or m.in_features % 2 == 0):
+                set_module(step.layer, n, PackedLinear.from_quantized(m, q))
+            reports.append(LayerReport(full, q.grid.label, err))
+        if on_layer is not None:
+            on_layer(li, time.perf_counter() - t0)
     return LMQuantResult(codes, reports, alphas)

@@ -19,9 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from torchshrink.core.errors import ConfigError, DataError
-from torchshrink.llm.models import causal_lm
-from torchshrink.prune.structured.transformer import find_layers
+from torchshrink.core.errors import ConfigError
 
 SPARSE_METHODS = ("magnitude", "wanda", "sparsegpt")
 
@@ -103,37 +101,23 @@ def sparsify_lm(model: nn.Module, *, method: str = "sparsegpt", sparsity: float 
                 damp: float = 0.01) -> dict[str, Any]:
     """Prune every Linear of every decoder layer in place, layer by layer (each layer sees the already
     pruned previous layers' outputs, as in SparseGPT). Returns per-layer sparsity and seconds."""
-    from torchshrink.llm.sequential import _run, capture_inputs, hessians
+    from torchshrink.llm.sequential import hessians, layer_steps
 
-    causal_lm(model)
     if method not in SPARSE_METHODS:
         raise ConfigError(f"method={method!r}; allowed: {', '.join(SPARSE_METHODS)}")
     _check(sparsity, nm)
-    if method != "magnitude" and (samples is None or samples.dim() != 2):
-        raise DataError(f"{method} needs calibration token rows [n_samples, seq_len]; give samples=")
-    prefix, layers = find_layers(model)
-    report: dict[str, Any] = {"method": method, "sparsity": sparsity, "nm": nm, "layers": {}}
-    was = model.training
-    model.eval()
-    try:
-        inps, kw = capture_inputs(model, layers[0], samples) if method != "magnitude" else ([], {})
-        for li, layer in enumerate(layers):
-            t0 = time.perf_counter()
-            linears = {n: m for n, m in layer.named_modules() if isinstance(m, nn.Linear)}
-            hess = hessians(layer, linears, inps, kw) if method != "magnitude" else {}
-            for n, m in linears.items():
-                w = m.weight.detach()
-                new = (magnitude(w, sparsity, nm) if method == "magnitude" else
-                       wanda(w, hess[n], sparsity, nm) if method == "wanda" else
-                       sparsegpt(w, hess[n], sparsity, nm, damp=damp))
-                with torch.no_grad():
-                    m.weight.copy_(new)
-                report["layers"][f"{prefix}.{li}.{n}"] = float((new == 0).float().mean())
-            if inps:
-                with torch.no_grad():
-                    inps = [_run(layer, x, kw) for x in inps]
-            report.setdefault("seconds", 0.0)
-            report["seconds"] += time.perf_counter() - t0
-    finally:
-        model.train(was)
+    steps = layer_steps(model, samples, method, data_aware=method != "magnitude")
+    report: dict[str, Any] = {"method": method, "sparsity": sparsity, "nm": nm, "layers": {}, "seconds": 0.0}
+    for step in steps:
+        t0 = time.perf_counter()
+        hess = hessians(step.layer, step.linears, step.inputs, step.kwargs) if method != "magnitude" else {}
+        for n, m in step.linears.items():
+            w = m.weight.detach()
+            new = (magnitude(w, sparsity, nm) if method == "magnitude" else
+                   wanda(w, hess[n], sparsity, nm) if method == "wanda" else
+                   sparsegpt(w, hess[n], sparsity, nm, damp=damp))
+            with torch.no_grad():
+                m.weight.copy_(new)
+            report["layers"][f"{step.name}.{n}"] = float((new == 0).float().mean())
+        report["seconds"] += time.perf_counter() - t0
     return report

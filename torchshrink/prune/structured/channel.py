@@ -283,8 +283,9 @@ def prune_channels(model: nn.Module, config: ChannelPruneConfig, *, select: Sele
         for r, reason in bad:
             rolled.append((by_root[r].producers, reason))
             log.warning("channel-prune: rolled back %s: %s", ", ".join(by_root[r].producers[:3]), reason)
-        plan.groups = [gr for gr in plan.groups if gr.root not in {r for r, _ in bad}]
-        plan.scores = {r: v for r, v in plan.scores.items() if r in by_root and r not in {b for b, _ in bad}}
+        broken = {r for r, _ in bad}
+        plan.groups = [gr for gr in plan.groups if gr.root not in broken]
+        plan.scores = {r: v for r, v in plan.scores.items() if r not in broken}
     else:
         raise UnsupportedLayerError(f"channel-prune refused: the pruned model still fails after rolling back "
                                     f"{len(rolled)} group(s): {why}")

@@ -172,8 +172,7 @@ def head_prune(model: nn.Module, config: HeadPruneConfig, *, select: Select | No
     criterion = resolve(config.importance, data)
     per_layer = [(prefix, [find_attentions(layer) for layer in layers])
                  for prefix, layers in _selected_layers(model, select, "head-prune")]
-    stacks = [(prefix, [a for ats in layers for a in ats]) for prefix, layers in per_layer]
-    atts = [a for _, ats in stacks for a in ats]
+    atts = [a for _, layers in per_layer for ats in layers for a in ats]
     stats = input_stats(model, [a.o for a in atts], data) if criterion in DATA_AWARE else None
     scores = {id(a): (_unit_scores(stats, [a.o], criterion, a.heads) if stats is not None
                       else head_scores(a, criterion, gen)) for a in atts}
@@ -190,7 +189,7 @@ def head_prune(model: nn.Module, config: HeadPruneConfig, *, select: Select | No
             plan.append((att, keep))
             cols = _dropped(att.heads, keep)
             cuts.append((att.o, (cols[:, None] * att.head_dim + torch.arange(att.head_dim)[None, :]).reshape(-1)))
-    old = {prefix: ats[0].heads for prefix, ats in stacks}
+    old = {prefix: layers[0][0].heads for prefix, layers in per_layer}
 
     def prune() -> None:
         for att, keep in plan:
@@ -198,7 +197,7 @@ def head_prune(model: nn.Module, config: HeadPruneConfig, *, select: Select | No
 
     _removal_checked(model, refs, "head-prune", cuts, stats if criterion == "fluctuation" else None, prune)
     if _whole(select):
-        set_stack_config(model, "heads", [(prefix, old[prefix], ats[0].heads) for prefix, ats in stacks])
+        set_stack_config(model, "heads", [(prefix, old[prefix], layers[0][0].heads) for prefix, layers in per_layer])
     record_structure(model)
     current(model).notes.update({"importance": criterion})
     return model
