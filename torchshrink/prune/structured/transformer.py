@@ -1,7 +1,7 @@
 """Transformer units: attention heads (q/k/v/o together, grouped-query attention keeps its
-head-to-KV-group mapping), FFN neurons, and whole layers, found by structure (not by class name),
-so BERT, GPT-2 (fused ``c_attn``), Llama and ViT layouts are all handled. Hugging Face config
-fields are updated so the pruned model rebuilds from its config."""
+head-to-KV-group mapping), FFN neurons, and whole layers. With a batch to run, the units come from
+data flow (:mod:`torchshrink.prune.structured.flow`); the name and width rules here are the fallback
+when there is none. Hugging Face config fields are updated so the pruned model rebuilds from its config."""
 
 from __future__ import annotations
 
@@ -203,6 +203,26 @@ def find_ffn(layer: nn.Module, atts: list[Attention], inter: int | None, width: 
     if not ups or not downs:
         raise UnsupportedLayerError(f"no FFN (Linear pair through a {inter}-wide hidden layer) in {type(layer).__name__}")
     return ups, downs
+
+
+def guess_ffn(model: nn.Module, prefix: str, layer: nn.Module) -> tuple[list[nn.Module], list[nn.Module]]:
+    """The FFN of ``layer`` from config widths and projection names (when there is no batch to probe with)."""
+    cfgs = hf_configs(model)
+    inter = next((getattr(c, a) for c in cfgs for a in _FIELDS["ffn"][0] if getattr(c, a, None)), None)
+    if inter is None and cfgs and getattr(cfgs[0], "model_type", "") == "distilbert":
+        inter = cfgs[0].hidden_dim  # DistilBERT's FFN width (its model width is `dim`)
+    if inter is None and cfgs and getattr(cfgs[0], "model_type", "") == "gpt2":
+        inter = 4 * cfgs[0].n_embd
+    width = next((getattr(c, a) for c in cfgs for a in ("hidden_size", "dim", "d_model", "n_embd")
+                  if isinstance(getattr(c, a, None), int)), None)
+    for c in cfgs:  # encoder / decoder FFN widths (BART) where the config names them
+        f = "decoder_ffn_dim" if "decoder" in prefix else "encoder_ffn_dim" if "encoder" in prefix else ""
+        inter = getattr(c, f, None) or inter
+    try:
+        atts = find_attentions(layer)
+    except UnsupportedLayerError:
+        atts = []
+    return find_ffn(layer, atts, inter, width)
 
 
 def ffn_scores(ups: list[nn.Module], downs: list[nn.Module], criterion: str, gen: torch.Generator) -> torch.Tensor:

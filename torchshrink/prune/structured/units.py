@@ -28,11 +28,10 @@ from torchshrink.prune.structured.activations import (
     zero_inputs,
 )
 from torchshrink.prune.structured.channel import first_batch
+from torchshrink.prune.structured.flow import layer_attentions, layer_ffns
 from torchshrink.prune.structured.trace import call_model
 from torchshrink.prune.structured.transformer import (
     ffn_scores,
-    find_attentions,
-    find_ffn,
     find_stacks,
     head_scores,
     hf_configs,
@@ -167,10 +166,11 @@ def _head_table(att: Any) -> bool:
 
 def head_prune(model: nn.Module, config: HeadPruneConfig, *, select: Select | None = None, data: Any = None,
                **_: Any) -> nn.Module:
-    refs = reference(model, probe_batch(model, data))
+    batch = probe_batch(model, data)
+    refs = reference(model, batch)
     gen = torch.Generator().manual_seed(config.seed)
     criterion = resolve(config.importance, data)
-    per_layer = [(prefix, [find_attentions(layer) for layer in layers])
+    per_layer = [(prefix, layer_attentions(model, layers, batch))
                  for prefix, layers in _selected_layers(model, select, "head-prune")]
     atts = [a for _, layers in per_layer for ats in layers for a in ats]
     stats = input_stats(model, [a.o for a in atts], data) if criterion in DATA_AWARE else None
@@ -205,29 +205,12 @@ def head_prune(model: nn.Module, config: HeadPruneConfig, *, select: Select | No
 
 def ffn_prune(model: nn.Module, config: FfnPruneConfig, *, select: Select | None = None, data: Any = None,
               **_: Any) -> nn.Module:
-    refs = reference(model, probe_batch(model, data))
-    cfgs = hf_configs(model)
-    inter = next((getattr(c, a) for c in cfgs for a in ("intermediate_size", "n_inner", "d_ff", "ffn_dim") if getattr(c, a, None)), None)
-    if inter is None and cfgs and getattr(cfgs[0], "model_type", "") == "distilbert":
-        inter = cfgs[0].hidden_dim  # DistilBERT's FFN width (its model width is `dim`)
-    width = next((getattr(c, a) for c in cfgs for a in ("hidden_size", "dim", "d_model", "n_embd")
-                  if isinstance(getattr(c, a, None), int)), None)
-    if inter is None and cfgs and getattr(cfgs[0], "model_type", "") == "gpt2":
-        inter = 4 * cfgs[0].n_embd
+    batch = probe_batch(model, data)
+    refs = reference(model, batch)
     gen = torch.Generator().manual_seed(config.seed)
     criterion = resolve(config.importance, data)
-    units = []
-    for prefix, layers in _selected_layers(model, select, "ffn-prune"):
-        for layer in layers:
-            try:
-                atts = find_attentions(layer)
-            except UnsupportedLayerError:
-                atts = []
-            own = inter
-            for c in cfgs:  # encoder / decoder FFN widths (BART) where the config names them
-                f = "decoder_ffn_dim" if "decoder" in prefix else "encoder_ffn_dim" if "encoder" in prefix else ""
-                own = getattr(c, f, None) or own
-            units.append((prefix, *find_ffn(layer, atts, own, width)))
+    units = [(prefix, ups, downs) for prefix, layers in _selected_layers(model, select, "ffn-prune")
+             for ups, downs in layer_ffns(model, prefix, layers, batch)]
     stats = input_stats(model, [d for _, _, downs in units for d in downs], data) if criterion in DATA_AWARE else None
     plan, cuts = [], []
     for prefix, ups, downs in units:
