@@ -7,8 +7,7 @@ from torch import nn
 
 import torchshrink
 from torchshrink.core.errors import UnsupportedLayerError
-from torchshrink.prune.structured import FfnPruneConfig, HeadPruneConfig
-from torchshrink.prune.structured import flow
+from torchshrink.prune.structured import FfnPruneConfig, HeadPruneConfig, flow
 
 torch.set_num_threads(2)
 
