@@ -227,3 +227,16 @@ def test_unflatten_restores_channels_after_flatten():
     m, x = M().eval(), torch.randn(2, 3, 6, 6)
     p = torchshrink.prune(m, ChannelPruneConfig(amount=0.5), data=[x])
     assert p.c1.out_channels == 4 and p(x).shape == (2, 4)
+
+
+def test_reference_checks_another_batch_size_and_another_spatial_or_sequence_size():
+    from torchshrink.prune.structured.verify import reference
+
+    conv = nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    shapes = [tuple(b.shape) for b, _ in reference(conv, torch.randn(2, 3, 16, 16))]
+    assert shapes == [(2, 3, 16, 16), (1, 3, 16, 16), (2, 3, 12, 12)]
+    emb = nn.Embedding(10, 4)
+    refs = reference(emb, {"input": torch.randint(0, 10, (2, 8))})
+    assert [tuple(b["input"].shape) for b, _ in refs] == [(2, 8), (1, 8), (2, 6)]
+    fixed = nn.Sequential(nn.Flatten(), nn.Linear(3 * 16 * 16, 2))  # cannot take another size: left out
+    assert [tuple(b.shape) for b, _ in reference(fixed, torch.randn(2, 3, 16, 16))] == [(2, 3, 16, 16), (1, 3, 16, 16)]

@@ -1,8 +1,8 @@
-"""No silently broken model leaves structured pruning: the pruned model is run on the trace batch and
-on the same batch at another batch size, and must run, give outputs of the original's shapes, and
-finite values; otherwise the whole call refuses with one line (the user's model is untouched: handlers
-work on a copy). This catches what tracing cannot see, e.g. a channel count written as a Python
-constant inside ``forward`` (``x.reshape(n, 8)``)."""
+"""No silently broken model leaves structured pruning: the pruned model is run on the trace batch, on
+it at another batch size and at another spatial / sequence length, and must run, give outputs of the
+original's shapes, and finite values; otherwise the whole call refuses with one line (the user's model
+is untouched: handlers work on a copy). This catches what tracing cannot see, e.g. a channel count
+written as a Python constant inside ``forward`` (``x.reshape(n, 8)``)."""
 
 from __future__ import annotations
 
@@ -33,6 +33,35 @@ def _resize(batch: Any) -> Any:
     return one(batch)
 
 
+def _reshaped(batch: Any) -> Any:
+    """The batch at another size along its usual dynamic dims (3/4 of it): the spatial dims of images
+    ``(N, C, H, W)``, the length of signals ``(N, C, L)`` and of token ids ``(N, T)``; None if it has none."""
+    import torch.nn.functional as F
+
+    changed = [False]
+
+    def one(t: Any) -> Any:
+        if not isinstance(t, torch.Tensor):
+            return t
+        if t.is_floating_point() and t.dim() in (3, 4) and min(t.shape[2:]) >= 8:
+            changed[0] = True
+            return F.interpolate(t, size=tuple(n * 3 // 4 for n in t.shape[2:]))
+        if not t.is_floating_point() and t.dim() == 2 and t.shape[1] >= 4:
+            changed[0] = True
+            return t[:, : t.shape[1] * 3 // 4]
+        return t
+
+    if isinstance(batch, Batch):
+        out: Any = Batch(tuple(one(t) for t in batch.inputs), None, {k: one(v) for k, v in batch.kwargs.items()})
+    elif isinstance(batch, dict):
+        out = {k: one(v) for k, v in batch.items()}
+    elif isinstance(batch, list | tuple):
+        out = type(batch)(one(t) for t in batch)
+    else:
+        out = one(batch)
+    return out if changed[0] else None
+
+
 def probe_batch(model: nn.Module, data: Any) -> Any:
     """A batch to check with: the trace batch, else for a transformers model a short token batch, else None."""
     from torchshrink.core.errors import DataError
@@ -49,7 +78,8 @@ def probe_batch(model: nn.Module, data: Any) -> Any:
 
 
 def reference(model: nn.Module, batch: Any) -> list[tuple[Any, torch.Size]]:
-    """(batch, output shape) of the unpruned model on the trace batch and on the resized one."""
+    """(batch, output shape) of the unpruned model on the trace batch, on it at another batch size and at
+    another spatial / sequence size (each variant the original model cannot take is left out)."""
     out: list[tuple[Any, torch.Size]] = []
     if batch is None:
         return out
@@ -57,7 +87,9 @@ def reference(model: nn.Module, batch: Any) -> list[tuple[Any, torch.Size]]:
     model.eval()
     try:
         with torch.no_grad():
-            for b in (batch, _resize(batch)):
+            for b in (batch, _resize(batch), _reshaped(batch)):
+                if b is None:
+                    continue
                 try:
                     out.append((b, main_output(call_model(model, b)).shape))
                 except Exception:  # noqa: BLE001 - a model that cannot take the resized batch: check the first only
