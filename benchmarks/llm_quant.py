@@ -30,7 +30,8 @@ import torch
 warnings.filterwarnings("ignore")
 logging.disable(logging.WARNING)
 
-from torchshrink.llm import generate_check, load_causal_lm, perplexity, prose_split, token_windows  # noqa: E402
+from torchshrink.llm import generate_check, load_causal_lm, perplexity  # noqa: E402
+from torchshrink.llm.perplexity import calibration_and_eval  # noqa: E402
 from torchshrink.llm.sequential import quantize_lm  # noqa: E402
 from torchshrink.llm.wquant import Grid, bits_per_weight  # noqa: E402
 from torchshrink.measure.bench import Target, markdown_table, write_results  # noqa: E402
@@ -64,10 +65,8 @@ def main() -> int:
     prev = json.loads(prev_path.read_text()) if prev_path.is_file() and a.part != "both" else {}
     torch.set_num_threads(a.threads)
     model, tok = load_causal_lm("zoo:smollm2")
-    cal, ev, docs = prose_split()
-    cal_ids = token_windows(tok, cal, a.samples * 512 + 4096)
-    samples, val = cal_ids[: a.samples * 512].reshape(a.samples, 512), cal_ids[a.samples * 512:]
-    ids = token_windows(tok, ev, a.eval_tokens)
+    text = calibration_and_eval(tok, a.samples, a.eval_tokens)
+    samples, val, ids, docs = text["samples"], text["val"], text["eval"], text["documents"]
     base = perplexity(model, ids)
     base_val = perplexity(model, val)
     print("fp32", json.dumps(base), flush=True)

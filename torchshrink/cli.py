@@ -169,9 +169,11 @@ def kernels(
 
 
 def _register_extensions() -> None:
+    from torchshrink.llm.command import register as register_lm
     from torchshrink.search.command import register as register_search
 
     register_search(app)
+    register_lm(app)
 
 
 _register_extensions()

@@ -81,9 +81,16 @@ def _hf_conv1d() -> type[nn.Module]:
     return Conv1D
 
 
+def _packed_linear() -> type[nn.Module]:
+    from torchshrink.llm.modules import PackedLinear
+
+    return PackedLinear
+
+
 # Types from optional libraries, registered on first use so importing torchshrink stays light.
 _LAZY: dict[str, tuple[Callable[[], type[nn.Module]], Callable[[nn.Module], dict[str, Any]]]] = {
     "transformers.pytorch_utils.Conv1D": (_hf_conv1d, _attrs("nf", "nx")),
+    "torchshrink.llm.modules.PackedLinear": (_packed_linear, lambda m: m.init_args()),
 }
 
 

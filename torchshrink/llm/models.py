@@ -120,8 +120,21 @@ def _from_folder(path: Path) -> tuple[nn.Module, Any]:
     return model.eval(), tok
 
 
+def _from_compressed(path: Path) -> tuple[nn.Module, Any]:
+    """A folder ``torchshrink lm compress`` wrote: ``model/`` (torchshrink.load) and ``tokenizer/``."""
+    tf = _transformers()
+    from torchshrink.export.loading import load
+
+    if not (path / "tokenizer").is_dir():
+        raise ModelLoadError(f"{path} has a model/ but no tokenizer/ folder; it was not written by `torchshrink lm compress`")
+    model = load(path / "model")
+    tok = tf.AutoTokenizer.from_pretrained(str(path / "tokenizer"), local_files_only=True, trust_remote_code=False)
+    return causal_lm(model).eval(), tok
+
+
 def load_causal_lm(spec: str) -> tuple[nn.Module, Any]:
-    """(model in fp32 eval mode, tokenizer) for ``zoo:smollm2``, a ``.gguf`` file or a HF folder."""
+    """(model in fp32 eval mode, tokenizer) for ``zoo:smollm2``, a ``.gguf`` file, a HF folder or a folder
+    ``torchshrink lm compress`` wrote."""
     if spec == "zoo:smollm2":
         model, tok = _from_gguf(smollm2_gguf())
     elif spec.endswith(".gguf"):
@@ -129,13 +142,25 @@ def load_causal_lm(spec: str) -> tuple[nn.Module, Any]:
         if not path.is_file():
             raise ModelLoadError(f"no such GGUF file: {spec}")
         model, tok = _from_gguf(path)
+    elif Path(spec).is_dir() and (Path(spec) / "model" / "manifest.json").is_file():
+        model, tok = _from_compressed(Path(spec))
     elif Path(spec).is_dir():
         model, tok = _from_folder(Path(spec))
     else:
         raise ModelLoadError(f"cannot load a language model from {spec!r}; use zoo:smollm2, FILE.gguf or a "
                              "Hugging Face causal-LM folder")
-    state.put(model, source=spec if spec.startswith("zoo:") else f"hf:{Path(spec).resolve()}",
-              input={"kind": "tokens", "shape": [1, 128], "vocab": model.config.vocab_size})
+    source = spec if spec.startswith("zoo:") else f"hf:{Path(spec).resolve()}"
+    report = Path(spec) / "report.json"
+    if report.is_file():  # a compressed folder: its origin (GGUF export copies that file's tokenizer)
+        import json
+
+        try:
+            origin = str(json.loads(report.read_text()).get("model", ""))
+        except (ValueError, AttributeError):
+            origin = ""
+        if origin == "zoo:smollm2" or (origin.endswith(".gguf") and Path(origin).is_file()):
+            source = origin if origin.startswith("zoo:") else f"hf:{Path(origin).resolve()}"
+    state.put(model, source=source, input={"kind": "tokens", "shape": [1, 128], "vocab": model.config.vocab_size})
     return model, tok
 
 

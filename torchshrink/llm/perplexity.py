@@ -36,6 +36,18 @@ def token_windows(tokenizer: Any, paragraphs: list[str], max_tokens: int) -> tor
     return torch.tensor(ids[:max_tokens], dtype=torch.long)
 
 
+def calibration_and_eval(tokenizer: Any, samples: int, eval_tokens: int, *, val_tokens: int = 4096,
+                         window: int = 512) -> dict[str, Any]:
+    """The benchmarks' text: ``samples`` calibration rows of ``window`` tokens and ``val_tokens`` validation
+    tokens from the calibration documents, ``eval_tokens`` from the held-out ones, and the document names."""
+    from torchshrink.llm.text import prose_split
+
+    cal, ev, docs = prose_split()
+    cal_ids = token_windows(tokenizer, cal, samples * window + val_tokens)
+    return {"samples": cal_ids[: samples * window].reshape(samples, window), "val": cal_ids[samples * window:],
+            "eval": token_windows(tokenizer, ev, eval_tokens), "documents": docs}
+
+
 def _logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     out = model(input_ids=x, use_cache=False)
     return out.logits if hasattr(out, "logits") else out[0]

@@ -26,6 +26,8 @@ class Grid:
     group: int = 64  # 0: one scale per output channel
     sym: bool = False
     clip: bool = False  # search a shrunk range per group (MSE clipping)
+    full: bool = False  # symmetric on the full signed range: the largest magnitude maps to -2^(bits-1)
+    # (the scale takes its sign), as llama.cpp's Q4_0; else the restricted range +-(2^(bits-1) - 1)
 
     def __post_init__(self) -> None:
         if self.bits not in (2, 3, 4, 8):
@@ -43,12 +45,18 @@ class Grid:
 
     @property
     def label(self) -> str:
-        return (f"W{self.bits} {'g' + str(self.group) if self.group else 'per-channel'} {'sym' if self.sym else 'asym'}"
+        return (f"W{self.bits} {'g' + str(self.group) if self.group else 'per-channel'} "
+                f"{('sym full' if self.full else 'sym') if self.sym else 'asym'}"
                 f"{' clip' if self.clip else ''}")
 
 
 def _minmax_params(w: torch.Tensor, grid: Grid, shrink: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
-    if grid.sym:
+    if grid.sym and grid.full:
+        peak = w.gather(-1, w.abs().argmax(-1, keepdim=True)) * shrink
+        peak = torch.where(peak.abs() < 1e-12, torch.full_like(peak, 1e-12), peak)
+        scale = _fp16(peak / -((grid.qmax + 1) // 2))
+        zero = torch.full_like(scale, (grid.qmax + 1) // 2)
+    elif grid.sym:
         amax = (w.abs().amax(-1, keepdim=True) * shrink).clamp_min(1e-12)
         scale = _fp16(amax / (grid.qmax // 2))  # restricted range: +-amax map to codes zero +- qmax//2
         zero = torch.full_like(scale, (grid.qmax + 1) // 2)
@@ -61,8 +69,10 @@ def _minmax_params(w: torch.Tensor, grid: Grid, shrink: float = 1.0) -> tuple[to
 
 
 def _fp16(scale: torch.Tensor) -> torch.Tensor:
-    """Scales as the fp16 values they are stored as (so what is evaluated is what is saved)."""
-    return scale.clamp(6.1e-5, 6.5e4).half().float()
+    """Scales as the fp16 values they are stored as (so what is evaluated is what is saved); a full-range
+    symmetric grid's scales keep their sign."""
+    mag = scale.abs().clamp(6.1e-5, 6.5e4).half().float()
+    return torch.where(scale < 0, -mag, mag)
 
 
 def params(w: torch.Tensor, grid: Grid) -> tuple[torch.Tensor, torch.Tensor]:
