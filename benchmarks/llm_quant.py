@@ -8,8 +8,10 @@ the next 4,096 calibration-document tokens (used to pick the method per setting)
 ``--eval-tokens`` tokens of the evaluation documents in windows of 512.
 
 Sparsity (``--part sparse``): magnitude, Wanda and SparseGPT at 50% unstructured and 2:4 on the same text.
+W8A8 (``--part w8a8``): every decoder Linear on torchshrink's int8 kernels, with and without SmoothQuant.
+Peers (``--part peers``, bench extra): NNCF weight compression and optimum-quanto on the same model and text.
 
-Run: .venv/bin/python benchmarks/llm_quant.py [--check] [--samples 64] [--settings w4g64,w3g64,w8] [--part quant|sparse]
+Run: .venv/bin/python benchmarks/llm_quant.py [--check] [--samples 64] [--settings w4g64,w3g64,w8,w4g128] [--part quant|sparse|w8a8|peers]
 (needs `make llm`; a part run alone keeps the other part's committed rows). Peak RSS is reported.
 """
 
@@ -42,12 +44,60 @@ SETTINGS = {
     "w4g64": Grid(4, 64, False, clip=True),
     "w4g64sym": Grid(4, 64, True, clip=True),
     "w3g64": Grid(3, 64, False, clip=True),
+    "w4g128": Grid(4, 128, False, clip=True),
 }
+PEER_SETTING = {"nncf": "w4g64", "quanto": "w4g128"}  # the torchshrink setting each peer's grid matches
 TARGETS = {"w8": 0.5, "w4g64": 8.0, "w3g64": 45.0}  # max % perplexity increase (#20)
 
 
 def peak_rss_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def run_peers(model: torch.nn.Module, samples: torch.Tensor, ids: torch.Tensor, val: torch.Tensor, base: dict,
+              base_val: dict) -> list[dict]:
+    """NNCF weight compression (data-free and AWQ + scale estimation; INT4_ASYM g64, embeddings and LM head
+    left in float as ours) and optimum-quanto (qint4, its fixed group of 128, LM head excluded)."""
+    rows = []
+
+    def score(q: torch.nn.Module, row: dict, t0: float) -> None:
+        row["seconds"] = time.perf_counter() - t0
+        p, pv = perplexity(q, ids), perplexity(q, val)
+        row.update(perplexity=p["perplexity"], increase_pct=100 * (p["perplexity"] / base["perplexity"] - 1),
+                   val_increase_pct=100 * (pv["perplexity"] / base_val["perplexity"] - 1))
+
+    try:
+        import nncf
+    except ImportError:
+        rows.append({"peer": "nncf", "label": "NNCF", "grid": "-", "note": "not installed (pip install 'torchshrink[bench]')"})
+    else:
+        for label, kw in (("NNCF data-free", {}), ("NNCF AWQ + scale estimation", {"awq": True, "scale_estimation": True})):
+            row = {"peer": "nncf", "label": f"{label} ({nncf.__version__})", "grid": "W4 g64 asym",
+                   "note": "GPTQ: not supported by NNCF's torch backend"}
+            q, t0 = copy.deepcopy(model), time.perf_counter()
+            ds = nncf.Dataset([{"input_ids": r[None]} for r in samples])
+            q = nncf.compress_weights(q, mode=nncf.CompressWeightsMode.INT4_ASYM, group_size=64, ratio=1.0, dataset=ds,
+                                      subset_size=len(samples), backup_mode=nncf.BackupMode.NONE, **kw)
+            score(q, row, t0)
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+            del q
+    try:
+        from importlib.metadata import version
+
+        from optimum.quanto import freeze, qint4, quantize
+    except ImportError:
+        rows.append({"peer": "quanto", "label": "optimum-quanto", "grid": "-", "note": "not installed"})
+    else:
+        row = {"peer": "quanto", "label": f"optimum-quanto qint4 ({version('optimum-quanto')})", "grid": "W4 g128 asym",
+               "note": "data-free; its group size is fixed at 128"}
+        q, t0 = copy.deepcopy(model), time.perf_counter()
+        quantize(q, weights=qint4, exclude="lm_head")
+        freeze(q)
+        score(q, row, t0)
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+    return rows
 
 
 def main() -> int:
@@ -58,7 +108,8 @@ def main() -> int:
     ap.add_argument("--settings", default="w8,w4g64,w3g64")
     ap.add_argument("--methods", default="rtn,gptq,awq,awq+gptq")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--part", choices=["quant", "sparse", "both"], default="both")
+    ap.add_argument("--part", choices=["quant", "sparse", "w8a8", "peers", "both"], default="both",
+                    help="both = every part; a single part keeps the other parts' committed rows")
     ap.add_argument("--out", default=str(OUT))
     a = ap.parse_args()
     prev_path = Path(a.out) / "llm_quant.json"
@@ -71,9 +122,13 @@ def main() -> int:
     base_val = perplexity(model, val)
     print("fp32", json.dumps(base), flush=True)
     redo = {(k, mth) for k in a.settings.split(",") for mth in a.methods.split(",")}
-    rows = [r for r in prev.get("rows", []) if a.part == "sparse" or (r["setting"], r["method"]) not in redo]
-    sparse_rows = prev.get("sparse_rows", []) if a.part == "quant" else []
-    for key in (a.settings.split(",") if a.part != "sparse" else []):
+    rows = [r for r in prev.get("rows", []) if a.part not in ("quant", "both") or (r["setting"], r["method"]) not in redo]
+    sparse_rows = prev.get("sparse_rows", []) if a.part not in ("sparse", "both") else []
+    w8a8_rows = prev.get("w8a8_rows", []) if a.part not in ("w8a8", "both") else []
+    peer_rows = prev.get("peer_rows", []) if a.part not in ("peers", "both") else []
+    if a.part in ("peers", "both"):
+        peer_rows = run_peers(model, samples, ids, val, base, base_val)
+    for key in (a.settings.split(",") if a.part in ("quant", "both") else []):
         grid = SETTINGS[key]
         for method in a.methods.split(","):
             q = copy.deepcopy(model)
@@ -92,7 +147,21 @@ def main() -> int:
             del q
     order = {m: i for i, m in enumerate(("rtn", "gptq", "awq", "awq+gptq"))}
     rows.sort(key=lambda r: (list(SETTINGS).index(r["setting"]), order.get(r["method"], 9)))
-    if a.part != "quant":
+    if a.part in ("w8a8", "both"):
+        from torchshrink.llm.w8a8 import w8a8_lm
+
+        for alpha in (None, 0.5, 0.8):
+            q = copy.deepcopy(model)
+            rep = w8a8_lm(q, samples[:16], smooth_alpha=alpha)
+            p, pv = perplexity(q, ids), perplexity(q, val)
+            row = {"smoothing": "none" if alpha is None else f"SmoothQuant alpha {alpha}", "perplexity": p["perplexity"],
+                   "increase_pct": 100 * (p["perplexity"] / base["perplexity"] - 1),
+                   "val_increase_pct": 100 * (pv["perplexity"] / base_val["perplexity"] - 1),
+                   "reduce_range": rep["reduce_range"], "generation": generate_check(q, tok)["text"][:80]}
+            print(json.dumps(row), flush=True)
+            w8a8_rows.append(row)
+            del q
+    if a.part in ("sparse", "both"):
         from torchshrink.llm.sparse import sparsify_lm
 
         for pattern, sparsity, nm in (("50%", 0.5, None), ("2:4", 0.5, (2, 4))):
@@ -116,6 +185,18 @@ def main() -> int:
             targets.append(Target(f"{pattern} sparsity: perplexity increase vs fp32 (method chosen on validation)",
                                   best["increase_pct"], "<=", limit, "%",
                                   f"{best['method']}; magnitude {mag['increase_pct']:+.1f}%"))
+    for r in peer_rows:
+        ours = [x for x in rows if x["setting"] == PEER_SETTING[r["peer"]]]
+        if ours and "perplexity" in r:
+            best = min(ours, key=lambda x: x["val_increase_pct"])
+            targets.append(Target(f"torchshrink perplexity / {r['label']} ({r['grid']}), same model and text",
+                                  best["perplexity"] / r["perplexity"], "<=", 1.0, "x",
+                                  f"torchshrink {best['method']} {best['perplexity']:.3f} vs {r['perplexity']:.3f}"))
+    if w8a8_rows:
+        best = min(w8a8_rows, key=lambda r: r["val_increase_pct"])
+        targets.append(Target("W8A8 (per-channel int8 weights, per-token int8 activations, int8 GEMM): perplexity "
+                              "increase vs fp32 (smoothing chosen on validation)", best["increase_pct"], "<=", 2.0, "%",
+                              best["smoothing"]))
     for key, limit in TARGETS.items():
         cand = [r for r in rows if r["setting"] == key]
         if not cand:
@@ -143,11 +224,22 @@ def main() -> int:
               f"{r['val_increase_pct']:+.1f}%", f"{r['seconds']:.0f}", r["generation"].replace("|", "/").replace("\n", " ")]
              for r in sparse_rows]),
     }
+    tables["W8A8 on torchshrink's int8 kernels (every decoder Linear; 16 calibration rows for the smoothing statistics)"] = \
+        markdown_table(["smoothing", "perplexity", "vs fp32", "validation vs fp32", "7-bit activations (no VNNI)",
+                        "greedy continuation"],
+                       [[r["smoothing"], f"{r['perplexity']:.3f}", f"{r['increase_pct']:+.2f}%", f"{r['val_increase_pct']:+.2f}%",
+                         r["reduce_range"], r["generation"].replace("|", "/").replace("\n", " ")] for r in w8a8_rows])
+    tables["Peers on the same model and text (bench extra)"] = markdown_table(
+        ["peer", "grid", "perplexity", "vs fp32", "validation vs fp32", "seconds", "note"],
+        [[r["label"], r["grid"], f"{r['perplexity']:.3f}" if "perplexity" in r else "-",
+          f"{r['increase_pct']:+.1f}%" if "perplexity" in r else "-",
+          f"{r['val_increase_pct']:+.1f}%" if "perplexity" in r else "-", f"{r.get('seconds', 0):.0f}", r.get("note", "")]
+         for r in peer_rows])
     if prev:
         tables["Notes"] = (f"- this run: part {a.part}, settings {a.settings}, methods {a.methods}; other rows are from the "
                            "previous run of this script (same machine, same text)")
     ok = write_results("llm_quant", targets, tables, {"fp32": base, "fp32_val": base_val, "rows": rows, "sparse_rows": sparse_rows,
-                                                      "documents": docs, "peak_rss_gib": peak_rss_gb()}, Path(a.out))
+                                                      "w8a8_rows": w8a8_rows, "peer_rows": peer_rows, "documents": docs, "peak_rss_gib": peak_rss_gb()}, Path(a.out))
     for t in targets:
         print(f"{'PASS' if t.passed else 'FAIL'}: {t.name} ({t.value:.2f})")
     return 1 if a.check and not ok else 0

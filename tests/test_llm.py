@@ -227,3 +227,22 @@ def test_missing_llm_packages_and_bad_specs_are_one_line(monkeypatch, tmp_path):
         load_causal_lm(str(tmp_path / "missing.gguf"))
     with pytest.raises(ModelLoadError, match="cannot load a language model"):
         load_causal_lm("zoo:nothing")
+
+
+def test_w8a8_runs_int8_kernels_and_stays_close():
+    from torchshrink.llm.w8a8 import w8a8_lm
+    from torchshrink.quant.modules import Int8DynamicLinear
+
+    m = _llama()
+    ids = torch.randint(0, 64, (2, 24), generator=torch.Generator().manual_seed(3))
+    ref = m(ids).logits
+    for alpha in (None, 0.5):
+        q = _llama()
+        rep = w8a8_lm(q, ids, smooth_alpha=alpha)
+        assert rep["linears"] == 2 * 7
+        assert isinstance(q.model.layers[1].mlp.down_proj, Int8DynamicLinear)
+        assert (q.model.layers[0].self_attn.q_proj.smooth is None) == (alpha is None)
+        out = q(ids).logits
+        assert F.cosine_similarity(out.flatten(), ref.flatten(), 0) > 0.999
+    with pytest.raises(ConfigError, match="SmoothQuant needs calibration token rows"):
+        w8a8_lm(_llama(), smooth_alpha=0.5)
