@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import logging
 import resource
@@ -26,6 +27,7 @@ import sys
 import time
 import warnings
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -54,17 +56,31 @@ def peak_rss_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
-def run_peers(model: torch.nn.Module, samples: torch.Tensor, ids: torch.Tensor, val: torch.Tensor, base: dict,
-              base_val: dict) -> list[dict]:
+@dataclasses.dataclass
+class Scorer:
+    """One result row: evaluation and validation perplexity of a compressed copy against fp32, and its
+    greedy continuation."""
+
+    ids: torch.Tensor
+    val: torch.Tensor
+    base: dict
+    base_val: dict
+    tok: Any
+
+    def __call__(self, q: torch.nn.Module, **fields: Any) -> dict:
+        p, pv = perplexity(q, self.ids), perplexity(q, self.val)
+        row = {**fields, "perplexity": p["perplexity"],
+               "increase_pct": 100 * (p["perplexity"] / self.base["perplexity"] - 1),
+               "val_increase_pct": 100 * (pv["perplexity"] / self.base_val["perplexity"] - 1),
+               "generation": generate_check(q, self.tok)["text"][:80]}
+        print(json.dumps(row), flush=True)
+        return row
+
+
+def run_peers(model: torch.nn.Module, samples: torch.Tensor, score: Scorer) -> list[dict]:
     """NNCF weight compression (data-free and AWQ + scale estimation; INT4_ASYM g64, embeddings and LM head
     left in float as ours) and optimum-quanto (qint4, its fixed group of 128, LM head excluded)."""
     rows = []
-
-    def score(q: torch.nn.Module, row: dict, t0: float) -> None:
-        row["seconds"] = time.perf_counter() - t0
-        p, pv = perplexity(q, ids), perplexity(q, val)
-        row.update(perplexity=p["perplexity"], increase_pct=100 * (p["perplexity"] / base["perplexity"] - 1),
-                   val_increase_pct=100 * (pv["perplexity"] / base_val["perplexity"] - 1))
 
     try:
         import nncf
@@ -78,9 +94,7 @@ def run_peers(model: torch.nn.Module, samples: torch.Tensor, ids: torch.Tensor, 
             ds = nncf.Dataset([{"input_ids": r[None]} for r in samples])
             q = nncf.compress_weights(q, mode=nncf.CompressWeightsMode.INT4_ASYM, group_size=64, ratio=1.0, dataset=ds,
                                       subset_size=len(samples), backup_mode=nncf.BackupMode.NONE, **kw)
-            score(q, row, t0)
-            print(json.dumps(row), flush=True)
-            rows.append(row)
+            rows.append(score(q, **row, seconds=time.perf_counter() - t0))
             del q
     try:
         from importlib.metadata import version
@@ -94,9 +108,7 @@ def run_peers(model: torch.nn.Module, samples: torch.Tensor, ids: torch.Tensor, 
         q, t0 = copy.deepcopy(model), time.perf_counter()
         quantize(q, weights=qint4, exclude="lm_head")
         freeze(q)
-        score(q, row, t0)
-        print(json.dumps(row), flush=True)
-        rows.append(row)
+        rows.append(score(q, **row, seconds=time.perf_counter() - t0))
     return rows
 
 
@@ -121,29 +133,23 @@ def main() -> int:
     base = perplexity(model, ids)
     base_val = perplexity(model, val)
     print("fp32", json.dumps(base), flush=True)
+    score = Scorer(ids, val, base, base_val, tok)
     redo = {(k, mth) for k in a.settings.split(",") for mth in a.methods.split(",")}
     rows = [r for r in prev.get("rows", []) if a.part not in ("quant", "both") or (r["setting"], r["method"]) not in redo]
     sparse_rows = prev.get("sparse_rows", []) if a.part not in ("sparse", "both") else []
     w8a8_rows = prev.get("w8a8_rows", []) if a.part not in ("w8a8", "both") else []
     peer_rows = prev.get("peer_rows", []) if a.part not in ("peers", "both") else []
     if a.part in ("peers", "both"):
-        peer_rows = run_peers(model, samples, ids, val, base, base_val)
+        peer_rows = run_peers(model, samples, score)
     for key in (a.settings.split(",") if a.part in ("quant", "both") else []):
         grid = SETTINGS[key]
         for method in a.methods.split(","):
             q = copy.deepcopy(model)
             t0 = time.perf_counter()
             res = quantize_lm(q, grid, method=method, samples=samples)
-            secs = time.perf_counter() - t0
-            p, pv = perplexity(q, ids), perplexity(q, val)
-            row = {"setting": key, "grid": grid.label, "method": method, "perplexity": p["perplexity"],
-                   "increase_pct": 100 * (p["perplexity"] / base["perplexity"] - 1),
-                   "val_increase_pct": 100 * (pv["perplexity"] / base_val["perplexity"] - 1),
-                   "bits_per_weight": bits_per_weight(grid, 576), "seconds": secs,
-                   "mean_layer_error": sum(r.error for r in res.layers) / len(res.layers),
-                   "generation": generate_check(q, tok)["text"][:80]}
-            print(json.dumps(row), flush=True)
-            rows.append(row)
+            rows.append(score(q, setting=key, grid=grid.label, method=method, seconds=time.perf_counter() - t0,
+                              bits_per_weight=bits_per_weight(grid, 576),
+                              mean_layer_error=sum(r.error for r in res.layers) / len(res.layers)))
             del q
     order = {m: i for i, m in enumerate(("rtn", "gptq", "awq", "awq+gptq"))}
     rows.sort(key=lambda r: (list(SETTINGS).index(r["setting"]), order.get(r["method"], 9)))
@@ -153,13 +159,8 @@ def main() -> int:
         for alpha in (None, 0.5, 0.8):
             q = copy.deepcopy(model)
             rep = w8a8_lm(q, samples[:16], smooth_alpha=alpha)
-            p, pv = perplexity(q, ids), perplexity(q, val)
-            row = {"smoothing": "none" if alpha is None else f"SmoothQuant alpha {alpha}", "perplexity": p["perplexity"],
-                   "increase_pct": 100 * (p["perplexity"] / base["perplexity"] - 1),
-                   "val_increase_pct": 100 * (pv["perplexity"] / base_val["perplexity"] - 1),
-                   "reduce_range": rep["reduce_range"], "generation": generate_check(q, tok)["text"][:80]}
-            print(json.dumps(row), flush=True)
-            w8a8_rows.append(row)
+            w8a8_rows.append(score(q, smoothing="none" if alpha is None else f"SmoothQuant alpha {alpha}",
+                                   reduce_range=rep["reduce_range"]))
             del q
     if a.part in ("sparse", "both"):
         from torchshrink.llm.sparse import sparsify_lm
@@ -168,13 +169,7 @@ def main() -> int:
             for method in ("magnitude", "wanda", "sparsegpt"):
                 q = copy.deepcopy(model)
                 rep = sparsify_lm(q, method=method, sparsity=sparsity, nm=nm, samples=samples)
-                p, pv = perplexity(q, ids), perplexity(q, val)
-                row = {"pattern": pattern, "method": method, "perplexity": p["perplexity"],
-                       "increase_pct": 100 * (p["perplexity"] / base["perplexity"] - 1),
-                       "val_increase_pct": 100 * (pv["perplexity"] / base_val["perplexity"] - 1),
-                       "seconds": rep["seconds"], "generation": generate_check(q, tok)["text"][:80]}
-                print(json.dumps(row), flush=True)
-                sparse_rows.append(row)
+                sparse_rows.append(score(q, pattern=pattern, method=method, seconds=rep["seconds"]))
                 del q
     targets = []
     for pattern, limit in (("50%", 40.0), ("2:4", 100.0)):
