@@ -151,6 +151,8 @@ def main() -> int:
                               bits_per_weight=bits_per_weight(grid, 576),
                               mean_layer_error=sum(r.error for r in res.layers) / len(res.layers)))
             del q
+    for r in rows:  # storage as PackedLinear holds it (rows kept from an earlier run get today's packing)
+        r["bits_per_weight"] = bits_per_weight(SETTINGS[r["setting"]], 576)
     order = {m: i for i, m in enumerate(("rtn", "gptq", "awq", "awq+gptq"))}
     rows.sort(key=lambda r: (list(SETTINGS).index(r["setting"]), order.get(r["method"], 9)))
     if a.part in ("w8a8", "both"):

@@ -152,14 +152,15 @@ def test_awq_scaling_keeps_the_float_model_and_lowers_the_quantized_error():
     assert err["awq"] < err["rtn"]
 
 
-def test_packed_lm_saves_small_and_reloads_exactly(tmp_path):
+@pytest.mark.parametrize("bits", [4, 3])
+def test_packed_lm_saves_small_and_reloads_exactly(tmp_path, bits):
     import torchshrink as ts
     from torchshrink.llm.modules import PackedLinear
 
     m = _llama()
     samples = torch.randint(0, 64, (4, 32), generator=torch.Generator().manual_seed(4))
-    fake = quantize_lm(__import__("copy").deepcopy(m), Grid(4, 32, False), method="gptq", samples=samples)
-    res = quantize_lm(m, Grid(4, 32, False), method="gptq", samples=samples, pack=True)
+    fake = quantize_lm(__import__("copy").deepcopy(m), Grid(bits, 32, False), method="gptq", samples=samples)
+    res = quantize_lm(m, Grid(bits, 32, False), method="gptq", samples=samples, pack=True)
     packed = [x for x in m.modules() if isinstance(x, PackedLinear)]
     assert len(packed) == 14 and all(x.qweight.dtype == torch.uint8 for x in packed)
     for name, q in res.codes.items():  # the packed layer IS what was evaluated
@@ -171,7 +172,8 @@ def test_packed_lm_saves_small_and_reloads_exactly(tmp_path):
     assert torch.equal(back(samples).logits, out)
     layer_bytes = sum(b.numel() * b.element_size() for x in packed for b in x.buffers())
     dense_bytes = sum(x.in_features * x.out_features * 4 for x in packed)
-    assert layer_bytes < 0.2 * dense_bytes  # 4 bits + fp16 scale + uint8 zero per 32 weights vs fp32
+    assert layer_bytes < (bits + 1) / 32 * dense_bytes  # bits + fp16 scale + uint8 zero per 32 weights vs fp32
+    assert all(x.qweight.shape[1] == x.in_features * bits // 8 for x in packed)
 
 
 def test_sparsity_methods_hit_the_pattern_and_rank_as_expected():
@@ -246,3 +248,16 @@ def test_w8a8_runs_int8_kernels_and_stays_close():
         assert F.cosine_similarity(out.flatten(), ref.flatten(), 0) > 0.999
     with pytest.raises(ConfigError, match="SmoothQuant needs calibration token rows"):
         w8a8_lm(_llama(), smooth_alpha=0.5)
+
+
+@pytest.mark.parametrize("bits,n", [(2, 24), (3, 24), (3, 20), (4, 24), (8, 20)])
+def test_codes_pack_at_their_bit_width_and_unpack_exactly(bits, n):
+    from torchshrink.llm.modules import pack_codes, packed_width, unpack_codes
+    from torchshrink.llm.wquant import bits_per_weight
+
+    codes = torch.randint(0, 2 ** bits, (5, n), generator=torch.Generator().manual_seed(bits))
+    packed = pack_codes(codes, bits)
+    assert packed.dtype == torch.uint8 and packed.shape == (5, packed_width(n, bits))
+    assert packed.shape[1] == (n * bits // 8 if n % 8 == 0 or bits in (4, 8) else n // 2)  # 3-bit at width 20: 4-bit
+    assert torch.equal(unpack_codes(packed, bits, n), codes.to(torch.int16))
+    assert bits_per_weight(Grid(3, 64), 576) == 3 + 24 / 64 and bits_per_weight(Grid(4, 64), 576) == 4 + 24 / 64

@@ -192,6 +192,9 @@ def layer_error(w: torch.Tensor, q: Quantized, hessian: torch.Tensor) -> float:
 
 
 def bits_per_weight(grid: Grid, width: int) -> float:
-    """Storage per weight: the code plus its group's scale and zero point (fp16 each)."""
+    """Storage per weight as :class:`~torchshrink.llm.modules.PackedLinear` holds it: the packed code plus
+    its group's fp16 scale and uint8 zero point."""
+    from torchshrink.llm.modules import packed_width
+
     g = grid.for_width(width).group or width
-    return grid.bits + (16 + (0 if grid.sym else 16)) / g if g else math.nan
+    return 8 * packed_width(width, grid.bits) / width + 24 / g if g else math.nan
