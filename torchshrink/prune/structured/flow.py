@@ -81,7 +81,7 @@ def probe(model: nn.Module, layer: nn.Module, batch: Any) -> dict[tuple[str, str
             base = dict(seen)
             for pname, p in projs:
                 n = _out(p)
-                for j in sorted({0, n // 3, 2 * n // 3}):
+                for j in _probed(n):
                     seen.clear()
                     h = p.register_forward_hook(_push(j))
                     try:
@@ -99,6 +99,19 @@ def probe(model: nn.Module, layer: nn.Module, batch: Any) -> dict[tuple[str, str
             h.remove()
         model.train(was)
     return {k: v for k, v in out.items() if any(len(c) for c in v)}
+
+
+def _probed(n: int) -> list[int]:
+    """The output channels probed of a projection with ``n`` outputs (the start of each third)."""
+    return sorted({0, n // 3, 2 * n // 3})
+
+
+def _identity(results: list[torch.Tensor], n: int) -> bool:
+    """Channel ``j`` of the producer reached channel ``j`` of the consumer and nothing else (a probe that
+    changed nothing, e.g. a dead ReLU unit, says nothing)."""
+    js = _probed(n)
+    return len(results) == len(js) and any(len(c) for c in results) and \
+        all(len(c) == 0 or (len(c) == 1 and int(c[0]) == j) for j, c in zip(js, results, strict=True))
 
 
 def _role(changed: torch.Tensor) -> tuple[str, int]:
@@ -154,8 +167,7 @@ def units(layer: nn.Module, links: dict[tuple[str, str], list[torch.Tensor]]) ->
         if blocks and not values:  # fed through a norm or a residual sum, not a unit
             continue
         if not blocks:
-            if all(r in ("point", "none") for p in direct for r, _ in roles[p]) and \
-                    all(_out(mods[p]) == _in(mods[c]) for p in direct):
+            if all(_identity(links[(p, c)], _out(mods[p])) and _out(mods[p]) == _in(mods[c]) for p in direct):
                 ffns.setdefault(tuple(sorted(direct)), []).append(c)
             continue
         d = min(blocks)
