@@ -261,3 +261,11 @@ def test_codes_pack_at_their_bit_width_and_unpack_exactly(bits, n):
     assert packed.shape[1] == (n * bits // 8 if n % 8 == 0 or bits in (4, 8) else n // 2)  # 3-bit at width 20: 4-bit
     assert torch.equal(unpack_codes(packed, bits, n), codes.to(torch.int16))
     assert bits_per_weight(Grid(3, 64), 576) == 3 + 24 / 64 and bits_per_weight(Grid(4, 64), 576) == 4 + 24 / 64
+
+
+def test_a_group_that_divides_no_width_is_refused_and_the_model_untouched():
+    m = _llama()  # widths 32 and 64
+    before = m.model.layers[0].mlp.down_proj.weight.clone()
+    with pytest.raises(ConfigError, match=r"group=128 divides no layer's input width \(32, 64\)"):
+        quantize_lm(m, Grid(4, 128), method="rtn")
+    assert torch.equal(m.model.layers[0].mlp.down_proj.weight, before)

@@ -14,7 +14,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
-from torchshrink.core.errors import DataError
+from torchshrink.core.errors import ConfigError, DataError
 from torchshrink.core.surgery import set_module
 from torchshrink.llm.awq import awq_layer
 from torchshrink.llm.models import causal_lm
@@ -152,6 +152,11 @@ def quantize_lm(model: nn.Module, grid: Grid, *, method: str = "gptq", samples: 
     :class:`~torchshrink.llm.modules.PackedLinear` holding its codes (what ``ts.save`` writes)."""
     if method not in METHODS:
         raise DataError(f"method={method!r}; allowed: {', '.join(METHODS)}")
+    _, layers = find_layers(causal_lm(model))
+    widths = sorted({m.in_features for layer in layers for m in layer.modules() if isinstance(m, nn.Linear)})
+    if grid.group and widths and all(w % grid.group for w in widths):
+        raise ConfigError(f"group={grid.group} divides no layer's input width ({', '.join(map(str, widths))}); "
+                          "use a group that divides them (32, 64, 128) or 0 for one scale per output channel")
     steps = layer_steps(model, samples, method, data_aware=method != "rtn")
     codes: dict[str, Quantized] = {}
     reports: list[LayerReport] = []
