@@ -130,14 +130,14 @@ def main() -> int:
         path = work / f"ts-Q4_0-{method}.gguf"
         rep = export_gguf(q, path, "Q4_0", embedding_type=emb_used)
         vinc = 100 * (perplexity(q, val)["perplexity"] / base_val - 1)
-        ours.append(row(f"Q4_0 (torchshrink {method})", path, f"torchshrink {method}, W4 g32 sym clip", q,
+        ours.append(row(f"Q4_0 (torchshrink {method})", path, f"torchshrink {method}, {gguf_grid('Q4_0').label}", q,
                         method=method, val_increase_pct=vinc, quantize_seconds=secs,
                         max_decode_diff=rep["max_decode_diff"]))
         del q
     q = copy.deepcopy(model)
     quantize_lm(q, gguf_grid("Q8_0"), method="rtn", pack=True)
     export_gguf(q, work / "ts-Q8_0.gguf", "Q8_0", embedding_type="Q8_0")
-    q8 = row("Q8_0 (torchshrink rtn)", work / "ts-Q8_0.gguf", "torchshrink rtn, W8 g32 sym", q)
+    q8 = row("Q8_0 (torchshrink rtn)", work / "ts-Q8_0.gguf", f"torchshrink rtn, {gguf_grid('Q8_0').label}", q)
     del q
     base = ref["llama_cpp"]["perplexity"]
     for r in rows:
