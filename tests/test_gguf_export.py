@@ -105,3 +105,24 @@ def test_bad_input_is_refused_and_nothing_is_left(tmp_path):
         export_gguf(tf.GPT2LMHeadModel(tf.GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=VOCAB)),
                     tmp_path / "x.gguf", source=src)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["src.gguf"]
+
+
+def test_a_gguf_with_an_unknown_tensor_type_is_one_clear_error(tmp_path, monkeypatch):
+    import struct
+
+    from torchshrink.llm import load_causal_lm
+
+    monkeypatch.setenv("TORCHSHRINK_CACHE", str(tmp_path / "cache"))
+    m = _llama(layers=1)
+    path = export_gguf(m, tmp_path / "m.gguf", "F32", source=_source(tmp_path / "src.gguf", m),
+                       embedding_type="F32")["path"]
+    raw = bytearray(open(path, "rb").read())
+    name = b"blk.0.ffn_down.weight"
+    at = raw.index(name) + len(name)  # tensor info: name, n_dims (u32), dims (u64 each), type (u32), offset (u64)
+    n_dims = struct.unpack_from("<I", raw, at)[0]
+    struct.pack_into("<I", raw, at + 4 + 8 * n_dims, 99)
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(bytes(raw))
+    with pytest.raises(ModelLoadError, match="bad.gguf is not a GGUF file transformers can read"):
+        load_causal_lm(str(bad))
+    assert not any((tmp_path / "cache").rglob("config.json"))
