@@ -67,12 +67,16 @@ class Scorer:
     base_val: dict
     tok: Any
 
-    def __call__(self, q: torch.nn.Module, **fields: Any) -> dict:
-        p, pv = perplexity(q, self.ids), perplexity(q, self.val)
+    def __call__(self, q: torch.nn.Module, *, grad_mode: bool = False, **fields: Any) -> dict:
+        """``grad_mode``: evaluate under no_grad instead of inference_mode (optimum-quanto's tensors
+        refuse inference mode)."""
+        ppl, gen = (perplexity.__wrapped__, generate_check.__wrapped__) if grad_mode else (perplexity, generate_check)
+        with torch.no_grad():
+            p, pv = ppl(q, self.ids), ppl(q, self.val)
+            text = gen(q, self.tok)["text"][:80]
         row = {**fields, "perplexity": p["perplexity"],
                "increase_pct": 100 * (p["perplexity"] / self.base["perplexity"] - 1),
-               "val_increase_pct": 100 * (pv["perplexity"] / self.base_val["perplexity"] - 1),
-               "generation": generate_check(q, self.tok)["text"][:80]}
+               "val_increase_pct": 100 * (pv["perplexity"] / self.base_val["perplexity"] - 1), "generation": text}
         print(json.dumps(row), flush=True)
         return row
 
@@ -92,9 +96,12 @@ def run_peers(model: torch.nn.Module, samples: torch.Tensor, score: Scorer) -> l
                    "note": "GPTQ: not supported by NNCF's torch backend"}
             q, t0 = copy.deepcopy(model), time.perf_counter()
             ds = nncf.Dataset([{"input_ids": r[None]} for r in samples])
-            q = nncf.compress_weights(q, mode=nncf.CompressWeightsMode.INT4_ASYM, group_size=64, ratio=1.0, dataset=ds,
-                                      subset_size=len(samples), backup_mode=nncf.BackupMode.NONE, **kw)
-            rows.append(score(q, **row, seconds=time.perf_counter() - t0))
+            try:
+                q = nncf.compress_weights(q, mode=nncf.CompressWeightsMode.INT4_ASYM, group_size=64, ratio=1.0,
+                                          dataset=ds, subset_size=len(samples), backup_mode=nncf.BackupMode.NONE, **kw)
+                rows.append(score(q, **row, seconds=time.perf_counter() - t0))
+            except Exception as e:  # noqa: BLE001 - a peer's failure is a row, not the end of the run
+                rows.append({**row, "note": f"failed: {type(e).__name__}: {str(e)[:120]}"})
             del q
     try:
         from importlib.metadata import version
@@ -106,9 +113,12 @@ def run_peers(model: torch.nn.Module, samples: torch.Tensor, score: Scorer) -> l
         row = {"peer": "quanto", "label": f"optimum-quanto qint4 ({version('optimum-quanto')})", "grid": "W4 g128 asym",
                "note": "data-free; its group size is fixed at 128"}
         q, t0 = copy.deepcopy(model), time.perf_counter()
-        quantize(q, weights=qint4, exclude="lm_head")
-        freeze(q)
-        rows.append(score(q, **row, seconds=time.perf_counter() - t0))
+        try:
+            quantize(q, weights=qint4, exclude="lm_head")
+            freeze(q)
+            rows.append(score(q, **row, seconds=time.perf_counter() - t0, grad_mode=True))
+        except Exception as e:  # noqa: BLE001 - a peer's failure is a row, not the end of the run
+            rows.append({**row, "note": f"failed: {type(e).__name__}: {str(e)[:120]}"})
     return rows
 
 
