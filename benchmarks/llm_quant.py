@@ -48,7 +48,13 @@ SETTINGS = {
     "w3g64": Grid(3, 64, False, clip=True),
     "w4g128": Grid(4, 128, False, clip=True),
 }
-PEER_SETTING = {"nncf": "w4g64", "quanto": "w4g128"}  # the torchshrink setting each peer's grid matches
+# the torchshrink setting each peer is compared with: NNCF runs at W4 g64 asym exactly; optimum-quanto fixes its
+# group at 128 lowered by 32 until it divides the width -- 96 for SmolLM2's 576-wide layers, 128 for the 1536-wide
+# ones (about 4.3 bits per weight) -- which our power-of-two groups match best at g64 (4.375 bits); our g128 falls
+# back to per-channel on the 576-wide layers (576 % 128 != 0), so it is reported but not the matched setting
+PEER_SETTING = {"nncf": "w4g64", "quanto": "w4g64"}
+PEER_NOTE = {"nncf": "W4 g64 asym, embeddings and LM head float; GPTQ: not supported by NNCF's torch backend",
+             "quanto": "data-free; groups of 96 (576-wide layers) and 128 (1536-wide), LM head float"}
 TARGETS = {"w8": 0.5, "w4g64": 8.0, "w3g64": 45.0}  # max % perplexity increase (#20)
 
 
@@ -81,19 +87,26 @@ class Scorer:
         return row
 
 
-def run_peers(model: torch.nn.Module, samples: torch.Tensor, score: Scorer) -> list[dict]:
+def run_peers(model: torch.nn.Module, samples: torch.Tensor, score: Scorer, chosen: list[str]) -> list[dict]:
     """NNCF weight compression (data-free and AWQ + scale estimation; INT4_ASYM g64, embeddings and LM head
-    left in float as ours) and optimum-quanto (qint4, its fixed group of 128, LM head excluded)."""
-    rows = []
+    left in float as ours) and optimum-quanto (qint4, its groups of 96/128, LM head excluded): those in ``chosen``."""
+    rows: list[dict] = []
+    if "nncf" in chosen:
+        rows += _nncf_rows(model, samples, score)
+    if "quanto" in chosen:
+        rows += _quanto_rows(model, score)
+    return rows
 
+
+def _nncf_rows(model: torch.nn.Module, samples: torch.Tensor, score: Scorer) -> list[dict]:
+    rows = []
     try:
         import nncf
     except ImportError:
         rows.append({"peer": "nncf", "label": "NNCF", "grid": "-", "note": "not installed (pip install 'torchshrink[bench]')"})
     else:
         for label, kw in (("NNCF data-free", {}), ("NNCF AWQ + scale estimation", {"awq": True, "scale_estimation": True})):
-            row = {"peer": "nncf", "label": f"{label} ({nncf.__version__})", "grid": "W4 g64 asym",
-                   "note": "GPTQ: not supported by NNCF's torch backend"}
+            row = {"peer": "nncf", "label": f"{label} ({nncf.__version__})", "grid": "W4 g64 asym"}
             q, t0 = copy.deepcopy(model), time.perf_counter()
             ds = nncf.Dataset([{"input_ids": r[None]} for r in samples])
             try:
@@ -103,6 +116,11 @@ def run_peers(model: torch.nn.Module, samples: torch.Tensor, score: Scorer) -> l
             except Exception as e:  # noqa: BLE001 - a peer's failure is a row, not the end of the run
                 rows.append({**row, "note": f"failed: {type(e).__name__}: {str(e)[:120]}"})
             del q
+    return rows
+
+
+def _quanto_rows(model: torch.nn.Module, score: Scorer) -> list[dict]:
+    rows = []
     try:
         from importlib.metadata import version
 
@@ -110,8 +128,8 @@ def run_peers(model: torch.nn.Module, samples: torch.Tensor, score: Scorer) -> l
     except ImportError:
         rows.append({"peer": "quanto", "label": "optimum-quanto", "grid": "-", "note": "not installed"})
     else:
-        row = {"peer": "quanto", "label": f"optimum-quanto qint4 ({version('optimum-quanto')})", "grid": "W4 g128 asym",
-               "note": "data-free; its group size is fixed at 128"}
+        row = {"peer": "quanto", "label": f"optimum-quanto qint4 ({version('optimum-quanto')})",
+               "grid": "W4 g96/g128 asym"}
         q, t0 = copy.deepcopy(model), time.perf_counter()
         try:
             quantize(q, weights=qint4, exclude="lm_head")
@@ -130,8 +148,10 @@ def main() -> int:
     ap.add_argument("--settings", default="w8,w4g64,w3g64")
     ap.add_argument("--methods", default="rtn,gptq,awq,awq+gptq")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--part", choices=["quant", "sparse", "w8a8", "peers", "both"], default="both",
-                    help="both = every part; a single part keeps the other parts' committed rows")
+    ap.add_argument("--peers", default="nncf,quanto", help="peers to run with --part peers (others' rows are kept)")
+    ap.add_argument("--part", choices=["quant", "sparse", "w8a8", "peers", "report", "both"], default="both",
+                    help="both = every part; a single part keeps the other parts' committed rows; report only "
+                         "rewrites the results from them")
     ap.add_argument("--out", default=str(OUT))
     a = ap.parse_args()
     prev_path = Path(a.out) / "llm_quant.json"
@@ -148,9 +168,10 @@ def main() -> int:
     rows = [r for r in prev.get("rows", []) if a.part not in ("quant", "both") or (r["setting"], r["method"]) not in redo]
     sparse_rows = prev.get("sparse_rows", []) if a.part not in ("sparse", "both") else []
     w8a8_rows = prev.get("w8a8_rows", []) if a.part not in ("w8a8", "both") else []
-    peer_rows = prev.get("peer_rows", []) if a.part not in ("peers", "both") else []
-    if a.part in ("peers", "both"):
-        peer_rows = run_peers(model, samples, score)
+    chosen = a.peers.split(",") if a.part in ("peers", "both") else []
+    peer_rows = [r for r in prev.get("peer_rows", []) if r["peer"] not in chosen]
+    if chosen:
+        peer_rows += run_peers(model, samples, score, chosen)
     for key in (a.settings.split(",") if a.part in ("quant", "both") else []):
         grid = SETTINGS[key]
         for method in a.methods.split(","):
@@ -240,11 +261,13 @@ def main() -> int:
         ["peer", "grid", "perplexity", "vs fp32", "validation vs fp32", "seconds", "note"],
         [[r["label"], r["grid"], f"{r['perplexity']:.3f}" if "perplexity" in r else "-",
           f"{r['increase_pct']:+.1f}%" if "perplexity" in r else "-",
-          f"{r['val_increase_pct']:+.1f}%" if "perplexity" in r else "-", f"{r.get('seconds', 0):.0f}", r.get("note", "")]
+          f"{r['val_increase_pct']:+.1f}%" if "perplexity" in r else "-", f"{r.get('seconds', 0):.0f}", r.get("note") if str(r.get("note", "")).startswith(("failed", "not installed"))
+          else PEER_NOTE.get(r["peer"], "")]
          for r in peer_rows])
     if prev:
-        tables["Notes"] = (f"- this run: part {a.part}, settings {a.settings}, methods {a.methods}; other rows are from the "
-                           "previous run of this script (same machine, same text)")
+        tables["Notes"] = (f"- this run: part {a.part}, settings {a.settings}, methods {a.methods}, peers {a.peers}; other "
+                           "rows are from the previous run of this script (same machine, same text); the seconds "
+                           "columns are indicative (other jobs may have shared the cores)")
     ok = write_results("llm_quant", targets, tables, {"fp32": base, "fp32_val": base_val, "rows": rows, "sparse_rows": sparse_rows,
                                                       "w8a8_rows": w8a8_rows, "peer_rows": peer_rows, "documents": docs, "peak_rss_gib": peak_rss_gb()}, Path(a.out))
     for t in targets:
