@@ -20,16 +20,23 @@ from torchshrink.core.errors import DataError
 from torchshrink.llm.models import causal_lm
 
 
+def token_ids(tokenizer: Any, paragraphs: list[str], max_tokens: int | None = None) -> list[int]:
+    """The token ids of the paragraphs joined by blank lines (a BOS token first where the tokenizer has
+    one); tokenizing stops once ``max_tokens`` are reached."""
+    ids: list[int] = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    for p in paragraphs:
+        ids.extend(tokenizer(p + "\n\n", add_special_tokens=False)["input_ids"])
+        if max_tokens is not None and len(ids) >= max_tokens:
+            break
+    return ids
+
+
 def token_windows(tokenizer: Any, paragraphs: list[str], max_tokens: int) -> torch.Tensor:
     """The first ``max_tokens`` tokens of the paragraphs joined by blank lines (a BOS token first where the
     tokenizer has one), as a 1-D tensor."""
     if max_tokens < 2:
         raise DataError(f"max_tokens={max_tokens}: at least 2 tokens are needed")
-    ids: list[int] = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
-    for p in paragraphs:
-        ids.extend(tokenizer(p + "\n\n", add_special_tokens=False)["input_ids"])
-        if len(ids) >= max_tokens:
-            break
+    ids = token_ids(tokenizer, paragraphs, max_tokens)
     if len(ids) < max_tokens:
         raise DataError(f"the text has {len(ids)} tokens, fewer than the {max_tokens} asked for; give more text "
                         "or ask for fewer tokens")

@@ -26,7 +26,7 @@ import torch
 
 from torchshrink.core.errors import ConfigError, DataError
 from torchshrink.llm.models import load_causal_lm
-from torchshrink.llm.perplexity import calibration_and_eval, generate_check, perplexity, token_windows
+from torchshrink.llm.perplexity import calibration_and_eval, generate_check, perplexity, token_ids
 
 PRESETS: dict[str, dict[str, Any]] = {
     "llm-w8": {"kind": "quantize", "method": "gptq", "bits": 8, "group": 0, "sym": True, "clip": False},
@@ -73,8 +73,8 @@ def text_from_file(tokenizer: Any, path: str | Path, samples: int, seq: int, eva
                         "(the last 20% are held out for evaluation)")
     cut = len(paras) - max(1, len(paras) // 5)
     cal, ev = paras[:cut], paras[cut:]
-    n_cal = sum(len(tokenizer(x + "\n\n", add_special_tokens=False)["input_ids"]) for x in cal)
-    n_ev = sum(len(tokenizer(x + "\n\n", add_special_tokens=False)["input_ids"]) for x in ev)
+    cal_ids, ev_ids = token_ids(tokenizer, cal), token_ids(tokenizer, ev)  # each tokenized once
+    n_cal, n_ev = len(cal_ids), len(ev_ids)
     rows = min(samples, n_cal // seq)
     if rows < 1:
         raise DataError(f"--data {path}: the calibration part has {n_cal} tokens, fewer than one row of --seq {seq}")
@@ -82,8 +82,8 @@ def text_from_file(tokenizer: Any, path: str | Path, samples: int, seq: int, eva
         raise DataError(f"--data {path}: the held-out 20% has {n_ev} tokens, fewer than one window of {window}; "
                         "give more text or a smaller --window")
     ev_n = min(eval_tokens, n_ev) // window * window
-    return {"samples": token_windows(tokenizer, cal, rows * seq).reshape(rows, seq),
-            "eval": token_windows(tokenizer, ev, ev_n),
+    return {"samples": torch.tensor(cal_ids[: rows * seq], dtype=torch.long).reshape(rows, seq),
+            "eval": torch.tensor(ev_ids[:ev_n], dtype=torch.long),
             "provenance": f"{p.name}: {len(cal)} calibration paragraphs ({rows} x {seq} tokens used), "
                           f"{len(ev)} held-out paragraphs ({ev_n} tokens evaluated)",
             "eval_text": f"{p.name}: its last {len(ev)} paragraphs ({ev_n} tokens)"}

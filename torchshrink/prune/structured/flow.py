@@ -27,20 +27,18 @@ from torch import nn
 
 from torchshrink.core.errors import UnsupportedLayerError
 from torchshrink.prune.structured.trace import call_model
+from torchshrink.prune.structured.transformer import (
+    Attention,
+    find_attentions,
+    guess_ffn,
+    in_features,
+    is_proj,
+    out_features,
+)
 
 
 def _projs(layer: nn.Module) -> list[tuple[str, nn.Module]]:
-    from torchshrink.prune.structured.transformer import is_proj
-
     return [(n, m) for n, m in layer.named_modules() if is_proj(m)]
-
-
-def _out(m: nn.Module) -> int:
-    return m.weight.shape[0] if isinstance(m, nn.Linear) else m.weight.shape[1]
-
-
-def _in(m: nn.Module) -> int:
-    return m.weight.shape[1] if isinstance(m, nn.Linear) else m.weight.shape[0]
 
 
 def _push(j: int) -> Any:
@@ -80,7 +78,7 @@ def probe(model: nn.Module, layer: nn.Module, batch: Any) -> dict[tuple[str, str
             call_model(model, batch)
             base = dict(seen)
             for pname, p in projs:
-                n = _out(p)
+                n = out_features(p)
                 for j in _probed(n):
                     seen.clear()
                     h = p.register_forward_hook(_push(j))
@@ -167,7 +165,7 @@ def units(layer: nn.Module, links: dict[tuple[str, str], list[torch.Tensor]]) ->
         if blocks and not values:  # fed through a norm or a residual sum, not a unit
             continue
         if not blocks:
-            if all(_identity(links[(p, c)], _out(mods[p])) and _out(mods[p]) == _in(mods[c]) for p in direct):
+            if all(_identity(links[(p, c)], out_features(mods[p])) and out_features(mods[p]) == in_features(mods[c]) for p in direct):
                 ffns.setdefault(tuple(sorted(direct)), []).append(c)
             continue
         d = min(blocks)
@@ -185,25 +183,25 @@ def _is_key(name: str) -> bool:
 
 def _attention(c: str, direct: list[str], roles: dict[str, list[tuple[str, int]]],
                links_of: dict[str, list[torch.Tensor]], d: int, mods: dict[str, nn.Module]) -> FlowAttention:
-    width = _in(mods[c])
+    width = in_features(mods[c])
     q = k = v = fused = None
     for p in direct:  # in registration order: the first of two same-sized head blocks is the query
         kinds = [r for r, _ in roles[p] if r != "none"]
         sizes = {s for r, s in roles[p] if r == "block"}
-        if kinds == ["block", "block", "point"] and _out(mods[p]) == 3 * width:
+        if kinds == ["block", "block", "point"] and out_features(mods[p]) == 3 * width:
             firsts = [int(x[0]) for x in links_of[p]]
             if firsts != [0, 0, 0]:  # q, k of head 0 and value channel 0 when the thirds are [q | k | v]
                 raise UnsupportedLayerError(
                     f"fused projection '{p}' interleaves q/k/v per head; head-prune follows only [q | k | v]")
             fused = p
         elif kinds and all(r == "block" for r in kinds) and len(sizes) == 1:
-            if sizes == {d} and q is None and _out(mods[p]) == width:
+            if sizes == {d} and q is None and out_features(mods[p]) == width:
                 q = p
             elif k is None:
                 k = p
             else:
                 q = q or p
-            if q and k and _out(mods[q]) == _out(mods[k]) and _is_key(q) and not _is_key(k):
+            if q and k and out_features(mods[q]) == out_features(mods[k]) and _is_key(q) and not _is_key(k):
                 q, k = k, q  # the same flow either way; names only order the pair (OPT registers k first)
         elif kinds and all(r in ("point", "strided") for r in kinds) and v is None:
             v = p
@@ -243,13 +241,11 @@ def _owner(layer: nn.Module, names: list[str]) -> nn.Module:
 
 def to_attention(layer: nn.Module, fa: FlowAttention) -> Any:
     """A :class:`~torchshrink.prune.structured.transformer.Attention` from a flow-found one."""
-    from torchshrink.prune.structured.transformer import Attention
-
     get = layer.get_submodule
     o = get(fa.o)
-    heads = _in(o) // fa.head_dim
+    heads = in_features(o) // fa.head_dim
     owner = _owner(layer, [n for n in (fa.q, fa.k, fa.v, fa.fused) if n])
-    kv = _out(get(fa.v)) // fa.head_dim if fa.v else heads
+    kv = out_features(get(fa.v)) // fa.head_dim if fa.v else heads
     for a in ("num_attention_heads", "num_heads", "n_heads"):
         n = getattr(owner, a, None)
         if isinstance(n, int) and not isinstance(n, bool) and n != heads:
@@ -260,8 +256,6 @@ def to_attention(layer: nn.Module, fa: FlowAttention) -> Any:
 
 def layer_attentions(model: nn.Module, layers: list[nn.Module], batch: Any) -> list[list[Any]]:
     """The attentions of each layer, by data flow on ``batch``; by projection names without one."""
-    from torchshrink.prune.structured.transformer import find_attentions
-
     if batch is None:
         return [find_attentions(layer) for layer in layers]
     found = layer_units(model, layers, batch)
@@ -281,8 +275,6 @@ def layer_ffns(model: nn.Module, prefix: str, layers: list[nn.Module], batch: An
                ) -> list[tuple[list[nn.Module], list[nn.Module]]]:
     """(up projections, down projections) of each FFN of each layer, by data flow on ``batch``; by
     widths and names without one."""
-    from torchshrink.prune.structured.transformer import guess_ffn
-
     if batch is None:
         return [guess_ffn(model, prefix, layer) for layer in layers]
     found = layer_units(model, layers, batch)

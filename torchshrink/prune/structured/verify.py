@@ -17,13 +17,8 @@ from torchshrink.measure.quality import main_output
 from torchshrink.prune.structured.trace import call_model
 
 
-def _resize(batch: Any) -> Any:
-    """The batch at another batch size: its first row, or (for one row) two copies."""
-    def one(t: Any) -> Any:
-        if not isinstance(t, torch.Tensor) or t.dim() == 0:
-            return t
-        return t[:1] if t.shape[0] > 1 else torch.cat([t, t])
-
+def _map_batch(batch: Any, one: Any) -> Any:
+    """``one`` applied to every input of a batch (a tensor, a tuple/list, a dict or a Batch)."""
     if isinstance(batch, Batch):
         return Batch(tuple(one(t) for t in batch.inputs), None, {k: one(v) for k, v in batch.kwargs.items()})
     if isinstance(batch, dict):
@@ -31,6 +26,16 @@ def _resize(batch: Any) -> Any:
     if isinstance(batch, list | tuple):
         return type(batch)(one(t) for t in batch)
     return one(batch)
+
+
+def _resize(batch: Any) -> Any:
+    """The batch at another batch size: its first row, or (for one row) two copies."""
+    def one(t: Any) -> Any:
+        if not isinstance(t, torch.Tensor) or t.dim() == 0:
+            return t
+        return t[:1] if t.shape[0] > 1 else torch.cat([t, t])
+
+    return _map_batch(batch, one)
 
 
 def _reshaped(batch: Any) -> Any:
@@ -51,14 +56,7 @@ def _reshaped(batch: Any) -> Any:
             return t[:, : t.shape[1] * 3 // 4]
         return t
 
-    if isinstance(batch, Batch):
-        out: Any = Batch(tuple(one(t) for t in batch.inputs), None, {k: one(v) for k, v in batch.kwargs.items()})
-    elif isinstance(batch, dict):
-        out = {k: one(v) for k, v in batch.items()}
-    elif isinstance(batch, list | tuple):
-        out = type(batch)(one(t) for t in batch)
-    else:
-        out = one(batch)
+    out = _map_batch(batch, one)
     return out if changed[0] else None
 
 
