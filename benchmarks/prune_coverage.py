@@ -193,7 +193,7 @@ def hf_rows(reloader: Reloader) -> list[dict]:
                 row["smaller"] = row["params_ratio"] < 1
                 row.update(reloader.check(p, batch, out))
                 with tempfile.TemporaryDirectory() as d:
-                    p.save_pretrained(d)
+                    p.save_pretrained(d, torchshrink_loader=True)
                     try:
                         native = type(m).from_pretrained(d).eval()
                         with torch.no_grad():

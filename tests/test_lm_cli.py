@@ -82,3 +82,24 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path):
               "copies the tokenizer and metadata from the GGUF file")
     assert not out.exists() and not (tmp_path / "x.gguf").exists()
     assert not list(tmp_path.glob("*.partial*"))
+
+
+def test_generate_runs_a_compressed_folder_on_the_decode_kernels(tmp_path):
+    model, text, out = _folder(tmp_path), _text(tmp_path), tmp_path / "out"
+    assert run("compress", "-m", model, "-r", "llm-w4", "--method", "rtn", "--group", 32, "--data", text, "-o", out,
+               *SMALL)[0] == 0
+    code, stdout, err = run("generate", "-m", out, "-p", "the package manager", "-n", 5)
+    assert code == 0, err
+    lines = stdout.strip().splitlines()
+    assert lines[0].startswith("the package manager") and "torchshrink decode kernels" in lines[-1]
+    # the same model through transformers with an int8 KV cache: the same greedy tokens on this tiny model
+    code, stdout2, err = run("generate", "-m", out, "-p", "the package manager", "-n", 5, "--engine", "transformers",
+                             "--kv", "int8")
+    assert code == 0, err
+    assert "transformers generate (int8 KV cache)" in stdout2
+    # a float folder under auto: transformers (its weights are not rounded behind the user's back)
+    code, stdout3, err = run("generate", "-m", model, "-p", "the package manager", "-n", 3)
+    assert code == 0 and "transformers generate (fp32 KV cache)" in stdout3, err
+    _one_line(*run("generate", "-m", out, "-p", "x", "--kv", "int3")[::2], "--kv 'int3'; allowed: fp32, int8, int4")
+    _one_line(*run("generate", "-m", out, "-p", "x", "--engine", "native", "--kv", "int8")[::2], "--engine transformers")
+    _one_line(*run("generate", "-m", _folder(tmp_path, causal=False), "-p", "x")[::2], "has no causal-LM head")

@@ -35,7 +35,7 @@ def test_heads_ffn_layers_round_trip(arch, tmp_path):
         out = p(**batch).last_hidden_state
         assert out.shape == ref.shape
         assert sum(x.numel() for x in p.parameters()) < sum(x.numel() for x in model.parameters())
-        p.save_pretrained(tmp_path / f"hf{i}")
+        p.save_pretrained(tmp_path / f"hf{i}", torchshrink_loader=True)
         back = from_pretrained(tmp_path / f"hf{i}")
         assert torch.allclose(back(**batch).last_hidden_state, out, atol=1e-5)
         torchshrink.save(p, tmp_path / f"ts{i}")
@@ -198,7 +198,7 @@ def test_encoder_decoder_every_stack_is_pruned_and_reloads(arch, tmp_path):
                 assert n < 0.9 * sum(x.numel() for x in model.get_submodule(s).parameters()), (cfg.kind, s)
         torchshrink.save(p, tmp_path / f"ts{i}")
         assert torch.allclose(torchshrink.load(tmp_path / f"ts{i}")(**batch).logits, out, atol=1e-5)
-        p.save_pretrained(tmp_path / f"hf{i}")
+        p.save_pretrained(tmp_path / f"hf{i}", torchshrink_loader=True)
         assert torch.allclose(from_pretrained(tmp_path / f"hf{i}", type(model))(**batch).logits, out, atol=1e-5)
         if arch == "t5" or cfg.kind != "head-prune":  # BART derives head size from d_model / heads: no config field
             native = type(model).from_pretrained(tmp_path / f"hf{i}").eval()  # transformers alone: config per stack

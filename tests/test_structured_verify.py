@@ -240,3 +240,29 @@ def test_reference_checks_another_batch_size_and_another_spatial_or_sequence_siz
     assert [tuple(b["input"].shape) for b, _ in refs] == [(2, 8), (1, 8), (2, 6)]
     fixed = nn.Sequential(nn.Flatten(), nn.Linear(3 * 16 * 16, 2))  # cannot take another size: left out
     assert [tuple(b.shape) for b, _ in reference(fixed, torch.randn(2, 3, 16, 16))] == [(2, 3, 16, 16), (1, 3, 16, 16)]
+
+
+class FixedLength(nn.Module):
+    """Token model whose forward may need an exact number of positions (a Python constant)."""
+
+    def __init__(self, length: int | None = None) -> None:
+        super().__init__()
+        self.length = length
+        self.emb, self.fc = nn.Embedding(50, 8), nn.Linear(8, 4)
+
+    def forward(self, ids):
+        if self.length is not None and ids.shape[1] != self.length:
+            raise RuntimeError(f"needs {self.length} positions")
+        return self.fc(self.emb(ids))
+
+
+def test_probe_batch_is_cut_to_two_rows_of_64_tokens_where_the_model_takes_it():
+    from torchshrink.prune.structured.verify import probe_batch
+
+    ids = torch.randint(0, 50, (16, 512))
+    small = probe_batch(FixedLength(), [ids])
+    assert small.shape == (2, 64) and torch.equal(small, ids[:2, :64])
+    whole = probe_batch(FixedLength(100), [ids[:, :100]])  # a model that needs its inputs whole keeps them
+    assert whole.shape == (16, 100)
+    images = torch.randn(8, 3, 32, 32)  # float inputs keep their size; only rows are cut
+    assert probe_batch(nn.Conv2d(3, 4, 3), [images]).shape == (2, 3, 32, 32)

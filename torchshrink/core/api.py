@@ -115,7 +115,9 @@ def finalize(model: nn.Module, config: Config | None = None, *, data: Any = None
             state.inherit(out, new)
             out = new
     state.put(out, pending=[])
-    return out.eval()
+    from torchshrink.export.hf_guard import guard_save_pretrained
+
+    return guard_save_pretrained(out.eval())
 
 
 def run(model: nn.Module, config: Config, *, select: Select | dict[str, Any] | None = None, data: Any = None,

@@ -1,6 +1,7 @@
 """The one loader of torchshrink's native CPU kernels, and the helper that makes each a torch op.
 
-The C sources that ship with the package (``binary/_xnor.c``, ``prune/_spmm.c``, ``quant/_qact.c``)
+The C sources that ship with the package (``binary/_xnor.c``, ``prune/_spmm.c``, ``quant/_qact.c``,
+``llm/_decode.c``)
 are built into ONE shared library per instruction-set level -- ``avx512``, ``avx2`` and ``default``
 (the compiler's baseline) -- and the level is chosen when the library is loaded, from what torch
 detects on this CPU (``torch.backends.cpu.get_cpu_capability()``), never with ``-march=native``: a
@@ -49,6 +50,9 @@ SOURCES: dict[str, list[str]] = {
     "binary/_xnor.c": ["-std=c99", "-ffp-contract=off"],
     "prune/_spmm.c": [],
     "quant/_qact.c": ["-ffinite-math-only"],
+    # decode: reassociation lets gcc vectorize the attention dot products / sums (infinities stay: the softmax
+    # starts from -inf)
+    "llm/_decode.c": ["-fno-math-errno", "-fassociative-math", "-fno-signed-zeros", "-fno-trapping-math"],
 }
 _X86 = platform.machine().lower() in ("x86_64", "amd64", "i686", "i386")
 _AVX2 = ["-mavx2", "-mfma", "-mf16c", "-mpopcnt", "-mbmi", "-mbmi2"]
@@ -70,6 +74,11 @@ SIGNATURES: dict[str, tuple[Any, list[Any]]] = {
     "ts_rows_epilogue": (None, [_V, _I64, _I64, _V, _V, _V, _V, _INT, _INT]),
     "ts_rows_epilogue_codes": (None, [_V, _I64, _I64, _V, _V, _V, _V, _INT, _V, _V, _V, _INT, _INT]),
     "ts_add_layernorm": (None, [_V, _V, _I64, _I64, _V, _V, _V, _V, _V, _V, _F32, _V, _INT]),
+    "ts_lm_isa": (_INT, []),
+    "ts_lm_set_isa": (None, [_INT]),
+    "ts_qgemv": (None, [_V, _V, _V, _V, _V, _V]),
+    "ts_lm_scratch": (_I64, [_V]),
+    "ts_lm_forward": (_INT, [_V, _V, _F32, _V, _I64, _I64, _V]),
 }
 _LIB: ctypes.CDLL | None = None
 _STATE: dict[str, Any] = {}

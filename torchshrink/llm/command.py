@@ -110,3 +110,63 @@ def register(app: typer.Typer) -> None:
         r = export_gguf(net, out_file, qtype, source=source, embedding_type=embedding_type)
         out.print(f"wrote {out_file}: {r['qtype']}, {r['bytes'] / 1e6:.2f} MB, {r['bits_per_weight']} bits/weight; "
                   f"decoded back to the evaluated weights (largest difference {r['max_decode_diff']:.3g})")
+
+    @lm.command("generate")
+    @friendly
+    def generate_cmd(
+        model: str = typer.Option(..., "--model", "-m", help=MODEL_HELP),
+        prompt: str = typer.Option(..., "--prompt", "-p", help="the text to continue"),
+        new_tokens: int = typer.Option(64, "--new", "-n", help="tokens to generate (greedy)"),
+        engine: str = typer.Option("auto", "--engine", help="auto: torchshrink's int4/int8 decode kernels for a model "
+                                   "`lm compress` quantized, else transformers; native (a float model's Linears are "
+                                   "rounded to 8-bit groups for it); transformers"),
+        kv: str = typer.Option("fp32", "--kv", help="KV cache of the transformers path: fp32, int8, int4"),
+        threads: int = typer.Option(None, "--threads", help="threads"),
+    ) -> None:
+        """Greedy continuation of a prompt, with tokens/s on this machine."""
+        import time
+
+        import torch
+
+        from torchshrink.core.errors import ConfigError
+        from torchshrink.llm.models import load_causal_lm
+
+        positive("--new", new_tokens)
+        positive("--threads", threads)
+        if engine not in ("auto", "native", "transformers"):
+            raise ConfigError(f"--engine {engine!r}; allowed: auto, native, transformers")
+        if kv not in ("fp32", "int8", "int4"):
+            raise ConfigError(f"--kv {kv!r}; allowed: fp32, int8, int4")
+        if threads:
+            torch.set_num_threads(threads)
+        net, tok = load_causal_lm(model)
+        ids = tok(prompt, return_tensors="pt").input_ids
+        if ids.numel() == 0:
+            raise ConfigError("--prompt gives no tokens; give some text")
+        from torchshrink.llm.modules import PackedLinear
+
+        dec = None
+        if engine == "auto":
+            engine = "native" if any(isinstance(m, PackedLinear) for m in net.modules()) else "transformers"
+        if engine == "native" and kv == "fp32":
+            from torchshrink.llm.decode import Decoder
+
+            dec = Decoder.from_model(net, max_len=ids.numel() + new_tokens)
+        elif engine == "native":
+            raise ConfigError("--engine native keeps an fp32 KV cache; --kv int8/int4 is for --engine transformers")
+        if dec is not None:
+            r = dec.generate(ids[0], new_tokens, eos=tok.eos_token_id)
+            new, what = r["tokens"], f"torchshrink decode kernels ({dec.nbytes() / 1e6:.1f} MB of weights)"
+            speed = r["tokens_per_s"]
+        else:
+            from torchshrink.llm.kvcache import cache_kwarg, quantized_cache
+
+            extra = {} if kv == "fp32" else {cache_kwarg(net): quantized_cache(net, 8 if kv == "int8" else 4)}
+            t0 = time.perf_counter()
+            with torch.inference_mode():
+                out_ids = net.generate(ids, max_new_tokens=new_tokens, do_sample=False,
+                                       pad_token_id=tok.eos_token_id, **extra)
+            new = out_ids[0, ids.shape[1]:].tolist()
+            speed, what = len(new) / (time.perf_counter() - t0), f"transformers generate ({kv} KV cache)"
+        out.print(prompt + tok.decode(new, skip_special_tokens=True))
+        out.print(f"{len(new)} tokens, {speed:.1f} tokens/s; {what}")

@@ -55,15 +55,21 @@ def calibration_and_eval(tokenizer: Any, samples: int, eval_tokens: int, *, val_
             "eval": token_windows(tokenizer, ev, eval_tokens), "documents": docs}
 
 
-def _logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    out = model(input_ids=x, use_cache=False)
+def _logits(model: nn.Module, x: torch.Tensor, kv_bits: int | None = None) -> torch.Tensor:
+    if kv_bits is None:
+        out = model(input_ids=x, use_cache=False)
+    else:  # every key and value read back from the quantized cache, as in token-by-token decoding
+        from torchshrink.llm.kvcache import cache_kwarg, quantized_cache
+
+        out = model(input_ids=x, use_cache=True, **{cache_kwarg(model): quantized_cache(model, kv_bits)})
     return out.logits if hasattr(out, "logits") else out[0]
 
 
 @torch.inference_mode()
 def perplexity(model: nn.Module, ids: torch.Tensor, *, window: int = 512, stride: int | None = None,
-               batch: int = 4) -> dict[str, float]:
-    """Perplexity of ``model`` on the 1-D token tensor ``ids`` (see the module docstring)."""
+               batch: int = 4, kv_bits: int | None = None) -> dict[str, float]:
+    """Perplexity of ``model`` on the 1-D token tensor ``ids`` (see the module docstring); ``kv_bits`` 8 or 4:
+    with keys and values stored in :mod:`torchshrink.llm.kvcache`'s quantized cache (decode-time perplexity)."""
     causal_lm(model)
     stride = stride or window
     if not 0 < stride <= window:
@@ -81,7 +87,7 @@ def perplexity(model: nn.Module, ids: torch.Tensor, *, window: int = 512, stride
             wins = ids[: k * window].reshape(k, window)
             for i in range(0, k, batch):
                 x = wins[i:i + batch]
-                logp = F.log_softmax(_logits(model, x)[:, :-1].float(), -1)
+                logp = F.log_softmax(_logits(model, x, kv_bits)[:, :-1].float(), -1)
                 nll -= float(logp.gather(-1, x[:, 1:, None]).sum())
                 count += x[:, 1:].numel()
         else:
@@ -89,7 +95,7 @@ def perplexity(model: nn.Module, ids: torch.Tensor, *, window: int = 512, stride
             for begin in range(0, n, stride):
                 end = min(begin + window, n)
                 x = ids[begin:end][None]
-                logp = F.log_softmax(_logits(model, x)[:, :-1].float(), -1)
+                logp = F.log_softmax(_logits(model, x, kv_bits)[:, :-1].float(), -1)
                 tok = logp.gather(-1, x[:, 1:, None])[0, :, 0]
                 new = end - max(prev_end, begin + 1)  # tokens not scored yet (never the window's first)
                 nll -= float(tok[-new:].sum())

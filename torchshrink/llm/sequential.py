@@ -183,4 +183,8 @@ def quantize_lm(model: nn.Module, grid: Grid, *, method: str = "gptq", samples: 
             reports.append(LayerReport(full, q.grid.label, err))
         if on_layer is not None:
             on_layer(li, time.perf_counter() - t0)
+    if pack:
+        from torchshrink.export.hf_guard import guard_save_pretrained
+
+        guard_save_pretrained(model)
     return LMQuantResult(codes, reports, alphas)

@@ -68,4 +68,7 @@ def w8a8_lm(model: nn.Module, samples: torch.Tensor | None = None, *, smooth_alp
             w_max = lin.weight.detach().abs().amax(0).float().clamp_min(1e-5)
             smooth = (amax[name].clamp_min(1e-5).pow(smooth_alpha) / w_max.pow(1 - smooth_alpha)).clamp(1e-5, 1e5)
         set_module(model, name, Int8DynamicLinear.from_float(lin, smooth=smooth, activation="token", reduce_range=rr))
+    from torchshrink.export.hf_guard import guard_save_pretrained
+
+    guard_save_pretrained(model)
     return {"linears": len(linears), "smooth_alpha": smooth_alpha, "reduce_range": rr}
