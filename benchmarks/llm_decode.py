@@ -91,8 +91,7 @@ class Engine:
     def prefill(self, ids: list[int]) -> float:
         t0 = time.perf_counter()
         self.dec.reset()
-        for t in ids:
-            self.dec.step(t)
+        self.dec.prefill(ids)  # in chunks (Decoder.chunk tokens a call)
         return time.perf_counter() - t0
 
 

@@ -158,6 +158,9 @@ def main() -> int:
                      evaluate=lambda s: perplexity(s, ids)["perplexity"], eval_every=a.eval_every,
                      log=lambda r: print(json.dumps(r), flush=True))
         qat = {"grid": grid.label, **rep, "rtn": rtn_row, "final": score(student, stage="W4 g64 sym QAT")}
+    for k in ("rtn", "final"):  # a packed model's parameters() miss its codes: no parameter counts for these rows
+        for f in ("params", "removed_pct"):
+            (qat.get(k) or {}).pop(f, None)
     targets = []
     aware = [r for r in ffn_rows if r["importance"] in ("fluctuation", "activation")]
     if aware:

@@ -103,3 +103,19 @@ def test_generate_runs_a_compressed_folder_on_the_decode_kernels(tmp_path):
     _one_line(*run("generate", "-m", out, "-p", "x", "--kv", "int3")[::2], "--kv 'int3'; allowed: fp32, int8, int4")
     _one_line(*run("generate", "-m", out, "-p", "x", "--engine", "native", "--kv", "int8")[::2], "--engine transformers")
     _one_line(*run("generate", "-m", _folder(tmp_path, causal=False), "-p", "x")[::2], "has no causal-LM head")
+
+
+def test_sparse_preset_with_recovery_keeps_the_pattern_and_reports_it(tmp_path):
+    model, text, out = _folder(tmp_path), _text(tmp_path), tmp_path / "out"
+    code, stdout, err = run("compress", "-m", model, "-r", "llm-sparse-2of4", "--recover-minutes", 0.01, "--data", text,
+                            "-o", out, *SMALL)
+    assert code == 0, err
+    rep = json.loads((out / "report.json").read_text())
+    assert "distillation" in rep["applied"]["what"] and rep["applied"]["recovery"]["steps"] >= 1
+    import torchshrink
+
+    back = torchshrink.load(out / "model")
+    w = back.model.layers[0].mlp.down_proj.weight.reshape(-1, 4)
+    assert int((w == 0).sum(-1).min()) >= 2  # 2:4 survived the training
+    _one_line(*run("compress", "-m", model, "-r", "llm-w4", "--recover-minutes", 1, "--data", text, "-o",
+                   tmp_path / "o2", *SMALL)[::2], "applies to the sparsity presets")

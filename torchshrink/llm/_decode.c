@@ -148,6 +148,36 @@ static float TS_VNNI dot_row_vnni(const qmat *W, int64_t r, const int8_t *q, con
     }
     return hsum8(acc) + mterm;
 }
+
+/* One row against FOUR activation rows (prefill): each 32-code block is loaded and unpacked once for the four. */
+#define TS_DOT_ROW4(NAME, ATTR, IDOT)                                                                          \
+    static void ATTR NAME(const qmat *W, int64_t r, const int8_t *q, const float *d, const float *ds,           \
+                          int64_t qs, int64_t gs, float *out) {                                                 \
+        int64_t ng = W->cols / W->group, rb = W->bits == 4 ? W->cols / 2 : W->cols;                            \
+        const uint8_t *c = W->codes + r * rb;                                                                   \
+        const uint16_t *sm = W->sm + r * 2 * ng;                                                                \
+        __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()}; \
+        float mterm[4] = {0.f, 0.f, 0.f, 0.f};                                                                  \
+        for (int64_t j = 0; j < ng; j++) {                                                                      \
+            __m256i is[4] = {_mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256(),           \
+                             _mm256_setzero_si256()};                                                           \
+            for (int64_t b = j * W->group; b < (j + 1) * W->group; b += 32) {                                   \
+                __m256i w = block_codes(W, c, b);                                                               \
+                for (int t = 0; t < 4; t++)                                                                     \
+                    is[t] = IDOT(is[t], w, _mm256_loadu_si256((const __m256i *)(q + t * qs + b)));             \
+            }                                                                                                   \
+            for (int t = 0; t < 4; t++)                                                                         \
+                acc[t] = group_epilogue(acc[t], &mterm[t], is[t], sm + 2 * j, d[t * gs + j], ds[t * gs + j]);   \
+        }                                                                                                       \
+        for (int t = 0; t < 4; t++) out[t] = hsum8(acc[t]) + mterm[t];                                          \
+    }
+
+static inline __m256i TS_AVX2 idot_avx2(__m256i acc, __m256i w, __m256i x) {
+    return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(w, x), _mm256_set1_epi16(1)));
+}
+static inline __m256i TS_VNNI idot_vnni(__m256i acc, __m256i w, __m256i x) { return _mm256_dpbusd_epi32(acc, w, x); }
+TS_DOT_ROW4(dot_row4_avx2, TS_AVX2, idot_avx2)
+TS_DOT_ROW4(dot_row4_vnni, TS_VNNI, idot_vnni)
 #endif
 
 /* 0: plain C, 1: AVX2, 2: AVX-512 VNNI; forced lower with ts_lm_set_isa */
@@ -180,6 +210,20 @@ static float dot_row(const qmat *W, int64_t r, const int8_t *q, const float *d, 
     v = dot_row_c(W, r, q, d, ds);
 #endif
     return W->bias ? v + W->bias[r] : v;
+}
+
+/* one row against four activation rows (strides qs codes / gs groups): out[t] = row . x_t (+ bias) */
+static void dot_row4(const qmat *W, int64_t r, const int8_t *q, const float *d, const float *ds, int64_t qs,
+                     int64_t gs, float *out) {
+#if TS_X86
+    int isa = ts_lm_isa();
+    if (isa == 2) dot_row4_vnni(W, r, q, d, ds, qs, gs, out);
+    else if (isa == 1) dot_row4_avx2(W, r, q, d, ds, qs, gs, out);
+    else
+#endif
+        for (int t = 0; t < 4; t++) out[t] = dot_row_c(W, r, q + t * qs, d + t * gs, ds + t * gs);
+    if (W->bias)
+        for (int t = 0; t < 4; t++) out[t] += W->bias[r];
 }
 
 static qmat read_qmat(const int64_t *p) {
@@ -224,8 +268,13 @@ static void gemm3(const qmat *A, float *ya, const qmat *B, float *yb, const qmat
     for (int64_t r = 0; r < na + nb + nc; r++) {
         const qmat *W = r < na ? A : r < na + nb ? B : C;
         float *y = r < na ? ya : r < na + nb ? yb : yc;
-        int64_t rr = r < na ? r : r < na + nb ? r - na : r - na - nb;
-        for (int64_t t = 0; t < T; t++)
+        int64_t rr = r < na ? r : r < na + nb ? r - na : r - na - nb, t = 0;
+        for (; t + 4 <= T; t += 4) {
+            float o4[4];
+            dot_row4(W, rr, q + t * qstride, d + t * gstride, ds + t * gstride, qstride, gstride, o4);
+            for (int k = 0; k < 4; k++) y[(t + k) * W->rows + rr] = o4[k];
+        }
+        for (; t < T; t++)
             y[t * W->rows + rr] = dot_row(W, rr, q + t * qstride, d + t * gstride, ds + t * gstride);
     }
 }

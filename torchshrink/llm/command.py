@@ -46,6 +46,8 @@ def register(app: typer.Typer) -> None:
         window: int = typer.Option(None, "--window", help="perplexity window (default 512)"),
         eval_tokens: int = typer.Option(None, "--eval-tokens", help="held-out tokens to evaluate (default 8192)"),
         threads: int = typer.Option(None, "--threads", help="torch threads"),
+        recover_minutes: float = typer.Option(None, "--recover-minutes", help="sparsity presets: then distill from "
+                                              "the original model on the calibration rows this long (zeros kept)"),
         force: bool = typer.Option(False, "--force", help="replace an output folder torchshrink wrote"),
     ) -> None:
         """Compress a causal LM with a preset; write model/, tokenizer/, report.md (perplexity before/after)."""
@@ -60,7 +62,8 @@ def register(app: typer.Typer) -> None:
             torch.set_num_threads(threads)
         r = compress_lm(model, preset, out_dir, data=data, force=force,
                         overrides={"method": method, "bits": bits, "group": group, "sym": sym, "samples": samples,
-                                   "seq": seq, "window": window, "eval_tokens": eval_tokens})
+                                   "seq": seq, "window": window, "eval_tokens": eval_tokens,
+                                   "recover_minutes": recover_minutes})
         b, a = r["perplexity_before"], r["perplexity_after"]
         out.print(f"{r['applied']['what']}: perplexity {b['perplexity']:.3f} -> {a['perplexity']:.3f} "
                   f"({r['increase_pct']:+.2f}%) on {a['tokens']} held-out tokens; {r['text']}")

@@ -161,7 +161,7 @@ class Decoder:
     """See the module docstring. Holds its own copy of the weights in the engine layout."""
 
     def __init__(self, cfg: list[int], eps: float, mats: dict[str, Any], norms: list[torch.Tensor],
-                 cos: torch.Tensor, sin: torch.Tensor, chunk: int = 256) -> None:
+                 cos: torch.Tensor, sin: torch.Tensor, chunk: int = 64) -> None:
         import os
 
         from torchshrink.core.native import library
@@ -172,7 +172,9 @@ class Decoder:
                                         "TORCHSHRINK_KERNELS=torch turns it off)")
         self.layers, self.hidden, self.heads, self.kv, self.head_dim, self.inter, self.vocab, self.max_len = cfg
         self.eps, self.mats, self.norms, self.cos, self.sin = eps, mats, norms, cos, sin
-        self.chunk = max(1, min(chunk, self.max_len))  # prompt tokens per call (the scratch holds this many)
+        # prompt tokens per call (the scratch holds this many); 64 measured faster than 256 on a 512-token prompt
+        # (1.2 s vs 1.7 s, SmolLM2 W4, Zen 4, 2 threads): the chunk's activations stay in cache
+        self.chunk = max(1, min(chunk, self.max_len))
         threads = max(os.cpu_count() or 1, torch.get_num_threads())
         self.cfg = torch.tensor([*cfg, self.chunk, threads], dtype=torch.int64)
         shape = (self.layers, self.kv, self.max_len, self.head_dim)
@@ -191,7 +193,7 @@ class Decoder:
     @classmethod
     @torch.no_grad()
     def from_model(cls, model: nn.Module, *, max_len: int = 2048, float_bits: int = 8, head_bits: int = 8,
-                   group: int = 64, chunk: int = 256) -> Decoder:
+                   group: int = 64, chunk: int = 64) -> Decoder:
         cfg = _check(model)
         if float_bits not in (4, 8) or head_bits not in (4, 8):
             raise ConfigError(f"float_bits={float_bits}, head_bits={head_bits}; allowed: 4, 8")
