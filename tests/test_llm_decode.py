@@ -159,3 +159,10 @@ def test_prefill_in_chunks_equals_token_by_token():
     assert dec.pos == 20
     nxt = dec.step(int(last.argmax()))
     assert torch.isfinite(nxt).all()
+
+
+def test_a_config_that_disagrees_with_its_weights_is_refused():
+    model = _llama()
+    model.config.num_attention_heads = 8  # the C step would read past the attention weights
+    with pytest.raises(UnsupportedLayerError, match="layer 0 q_proj is 64x64; the config says 128x64"):
+        Decoder.from_model(model)

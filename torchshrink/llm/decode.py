@@ -157,6 +157,26 @@ def _check(model: nn.Module) -> Any:
     return cfg
 
 
+def _check_shapes(cfg: list[int], mats: dict[str, Any], norms: list[torch.Tensor], cos: torch.Tensor) -> None:
+    """Every matrix, norm and table the C step reads has the size the config says (a config that disagrees with
+    its weights would make the kernels read past them): one line naming the first mismatch."""
+    layers, h, heads, kv, hd, inter, vocab, max_len = cfg
+    if heads % kv:
+        raise UnsupportedLayerError(f"{heads} attention heads do not split into {kv} KV groups")
+    want = {"q": (heads * hd, h), "k": (kv * hd, h), "v": (kv * hd, h), "o": (h, heads * hd), "gate": (inter, h),
+            "up": (inter, h), "down": (h, inter)}
+    for i, lm in enumerate(mats["layers"]):
+        for n, (rows, cols) in want.items():
+            if (lm[n].rows, lm[n].cols) != (rows, cols):
+                raise UnsupportedLayerError(f"layer {i} {n}_proj is {lm[n].rows}x{lm[n].cols}; the config says "
+                                            f"{rows}x{cols}")
+    for n in ("head", "embed"):
+        if (mats[n].rows, mats[n].cols) != (vocab, h):
+            raise UnsupportedLayerError(f"{n} is {mats[n].rows}x{mats[n].cols}; the config says {vocab}x{h}")
+    if any(t.numel() != h for t in norms) or tuple(cos.shape) != (max_len, hd):
+        raise UnsupportedLayerError(f"a norm weight or the rotary table does not match hidden size {h} / head dim {hd}")
+
+
 class Decoder:
     """See the module docstring. Holds its own copy of the weights in the engine layout."""
 
@@ -230,6 +250,7 @@ class Decoder:
                  mats["layers"][0]["gate"].rows, cfg.vocab_size, max_len]
         if head_dim % 2:
             raise UnsupportedLayerError(f"head dimension {head_dim} is odd; RoPE needs an even one")
+        _check_shapes(shape, mats, norms, cos[0])
         return cls(shape, eps, mats, norms, cos[0].float().contiguous(), sin[0].float().contiguous(), chunk)
 
     def nbytes(self) -> int:
