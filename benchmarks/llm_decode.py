@@ -42,7 +42,7 @@ from torchshrink.llm.kvcache import bytes_per_token  # noqa: E402
 from torchshrink.llm.perplexity import calibration_and_eval  # noqa: E402
 from torchshrink.llm.sequential import quantize_lm  # noqa: E402
 from torchshrink.llm.wquant import Grid  # noqa: E402
-from torchshrink.measure.bench import Target, markdown_table, write_results  # noqa: E402
+from torchshrink.measure.bench import Target, markdown_table, previous_results, write_results  # noqa: E402
 
 OUT = Path(__file__).parent / "results"
 
@@ -132,8 +132,7 @@ def main() -> int:
     ap.add_argument("--out", default=str(OUT))
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
-    prev_path = Path(a.out) / "llm_decode.json"
-    prev = json.loads(prev_path.read_text()) if prev_path.is_file() and a.part != "all" else {}
+    prev = previous_results("llm_decode", a.out, keep=a.part != "all")
     model, tok = load_causal_lm("zoo:smollm2")
     text = calibration_and_eval(tok, 1, 8192)
     ids = text["eval"]

@@ -38,7 +38,7 @@ from torchshrink.llm import generate_check, load_causal_lm, perplexity  # noqa: 
 from torchshrink.llm.perplexity import calibration_and_eval  # noqa: E402
 from torchshrink.llm.sequential import quantize_lm  # noqa: E402
 from torchshrink.llm.wquant import Grid, bits_per_weight  # noqa: E402
-from torchshrink.measure.bench import Target, markdown_table, write_results  # noqa: E402
+from torchshrink.measure.bench import Target, markdown_table, previous_results, write_results  # noqa: E402
 
 OUT = Path(__file__).parent / "results"
 SETTINGS = {
@@ -144,16 +144,11 @@ def run_recover(model: torch.nn.Module, tok: Any, samples: torch.Tensor, val: to
                 minutes: float) -> list[dict]:
     """SparseGPT at 50% and 2:4, then distillation from the dense model for ``minutes`` each (zeros kept), on
     calibration-document rows (the validation tokens left out)."""
-    from torchshrink.llm.perplexity import token_ids
+    from torchshrink.llm.perplexity import training_rows
     from torchshrink.llm.recover import distill_lm
     from torchshrink.llm.sparse import sparsify_lm
-    from torchshrink.llm.text import prose_split
 
-    cal, _, _ = prose_split()
-    ids = torch.tensor(token_ids(tok, cal), dtype=torch.long)
-    n = samples.numel()
-    rows = torch.cat([ids[:n], ids[n + val.numel():]])
-    rows = rows[: rows.numel() // 512 * 512].reshape(-1, 512)
+    rows = training_rows(tok, samples.shape[0], val_tokens=val.numel(), window=samples.shape[1])
     out = []
     for pattern, nm in (("50%", None), ("2:4", (2, 4))):
         q = copy.deepcopy(model)
@@ -183,8 +178,7 @@ def main() -> int:
                          "rewrites the results from them")
     ap.add_argument("--out", default=str(OUT))
     a = ap.parse_args()
-    prev_path = Path(a.out) / "llm_quant.json"
-    prev = json.loads(prev_path.read_text()) if prev_path.is_file() and a.part != "both" else {}
+    prev = previous_results("llm_quant", a.out, keep=a.part != "both")
     torch.set_num_threads(a.threads)
     model, tok = load_causal_lm("zoo:smollm2")
     text = calibration_and_eval(tok, a.samples, a.eval_tokens)

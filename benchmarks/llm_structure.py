@@ -37,10 +37,9 @@ warnings.filterwarnings("ignore")
 logging.disable(logging.WARNING)
 
 from torchshrink.llm import load_causal_lm, perplexity  # noqa: E402
-from torchshrink.llm.perplexity import calibration_and_eval, token_ids  # noqa: E402
+from torchshrink.llm.perplexity import calibration_and_eval, training_rows  # noqa: E402
 from torchshrink.llm.recover import distill_lm  # noqa: E402
-from torchshrink.llm.text import prose_split  # noqa: E402
-from torchshrink.measure.bench import Target, markdown_table, write_results  # noqa: E402
+from torchshrink.measure.bench import Target, markdown_table, previous_results, write_results  # noqa: E402
 from torchshrink.prune.structured import (  # noqa: E402
     FfnPruneConfig,
     HeadPruneConfig,
@@ -93,8 +92,7 @@ def main() -> int:
     ap.add_argument("--out", default=str(OUT))
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
-    prev_path = Path(a.out) / "llm_structure.json"
-    prev = json.loads(prev_path.read_text()) if prev_path.is_file() and a.part != "all" else {}
+    prev = previous_results("llm_structure", a.out, keep=a.part != "all")
     model, tok = load_causal_lm("zoo:smollm2")
     text = calibration_and_eval(tok, a.samples, a.eval_tokens)
     samples, val, ids, docs = text["samples"], text["val"], text["eval"], text["documents"]
@@ -128,11 +126,7 @@ def main() -> int:
             mix_rows.append(score(q, mix=name, seconds=time.perf_counter() - t0))
             del q
     dist = prev.get("distill", {})
-    cal, _, _ = prose_split()
-    all_ids = torch.tensor(token_ids(tok, cal), dtype=torch.long)
-    start = a.samples * 512 + val.numel()  # calibration rows and validation tokens come first: skip the validation
-    rows = torch.cat([all_ids[: a.samples * 512], all_ids[start:]])
-    rows = rows[: rows.numel() // 512 * 512].reshape(-1, 512)
+    rows = training_rows(tok, a.samples, val_tokens=val.numel()) if a.part in ("distill", "qat", "all") else None
     if a.part in ("distill", "all"):
         chosen = min(mix_rows, key=lambda r: r["val_ratio"])["mix"]
         student = prune(model, MIXES[chosen], samples)

@@ -69,6 +69,13 @@ static void quant_groups(const float *x, int64_t n, int64_t g, int qmax, int8_t 
     }
 }
 
+/* code k of a row (c: the row's bytes): 4-bit blocks of 32 hold code j and j + 16 in byte j */
+static inline int code_at(const qmat *W, const uint8_t *c, int64_t k) {
+    if (W->bits != 4) return c[k];
+    int64_t b = k - k % 32, o = k % 32;
+    return o < 16 ? c[b / 2 + o] & 15 : c[b / 2 + o - 16] >> 4;
+}
+
 static float dot_row_c(const qmat *W, int64_t r, const int8_t *q, const float *d, const float *ds) {
     int64_t ng = W->cols / W->group, rb = W->bits == 4 ? W->cols / 2 : W->cols;
     const uint8_t *c = W->codes + r * rb;
@@ -77,10 +84,7 @@ static float dot_row_c(const qmat *W, int64_t r, const int8_t *q, const float *d
     for (int64_t j = 0; j < ng; j++) {
         int32_t isum = 0;
         for (int64_t b = j * W->group; b < (j + 1) * W->group; b += 32) {
-            for (int k = 0; k < 32; k++) {
-                int cv = W->bits == 4 ? (k < 16 ? c[b / 2 + k] & 15 : c[b / 2 + k - 16] >> 4) : c[b + k];
-                isum += cv * q[b + k];
-            }
+            for (int k = 0; k < 32; k++) isum += code_at(W, c, b + k) * q[b + k];
         }
         acc += d[j] * half_to_float(sm[2 * j]) * (float)isum + half_to_float(sm[2 * j + 1]) * ds[j];
     }
@@ -347,9 +351,8 @@ int ts_lm_forward(const int64_t *cfg, const int64_t *g, float eps, const int64_t
             const uint8_t *c = emb.codes + tokens[t] * rb;
             const uint16_t *sm = emb.sm + tokens[t] * 2 * ng;
             for (int64_t k = 0; k < H; k++) {
-                int64_t j = k / emb.group, b = k - k % 32, o = k % 32;
-                int cv = emb.bits == 4 ? (o < 16 ? c[b / 2 + o] & 15 : c[b / 2 + o - 16] >> 4) : c[k];
-                x[t * H + k] = (float)cv * half_to_float(sm[2 * j]) + half_to_float(sm[2 * j + 1]);
+                int64_t j = k / emb.group;
+                x[t * H + k] = (float)code_at(&emb, c, k) * half_to_float(sm[2 * j]) + half_to_float(sm[2 * j + 1]);
             }
         }
         for (int64_t l = 0; l < L; l++) {

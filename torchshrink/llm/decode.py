@@ -10,8 +10,8 @@ activations quantized to int8 per group (the scheme of llama.cpp's Q4_0 x Q8_0 d
 equal the dequantize-then-matmul reference on those int8 activations to float rounding, and the float
 reference to ~1e-2 relative (tests/test_llm_decode.py).
 
-``generate(ids, max_new_tokens)`` is greedy decoding: each prompt token, then each new one, goes through
-:meth:`Decoder.step` (fp32 KV cache of ``max_len`` positions inside the engine, RoPE from the model's own
+``generate(ids, max_new_tokens)`` is greedy decoding: the prompt goes through :meth:`Decoder.prefill` in
+chunks of ``chunk`` tokens, each new token through :meth:`Decoder.step` (fp32 KV cache of ``max_len`` positions inside the engine, RoPE from the model's own
 rotary tables). ``logits(ids)`` scores a sequence token by token (perplexity of the engine itself).
 Refused in one line: a model that is not a decoder LM of a supported family, grids the kernels cannot
 run, a sequence longer than ``max_len``."""
@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from torchshrink.core.errors import ConfigError, UnsupportedLayerError
-from torchshrink.llm.models import causal_lm
+from torchshrink.llm.models import full_attention_config, head_dim
 
 SUPPORTED = ("llama", "qwen2", "mistral")
 
@@ -143,17 +143,13 @@ def _from_linear(m: nn.Module, float_bits: int, group: int) -> QMat:
 
 
 def _check(model: nn.Module) -> Any:
-    causal_lm(model)
-    cfg = model.config
+    cfg = full_attention_config(model, "the decoder")
     mt = getattr(cfg, "model_type", None)
     if mt not in SUPPORTED:
         raise UnsupportedLayerError(f"model type {mt!r}: the decoder runs {', '.join(SUPPORTED)} (Llama-style "
                                     "pre-norm blocks with SwiGLU)")
     if getattr(cfg, "hidden_act", "silu") != "silu":
         raise UnsupportedLayerError(f"activation {cfg.hidden_act!r}: the decoder runs SwiGLU (silu) FFNs")
-    types = set(getattr(cfg, "layer_types", None) or ["full_attention"])
-    if types != {"full_attention"} or getattr(cfg, "sliding_window", None) and getattr(cfg, "use_sliding_window", True):
-        raise UnsupportedLayerError(f"layer types {sorted(types)} / sliding window: the decoder runs full attention only")
     return cfg
 
 
@@ -221,7 +217,7 @@ class Decoder:
             raise ConfigError(f"max_len={max_len} must be >= 1")
         base = model.model
         layers = list(base.layers)
-        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        hd = head_dim(cfg)
         kv = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
         mats: dict[str, Any] = {"layers": []}
         norms: list[torch.Tensor] = []
@@ -245,11 +241,10 @@ class Decoder:
         pos = torch.arange(max_len)[None]
         cos, sin = rot(torch.zeros(1, 1, cfg.hidden_size), pos)
         eps = float(getattr(layers[0].input_layernorm, "variance_epsilon", getattr(cfg, "rms_norm_eps", 1e-6)))
-        shape = [len(layers), cfg.hidden_size, cfg.num_attention_heads, kv, head_dim,
-                 layers[0].mlp.gate_proj.out_features if hasattr(layers[0].mlp.gate_proj, "out_features") else
-                 mats["layers"][0]["gate"].rows, cfg.vocab_size, max_len]
-        if head_dim % 2:
-            raise UnsupportedLayerError(f"head dimension {head_dim} is odd; RoPE needs an even one")
+        shape = [len(layers), cfg.hidden_size, cfg.num_attention_heads, kv, hd, mats["layers"][0]["gate"].rows,
+                 cfg.vocab_size, max_len]
+        if hd % 2:
+            raise UnsupportedLayerError(f"head dimension {hd} is odd; RoPE needs an even one")
         _check_shapes(shape, mats, norms, cos[0])
         return cls(shape, eps, mats, norms, cos[0].float().contiguous(), sin[0].float().contiguous(), chunk)
 

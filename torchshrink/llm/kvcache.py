@@ -19,15 +19,17 @@ returns a fresh cache for one generation / forward."""
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
 from torch import nn
 
-from torchshrink.core.errors import ConfigError, UnsupportedLayerError
-from torchshrink.llm.models import causal_lm
+from torchshrink.core.errors import ConfigError
+from torchshrink.llm.models import full_attention_config, head_dim
 
 KV_BITS = (8, 4)
+USER = "the quantized KV cache"
 
 
 def quantize_tokens(x: torch.Tensor, bits: int, group: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
@@ -52,6 +54,13 @@ def dequantize_tokens(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tens
     return (g * scale[..., None] + zero[..., None]).reshape(q.shape).to(dtype)
 
 
+def _int4_group(dim: int, group: int) -> None:
+    if dim % group or group % 2:
+        raise ConfigError(f"an int4 KV cache quantizes groups of {group} channels; the head dimension {dim} "
+                          "is not a multiple (allowed: an even group dividing it)")
+
+
+@functools.cache
 def _layer_class() -> type:
     from transformers.cache_utils import BaseQuantizedLayer
 
@@ -71,10 +80,8 @@ def _layer_class() -> type:
 
         def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
             self.device, self.dtype = key_states.device, key_states.dtype
-            d = key_states.shape[-1]
-            if self.bits == 4 and (d % self.group or self.group % 2):
-                raise ConfigError(f"an int4 KV cache quantizes groups of {self.group} channels; this model's head "
-                                  f"dimension {d} is not a multiple (allowed: a group dividing {d}, even)")
+            if self.bits == 4:
+                _int4_group(key_states.shape[-1], self.group)
             self.keys = torch.tensor([], dtype=self.dtype, device=self.device)
             self.values = torch.tensor([], dtype=self.dtype, device=self.device)
             self.is_initialized = True
@@ -108,29 +115,15 @@ def _layer_class() -> type:
     return TokenQuantizedLayer
 
 
-def _check_model(model: nn.Module) -> Any:
-    causal_lm(model)
-    cfg = getattr(model, "config", None)
-    if cfg is None or getattr(cfg, "is_encoder_decoder", False):
-        raise UnsupportedLayerError(f"{type(model).__name__}: a quantized KV cache needs a decoder-only Hugging Face LM")
-    types = set(getattr(cfg, "layer_types", None) or ["full_attention"])
-    if types != {"full_attention"} or getattr(cfg, "sliding_window", None) and getattr(cfg, "use_sliding_window", True):
-        raise UnsupportedLayerError(
-            f"{type(model).__name__}: layer types {sorted(types)} (sliding window {getattr(cfg, 'sliding_window', None)}); "
-            "the quantized KV cache serves full-attention layers only")
-    return cfg
-
-
 def quantized_cache(model: nn.Module, bits: int = 8, group: int | None = None) -> Any:
     """A fresh int8 / int4 KV cache for ``model`` (int4 groups: ``group`` channels, default min(32, head_dim)) (pass it as ``cache=`` -- ``past_key_values=`` before transformers 5.2x -- to ``generate`` or a forward)."""
     if bits not in KV_BITS:
         raise ConfigError(f"kv bits={bits}; allowed: {', '.join(map(str, KV_BITS))}")
-    cfg = _check_model(model)
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    group = group or min(32, head_dim)
-    if bits == 4 and (head_dim % group or group % 2):
-        raise ConfigError(f"an int4 KV cache quantizes groups of {group} channels; the head dimension {head_dim} "
-                          "is not a multiple (allowed: an even group dividing it)")
+    cfg = full_attention_config(model, USER)
+    d = head_dim(cfg)
+    group = group or min(32, d)
+    if bits == 4:
+        _int4_group(d, group)
     from transformers.cache_utils import Cache
 
     cls = _layer_class()
@@ -158,12 +151,12 @@ def kv_bytes(cache: Any) -> int:
 def bytes_per_token(model: nn.Module, bits: int | None, group: int | None = None, dtype: torch.dtype = torch.float32) -> int:
     """KV bytes per token over all layers: ``bits=None`` for a plain cache of ``dtype``; int4 groups as
     :func:`quantized_cache` takes them (default min(32, head_dim))."""
-    cfg = _check_model(model)
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    cfg = full_attention_config(model, USER)
+    d = head_dim(cfg)
     kv = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
-    group = group or min(32, head_dim)
-    if bits == 4 and (head_dim % group or group % 2):
-        raise ConfigError(f"int4 groups of {group} channels do not divide the head dimension {head_dim}")
-    per_head = (head_dim * torch.empty(0, dtype=dtype).element_size() if bits is None else
-                head_dim + 4 if bits == 8 else head_dim // 2 + 8 * (head_dim // group))
+    group = group or min(32, d)
+    if bits == 4:
+        _int4_group(d, group)
+    per_head = (d * torch.empty(0, dtype=dtype).element_size() if bits is None else
+                d + 4 if bits == 8 else d // 2 + 8 * (d // group))
     return 2 * cfg.num_hidden_layers * kv * per_head

@@ -19,7 +19,7 @@ from torch import nn
 
 from torchshrink.core import state
 from torchshrink.core.cache import cache_dir
-from torchshrink.core.errors import ModelLoadError
+from torchshrink.core.errors import ModelLoadError, UnsupportedLayerError
 
 log = logging.getLogger(__name__)
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -172,3 +172,23 @@ def causal_lm(model: nn.Module) -> nn.Module:
         raise ModelLoadError(f"{type(model).__name__} is not a causal language model (no lm_head / output "
                              "embeddings); load it with a *ForCausalLM class or a causal-LM folder")
     return model
+
+
+def full_attention_config(model: nn.Module, user: str) -> Any:
+    """The config of a decoder-only causal LM whose every layer is plain full attention; else one line saying
+    ``user`` (e.g. "the quantized KV cache") serves those only (sliding-window, hybrid, encoder-decoder)."""
+    causal_lm(model)
+    cfg = model.config
+    if getattr(cfg, "is_encoder_decoder", False):
+        raise UnsupportedLayerError(f"{type(model).__name__}: {user} needs a decoder-only Hugging Face LM")
+    types = set(getattr(cfg, "layer_types", None) or ["full_attention"])
+    if types != {"full_attention"} or getattr(cfg, "sliding_window", None) and getattr(cfg, "use_sliding_window", True):
+        raise UnsupportedLayerError(
+            f"{type(model).__name__}: layer types {sorted(types)} (sliding window {getattr(cfg, 'sliding_window', None)}); "
+            f"{user} serves full-attention layers only")
+    return cfg
+
+
+def head_dim(cfg: Any) -> int:
+    """Channels per attention head: the config's ``head_dim``, else hidden size / heads."""
+    return getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads

@@ -55,6 +55,19 @@ def calibration_and_eval(tokenizer: Any, samples: int, eval_tokens: int, *, val_
             "eval": token_windows(tokenizer, ev, eval_tokens), "documents": docs}
 
 
+def training_rows(tokenizer: Any, samples: int, *, val_tokens: int = 4096, window: int = 512) -> torch.Tensor:
+    """Every calibration-document token :func:`calibration_and_eval` does not hold out for validation, as rows
+    of ``window`` (its ``samples`` calibration rows first): text to distill on that never saw evaluation or
+    validation tokens."""
+    from torchshrink.llm.text import prose_split
+
+    cal, _, _ = prose_split()
+    ids = torch.tensor(token_ids(tokenizer, cal), dtype=torch.long)
+    n = samples * window
+    rows = torch.cat([ids[:n], ids[n + val_tokens:]])
+    return rows[: rows.numel() // window * window].reshape(-1, window)
+
+
 def _logits(model: nn.Module, x: torch.Tensor, kv_bits: int | None = None) -> torch.Tensor:
     if kv_bits is None:
         out = model(input_ids=x, use_cache=False)

@@ -60,11 +60,9 @@ def _hidden_and_logits(model: nn.Module, x: torch.Tensor, hidden: bool) -> tuple
 
 def bf16_native() -> bool:
     """Whether this CPU computes bf16 matmuls natively (AVX-512 BF16 or AMX), where autocast pays."""
-    try:
-        flags = open("/proc/cpuinfo").read()
-    except OSError:
-        return False
-    return " avx512_bf16" in flags or " amx_bf16" in flags
+    from torchshrink.measure.machine import cpu_flags
+
+    return bool({"avx512_bf16", "amx_bf16"} & cpu_flags())
 
 
 def distill_lm(student: nn.Module, teacher: nn.Module, rows: torch.Tensor, *, seconds: float | None = None,

@@ -86,6 +86,13 @@ def write_results(
     return all(t.passed for t in targets)
 
 
+def previous_results(name: str, out_dir: str | Path, keep: bool) -> dict[str, Any]:
+    """``<name>.json`` from an earlier run when ``keep`` (a script re-running one part keeps the other parts'
+    rows), else {}."""
+    path = Path(out_dir) / f"{name}.json"
+    return json.loads(path.read_text()) if keep and path.is_file() else {}
+
+
 def markdown_table(header: list[str], rows: list[list[Any]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(f"{c:.4g}" if isinstance(c, float) else str(c) for c in r) + " |" for r in rows]

@@ -21,12 +21,9 @@ Engine = Literal["auto", "x86", "fbgemm", "onednn"]
 
 
 def cpu_has_vnni() -> bool:
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((ln for ln in f if ln.startswith("flags")), "")
-    except OSError:
-        return False
-    return "avx512_vnni" in flags or "avx_vnni" in flags
+    from torchshrink.measure.machine import cpu_flags
+
+    return bool({"avx512_vnni", "avx_vnni"} & cpu_flags())
 
 
 def resolve_engine(name: str) -> str:
