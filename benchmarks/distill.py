@@ -151,32 +151,9 @@ def bench_recovery(seeds: list[int], epochs: int, short: int) -> dict[str, Any]:
     return out
 
 
-def sentences_per_second(teacher: nn.Module, student: nn.Module, sentences: list[str], tok: Any) -> float:
-    """Training throughput (teacher forward + student step) on a copy of the student, measured on
-    4 batches of 32 sentences after one warm-up batch; sizes the training set to the time budget."""
-    import copy
-
-    from torchshrink.distill.sentence import freeze_word_embeddings, layer_pairs, length_batches
-
-    s = copy.deepcopy(student)
-    freeze_word_embeddings(s)
-    d = Distiller(teacher, s, output_loss="cosine", features=[(a, b, "cosine", 0.5) for a, b in layer_pairs(s)])
-    opt = torch.optim.AdamW([p for p in s.parameters() if p.requires_grad], lr=1e-5)
-    batches = length_batches(sentences[-160:], tok, batch_size=32, seed=1)
-    t0 = 0.0
-    for i, b in enumerate(batches):
-        if i == 1:
-            t0 = time.perf_counter()
-        loss = d.loss(s, (b["input_ids"], b["attention_mask"]), None)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    return 128 / (time.perf_counter() - t0)
-
-
 def bench_minilm(epochs: int, n_train: int | None, keep: list[int], lr: float, budget_s: float) -> dict[str, Any]:
     from torchshrink.distill.corpus import distill_corpus
-    from torchshrink.distill.sentence import distill_sentence_encoder
+    from torchshrink.distill.sentence import distill_sentence_encoder, sentences_per_second
     from torchshrink.zoo.minilm import load_minilm, minilm_tokenizer, tokenize
 
     teacher = load_minilm()

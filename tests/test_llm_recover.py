@@ -236,12 +236,18 @@ def test_seconds_budget_excludes_the_start_evaluation():
 
     teacher = _llama()
 
+    calls = []
+
     def slow(model):
+        calls.append(1)
         time.sleep(0.6)
         return 0.0
 
+    t0 = time.perf_counter()
     rep = distill_lm(_noisy(teacher), teacher, _rows(), seconds=0.3, lr=1e-3, batch=2, autocast=False, evaluate=slow)
-    assert rep["steps"] >= 1 and rep["seconds"] < 0.6 + 0.3
+    wall = time.perf_counter() - t0
+    # the reported seconds leave out every evaluation (whatever the machine's load makes a step cost)
+    assert rep["steps"] >= 1 and calls and rep["seconds"] <= wall - 0.6 * len(calls) + 1e-3
 
 
 def test_warmup_must_be_a_step_count():

@@ -20,18 +20,29 @@ def test_onnx_qdq_export_matches_onnxruntime(tmp_path):
     import onnx
 
     ops = {n.op_type for n in onnx.load(str(path)).graph.node}
-    assert {"DynamicQuantizeLinear", "DequantizeLinear"} <= ops
+    assert {"DynamicQuantizeLinear", "MatMulInteger", "DequantizeLinear"} <= ops
     init = {t.name: t.data_type for t in onnx.load(str(path)).graph.initializer}
-    assert onnx.TensorProto.INT8 in init.values()  # weights stored as int8 codes
-    par = onnx_parity(q, path, (x,))
+    assert onnx.TensorProto.INT8 in init.values()  # int8-dynamic weights stored as int8 codes
+    assert onnx.TensorProto.INT4 in init.values()  # int4 weight-only as INT4
+    par = onnx_parity(q, path, (torch.randn(16, 64),))  # another batch (and size) than the traced one
     assert par["cosine"] > 0.999 and par["qdq"] == 1.0
 
 
-def test_onnx_static_graph_is_refused_clearly(tmp_path):
+def test_onnx_static_graph_exports_as_qdq(tmp_path):
     m = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 3)).eval()
     q = torchshrink.quantize(m, Int8StaticConfig(), data=[torch.randn(2, 1, 8, 8)])
-    with pytest.raises(UnsupportedLayerError, match="exportable"):
-        export_onnx(q, (torch.randn(1, 1, 8, 8),), tmp_path / "s.onnx")
+    path = export_onnx(q, (torch.randn(1, 1, 8, 8),), tmp_path / "s.onnx")
+    par = onnx_parity(q, path, (torch.randn(5, 1, 8, 8),))
+    assert par["cosine"] > 0.999 and par["qdq"] == 1.0
+
+
+def test_onnx_int8_layer_outside_a_static_graph_is_refused_clearly(tmp_path):
+    m = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 3)).eval()
+    q = torchshrink.quantize(m, Int8StaticConfig(), data=[torch.randn(2, 1, 8, 8)])
+    conv = next(x for x in q.modules() if type(x).__name__ == "Int8Conv2d")
+    with pytest.raises(UnsupportedLayerError, match="outside a static INT8 graph.*exportable") as e:
+        export_onnx(nn.Sequential(conv), (torch.randn(1, 1, 8, 8),), tmp_path / "s.onnx")
+    assert "\n" not in str(e.value) and not list(tmp_path.iterdir())
 
 
 def test_bert_int8_recipe_exports_with_fused_qkv_and_matches_onnxruntime(tmp_path):
@@ -56,9 +67,10 @@ def test_bert_int8_recipe_exports_with_fused_qkv_and_matches_onnxruntime(tmp_pat
 
     graph = onnx.load(str(path)).graph
     n_quant = sum(n.op_type == "DynamicQuantizeLinear" for n in graph.node)
+    n_int = sum(n.op_type == "MatMulInteger" for n in graph.node)
     n_matmul = sum(n.op_type == "MatMul" for n in graph.node)
     # per layer: one quantized input each for the fused Q/K/V GEMM, attention output, FFN input and output
-    # (unfused Q/K/V: 6), and those 4 GEMMs + the 2 attention matmuls (SDPA)
-    assert (n_quant, n_matmul) == (2 * 4, 2 * 6)
+    # (unfused Q/K/V: 6), those 4 integer GEMMs, and the 2 float attention matmuls (SDPA)
+    assert (n_quant, n_int, n_matmul) == (2 * 4, 2 * 4, 2 * 2)
     par = onnx_parity(q, path, data[1])  # another batch than the traced one
     assert par["cosine"] > 0.9999 and par["qdq"] == 1.0

@@ -148,9 +148,19 @@ def demo(
     recipe: str = typer.Option("demo", "--recipe", "-r", help="recipe to run (built-in name or file)"),
     model: str = typer.Option("zoo:digits-cnn", "--model", "-m", help="model spec"),
 ) -> None:
-    """Train (or load) the digits CNN teacher, compress it with a built-in recipe, print the table."""
+    """Train (or load) the digits CNN teacher, compress it with a built-in recipe, print the table; then deploy the
+    compressed model: every precision x runtime on this machine, the fastest one within a point of the original's
+    accuracy chosen by measurement and written to OUT/deploy."""
+    from torchshrink.deploy import deploy as run_deploy
+    from torchshrink.deploy.command import show
+    from torchshrink.models import load_model
+
     compress(model=model, recipe=recipe, out_dir=out_dir, force=True, resume=False, threads=None, seed=0, trust_code=False,
              data=None, input_shape=None)
+    original = load_model(model)
+    result = run_deploy(load_model(str(out_dir / "model")), reference=original, out=out_dir / "deploy", force=True,
+                        max_drop=0.01, compile=False)
+    show(result, f"deploy of {out_dir / 'model'} (quality and speed against {model})", out_dir / "deploy")
 
 
 @app.command()
@@ -169,11 +179,13 @@ def kernels(
 
 
 def _register_extensions() -> None:
+    from torchshrink.deploy.command import register as register_deploy
     from torchshrink.llm.command import register as register_lm
     from torchshrink.search.command import register as register_search
 
     register_search(app)
     register_lm(app)
+    register_deploy(app)
 
 
 _register_extensions()

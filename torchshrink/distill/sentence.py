@@ -82,21 +82,49 @@ def distill_sentence_encoder(
     cache_teacher: bool | None = None,
     seed: int = 0,
     evaluate: Callable[[nn.Module], dict[str, float]] | None = None,
+    pairs: Sequence[tuple[str, str]] | None = None,
 ) -> list[dict[str, float]]:
     """Train ``student`` (in place) to reproduce ``teacher``'s sentence embeddings.
 
     ``heldout``: evaluation sentences; training refuses to start if any training sentence overlaps
     one of them (:func:`torchshrink.distill.corpus.check_disjoint`). The teacher's outputs are
-    cached when ``epochs > 1`` (``cache_teacher=None``), as float16.
+    cached when ``epochs > 1`` (``cache_teacher=None``), as float16. ``pairs``: (student block, teacher block)
+    names for the hidden-state term; default those of a :func:`drop_layers` student (a width-pruned student of
+    the same depth pairs each block with itself).
     """
     if heldout:
         check_disjoint(train_sentences, heldout)
     if freeze_embeddings:
         log.info("froze %d word-embedding parameters", freeze_word_embeddings(student))
-    pairs = [(s, t, "cosine", hidden_weight) for s, t in layer_pairs(student)] if hidden_weight > 0 else []
+    named = layer_pairs(student) if pairs is None and hidden_weight > 0 else (pairs or [])
+    feats = [(s, t, "cosine", hidden_weight) for s, t in named] if hidden_weight > 0 else []
     cache = epochs > 1 if cache_teacher is None else cache_teacher
-    d = Distiller(teacher, student, output_loss="cosine", output_weight=output_weight, features=pairs,
+    d = Distiller(teacher, student, output_loss="cosine", output_weight=output_weight, features=feats,
                   cache=cache, cache_dtype=torch.float16)
     batches = length_batches(train_sentences, tokenizer, batch_size=batch_size, seed=seed)
     settings = Finetune(epochs=epochs, lr=lr, weight_decay=weight_decay, seed=seed)
     return d.fit(batches, settings, evaluate=evaluate)
+
+
+def sentences_per_second(teacher: nn.Module, student: nn.Module, sentences: Sequence[str], tokenizer: Any,
+                         pairs: Sequence[tuple[str, str]] | None = None) -> float:
+    """Training throughput (teacher forward + student step, as :func:`distill_sentence_encoder` trains) on a copy
+    of ``student``, measured on 4 batches of 32 sentences after one warm-up batch: sizes a training set to a
+    time budget. ``pairs`` as for :func:`distill_sentence_encoder`."""
+    import copy
+    import time
+
+    s = copy.deepcopy(student)
+    freeze_word_embeddings(s)
+    named = layer_pairs(s) if pairs is None else pairs
+    d = Distiller(teacher, s, output_loss="cosine", features=[(a, b, "cosine", 0.5) for a, b in named])
+    opt = torch.optim.AdamW([p for p in s.parameters() if p.requires_grad], lr=1e-5)
+    t0 = 0.0
+    for i, b in enumerate(length_batches(sentences[-160:], tokenizer, batch_size=32, seed=1)):
+        if i == 1:
+            t0 = time.perf_counter()
+        loss = d.loss(s, (b["input_ids"], b["attention_mask"]), None)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return 128 / (time.perf_counter() - t0)

@@ -1,14 +1,29 @@
-"""ONNX export of torchshrink-quantized models with QuantizeLinear / DequantizeLinear, plus an
-output-parity check in ONNX Runtime.
+"""ONNX export of torchshrink models that keeps their compression, plus an output-parity check in ONNX
+Runtime.
 
-Int8DynamicLinear -> DynamicQuantizeLinear(x) -> DequantizeLinear -> MatMul with
-DequantizeLinear(int8 weight, per-channel scale, axis 0) (ONNX Runtime fuses this QDQ pattern into
-its integer MatMul). WeightOnlyLinear -> int8 codes (int4 unpacked) times their scales. Float layers
-export as usual. Static INT8 graphs (quint8 tensors) are not exportable yet.
+:func:`export_twin` swaps every compressed layer for a twin that emits its stored integers as they are
+(ops and initializers: ``onnx_ops.py``, static INT8: ``onnx_static.py``):
+
+- int8-dynamic: DynamicQuantizeLinear(x) -> MatMulInteger with the int8 weight -> scales, bias;
+- weight-only: DequantizeLinear(int8 per channel; int8 per group or INT4 with ``block_size``) -> MatMul
+  (ONNX Runtime: MatMulNBits, int8 activations by default; float Gemm in models with bnn / xnor layers);
+- int8-static / QAT: QuantizeLinear / DequantizeLinear around Conv, Gemm and Add (uint8 activations,
+  int8 per-channel weights, int32 biases);
+- k-means: bit planes of the codes (uint8) -> BitwiseAnd -> Gather from the float codebook;
+- binary / ternary packed layers: their 1- / 2-bit codes unpacked in the graph; bnn / xnor binarize the
+  input with Where(x - threshold >= 0, 1, -1);
+- fp16 / bf16 casts: the half-precision tensors cast to float32 where used; CSR sparse layers: dense.
+
+The default opset is 21 (INT4 and blocked DequantizeLinear): torch's exporter writes 20 and the file
+is then lifted to 21 (no op torch emits changed meaning between them). Torch's constant folding is
+off, so no dequantization is folded back into a float32 initializer; ONNX Runtime folds or fuses those
+subgraphs when it loads the file (DequantizeLinear + MatMul -> MatMulNBits, the dynamic pattern ->
+DynamicQuantizeMatMul, static Q/DQ groups -> QLinearConv / QGemm / QLinearAdd, bit unpacking -> float).
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 from collections.abc import Sequence
@@ -20,133 +35,141 @@ import torch.nn.functional as F
 from torch import nn
 
 from torchshrink.core.errors import UnsupportedLayerError
+from torchshrink.export import onnx_ops as ops
 
 log = logging.getLogger(__name__)
 
-
-class _DynQDQLinear(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, qweight.float() * scale[:, None], bias)
-
-    @staticmethod
-    def symbolic(g: Any, x: Any, qweight: Any, scale: Any, bias: Any) -> Any:
-        xq, xs, xz = g.op("DynamicQuantizeLinear", x, outputs=3)
-        xd = g.op("DequantizeLinear", xq, xs, xz)
-        zp = g.op("Constant", value_t=torch.zeros(1, dtype=torch.int8))
-        zps = g.op("Expand", zp, g.op("Shape", scale))
-        wd = g.op("DequantizeLinear", qweight, scale, zps, axis_i=0)
-        y = g.op("MatMul", xd, g.op("Transpose", wd, perm_i=[1, 0]))
-        return g.op("Add", y, bias)
+MIN_OPSET, MAX_OPSET = 13, 21
+_TORCH_MAX_OPSET = 20  # the TorchScript exporter's highest
+EXPORTABLE = ("int8-dynamic, int8-static / QAT, weight-only int8 / int4, k-means, packed binary / ternary, "
+              "fp16 / bf16 casts, CSR sparse and float layers")
 
 
-class _ExportDyn(nn.Module):
-    def __init__(self, m: nn.Module) -> None:
-        super().__init__()
-        self.register_buffer("qweight", m.qweight.clone())
-        self.register_buffer("scale", m.w_scale.clone())
-        self.register_buffer("bias", m.bias.clone() if m.bias is not None else torch.zeros(m.out_features))
-        self.register_buffer("smooth", m.smooth.clone() if m.smooth is not None else None)
+def _twin_of(m: nn.Module, float_matmul: bool) -> nn.Module | None:
+    """The exportable stand-in for one compressed layer, or None for a layer that exports as it is."""
+    from torchshrink.binary.modules import _PackedBinary, _PackedTernary
+    from torchshrink.prune.sparse import SparseLinear
+    from torchshrink.quant.cast import CastWrapper
+    from torchshrink.quant.fused import LinearAddNorm
+    from torchshrink.quant.kmeans import ClusteredLayer
+    from torchshrink.quant.modules import Int8DynamicLinear, WeightOnlyLinear
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.smooth is not None:
-            x = x / self.smooth
-        return _DynQDQLinear.apply(x, self.qweight, self.scale, self.bias)
-
-
-class _ExportWeightOnly(nn.Module):
-    def __init__(self, m: nn.Module) -> None:
-        super().__init__()
-        self.group = m.group_size
-        self.register_buffer("codes", m.codes().clone())
-        self.register_buffer("scale", m.scale.clone())
-        self.register_buffer("bias", m.bias.clone() if m.bias is not None else None)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        c = self.codes.float()
-        if self.group:
-            w = (c.reshape(c.shape[0], -1, self.group) * self.scale.unsqueeze(-1)).reshape(c.shape)
-        else:
-            w = c * self.scale[:, None]
-        return F.linear(x, w, self.bias)
-
-
-class _ExportAddNorm(nn.Module):
-    """LinearAddNorm as plain ops: LayerNorm(dense(x) + residual); ``dense`` is swapped for its twin next."""
-
-    def __init__(self, m: nn.Module) -> None:
-        super().__init__()
-        self.dense, self.LayerNorm = m.dense, m.LayerNorm
-
-    def forward(self, hidden_states: torch.Tensor, input_tensor: torch.Tensor) -> torch.Tensor:
-        return self.LayerNorm(self.dense(hidden_states) + input_tensor)
-
-
-def _dense_twin(m: nn.Module) -> nn.Module:
-    """A float Linear / Conv2d computing what a weight-binary (binaryconnect / bwn) packed layer computes."""
-    g = m.geometry_args()
-    layer = (nn.Conv2d(**g, bias=m.bias is not None) if m.is_conv
-             else nn.Linear(g["in_features"], g["out_features"], bias=m.bias is not None))
-    layer.weight.data = m.dequantized_weight().float()
-    if m.bias is not None:
-        layer.bias.data = m.bias.detach().float().clone()
-    return layer
+    if isinstance(m, LinearAddNorm):  # named_modules lists it before its dense, which is swapped next
+        return ops._ExportAddNorm(m)
+    if isinstance(m, Int8DynamicLinear):  # a GELU fused into the GEMM's epilogue is emitted after it
+        return nn.Sequential(ops.ExportDyn(m), nn.GELU()) if m.post_op == "gelu" else ops.ExportDyn(m)
+    if isinstance(m, WeightOnlyLinear):
+        return ops.ExportWeightOnly(m, float_matmul)
+    table: tuple[tuple[Any, Any], ...] = (
+        (ClusteredLayer, ops.ExportClustered),
+        (_PackedBinary, ops.ExportBinary), (_PackedTernary, ops.ExportTernary), (CastWrapper, ops.ExportCast),
+        (SparseLinear, ops.dense_linear))
+    return next((make(m) for cls, make in table if isinstance(m, cls)), None)
 
 
 def export_twin(model: nn.Module) -> nn.Module:
-    """A copy of ``model`` whose quantized modules are replaced by exportable QDQ equivalents."""
-    import copy
-
+    """A copy of ``model`` whose compressed modules are replaced by exportable equivalents (see the module doc)."""
     from torchshrink.binary.layers import FULLY_BINARY
-    from torchshrink.binary.modules import _PackedBinary, _PackedTernary
+    from torchshrink.binary.modules import _PackedBinary
     from torchshrink.core.surgery import set_module
-    from torchshrink.quant.fused import LinearAddNorm
-    from torchshrink.quant.modules import Int8Conv2d, Int8DynamicLinear, Int8Linear, QuantizedAdd, WeightOnlyLinear
+    from torchshrink.export.onnx_static import is_static, static_twin
+    from torchshrink.quant.modules import Int8Conv2d, Int8Linear, QuantizedAdd
 
     twin = copy.deepcopy(model)
+    # sign activations flip on the int8 activation rounding of ONNX Runtime's MatMulNBits: next to fully
+    # binary layers, weight-only layers (binarize's kept first / last layers) export for a float matmul
+    float_matmul = any(isinstance(m, _PackedBinary) and m.mode in FULLY_BINARY for m in twin.modules())
     for name, m in list(twin.named_modules()):
         # FusedQKV / QKVPart stay: their inner Int8DynamicLinear is swapped below, and the hand-over of the
         # fused output traces into one GEMM and three slices
-        if isinstance(m, LinearAddNorm):  # named_modules lists it before its dense, which is swapped next
-            set_module(twin, name, _ExportAddNorm(m))
-        elif isinstance(m, Int8DynamicLinear):  # a GELU fused into the GEMM's epilogue is emitted after it
-            exp = _ExportDyn(m)
-            set_module(twin, name, nn.Sequential(exp, nn.GELU()) if m.post_op == "gelu" else exp)
-        elif isinstance(m, WeightOnlyLinear):
-            set_module(twin, name, _ExportWeightOnly(m))
-        elif isinstance(m, Int8Conv2d | Int8Linear | QuantizedAdd):
+        if is_static(m):
+            try:
+                static_twin(m)  # type: ignore[arg-type]
+            except ValueError as e:
+                raise UnsupportedLayerError(f"{e}; exportable: static INT8 layers fed by a QuantizeActivation or "
+                                            "another integer layer of the graph int8-static built") from None
+            continue
+        new = _twin_of(m, float_matmul)
+        if new is not None:
+            set_module(twin, name, new)
+    for name, m in twin.named_modules():
+        if isinstance(m, Int8Conv2d | Int8Linear | QuantizedAdd):
             raise UnsupportedLayerError(
-                f"layer {name!r} ({type(m).__name__}) runs on quint8 tensors and cannot be exported to ONNX yet; "
-                "exportable: int8-dynamic, weight-only and float layers"
-            )
-        elif isinstance(m, _PackedBinary) and m.mode not in FULLY_BINARY:  # dense in the file (see #21)
-            set_module(twin, name, _dense_twin(m))
-        elif isinstance(m, _PackedBinary):
-            raise UnsupportedLayerError(
-                f"layer {name!r} ({type(m).__name__}, mode {m.mode!r}) runs torchshrink's XNOR-popcount op, which ONNX "
-                "has no operator for; exportable: int8-dynamic, weight-only, binaryconnect / bwn and float layers "
-                "(torch.export keeps it: torchshrink.export.onnx.export_program)"
-            )
-        elif isinstance(m, _PackedTernary):
-            raise UnsupportedLayerError(
-                f"layer {name!r} ({type(m).__name__}) unpacks 2-bit codes with integer bit operations ONNX export "
-                "lacks; exportable: int8-dynamic, weight-only, packed binary and float layers"
-            )
+                f"layer {name!r} ({type(m).__name__}) runs on quint8 tensors outside a static INT8 graph, so its "
+                f"input's scale is unknown; exportable: {EXPORTABLE} (static INT8 as the graph int8-static returns)")
     return twin.eval()
 
 
+class _Plain(nn.Module):
+    """Calls the model with positional inputs only (the TorchScript tracer would fill the remaining
+    parameters' defaults in positionally, which transformers' argument handling rejects) and returns
+    plain tensors (a transformers ModelOutput becomes its tuple)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, *inputs: torch.Tensor) -> Any:
+        y = self.model(*inputs)
+        return y.to_tuple() if hasattr(y, "to_tuple") else y
+
+
+def main_output(y: Any) -> torch.Tensor:
+    """The first tensor of a model's output (a tensor, tuple / list or transformers ModelOutput)."""
+    while not isinstance(y, torch.Tensor):
+        y = y.to_tuple()[0] if hasattr(y, "to_tuple") else y[0]
+    return y
+
+
+def _check_opset(twin: nn.Module, opset: int) -> int:
+    """Refuse an opset outside the supported range or below what a layer's ops need; returns the highest need."""
+    if not MIN_OPSET <= opset <= MAX_OPSET:
+        raise UnsupportedLayerError(f"opset {opset} is not supported; allowed: {MIN_OPSET} to {MAX_OPSET}")
+    top = MIN_OPSET
+    for name, m in twin.named_modules():
+        need = getattr(m, "min_opset", 0)
+        if need > opset:
+            allowed = f"opset {need}" + (f" to {MAX_OPSET}" if need < MAX_OPSET else "")
+            raise UnsupportedLayerError(f"layer {name!r} exports with {m.needs}, which needs opset >= {need}; "
+                                        f"got opset {opset}; allowed: {allowed}")
+        top = max(top, need)
+    return top
+
+
+def _finish(path: Path, opset: int) -> None:
+    """Rewrite the placeholder nodes and lift the file to ``opset`` (> 20)."""
+    import onnx
+
+    model = onnx.load(str(path))
+    ops.finish_blocked(model)
+    for o in model.opset_import:
+        if o.domain in ("", "ai.onnx"):
+            o.version = opset
+    model.ir_version = max(model.ir_version, 10)  # INT4 and opset 21
+    onnx.save(model, str(path))
+
+
 def export_onnx(model: nn.Module, inputs: Sequence[torch.Tensor], path: str | os.PathLike[str], *,
-                input_names: Sequence[str] | None = None, opset: int = 17) -> Path:
-    """Write ``model`` as ONNX (QDQ for quantized layers); returns the path."""
+                input_names: Sequence[str] | None = None, opset: int = MAX_OPSET,
+                dynamic_axes: dict[str, dict[int, str]] | None = None) -> Path:
+    """Write ``model`` as ONNX with its compressed layers kept compressed (see the module doc); returns the
+    path. ``dynamic_axes`` (input name -> {axis: name}) defaults to a free batch axis on every input.
+    Nothing is left at ``path`` when the export fails (one UnsupportedLayerError line)."""
     out = Path(path)
+    twin = export_twin(model)
+    need = _check_opset(twin, opset)
     out.parent.mkdir(parents=True, exist_ok=True)
     names = list(input_names or [f"input{i}" for i in range(len(inputs))])
-    axes = {n: {0: "batch"} for n in names}
+    axes = dynamic_axes if dynamic_axes is not None else {n: {0: "batch"} for n in names}
     tmp = out.with_name(f".{out.name}.tmp")
-    twin = export_twin(model)
     try:
-        torch.onnx.export(twin, tuple(inputs), str(tmp), input_names=names, output_names=["output"],
-                          dynamic_axes=axes, opset_version=opset, dynamo=False)
+        with torch.no_grad():
+            torch.onnx.export(_Plain(twin), tuple(inputs), str(tmp), input_names=names, output_names=["output"],
+                              dynamic_axes=axes, opset_version=min(opset, _TORCH_MAX_OPSET), dynamo=False,
+                              do_constant_folding=False,
+                              custom_opsets={ops.DOMAIN: 1} if need > _TORCH_MAX_OPSET else None)
+        if opset > _TORCH_MAX_OPSET:
+            _finish(tmp, opset)
     except Exception as e:  # the exporter raises many types; the user gets one line and no partial file
         tmp.unlink(missing_ok=True)
         raise UnsupportedLayerError(f"ONNX export of {type(model).__name__} failed: {type(e).__name__}: "
@@ -177,17 +200,26 @@ def export_program(model: nn.Module, inputs: Sequence[torch.Tensor]) -> torch.ex
 
 
 def onnx_parity(model: nn.Module, path: str | os.PathLike[str], inputs: Sequence[torch.Tensor], *,
-                threads: int = 1) -> dict[str, float]:
-    """Run the ONNX file in ONNX Runtime and compare with ``model`` on ``inputs``: cosine and max abs diff."""
+                threads: int = 1, ort_config: dict[str, str] | None = None) -> dict[str, float]:
+    """Run the ONNX file in ONNX Runtime (session config entries ``ort_config``, e.g.
+    ``{"session.qdq_matmulnbits_accuracy_level": "0"}``) and compare its first output with ``model``'s on
+    ``inputs``: cosine, max abs diff, ``identical`` (1.0 when every value is equal: integer outputs) and
+    ``qdq`` (1.0 when the file holds a (Dynamic)QuantizeLinear or DequantizeLinear)."""
+    import onnx
     import onnxruntime as ort
 
     so = ort.SessionOptions()
     so.intra_op_num_threads = threads
+    for key, value in (ort_config or {}).items():
+        so.add_session_config_entry(key, value)
     sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
     feed = {i.name: t.numpy() for i, t in zip(sess.get_inputs(), inputs, strict=True)}
-    got = torch.from_numpy(sess.run(None, feed)[0]).float()
+    got = torch.from_numpy(sess.run(None, feed)[0])
     with torch.no_grad():
-        ref = model(*inputs).float()
+        ref = main_output(model(*inputs))
+    same = got.shape == ref.shape and bool(torch.equal(got.to(ref.dtype), ref))
+    got, ref = got.float(), ref.float()
     cos = F.cosine_similarity(got.reshape(1, -1), ref.reshape(1, -1)).item()
-    ops = sorted({n.op_type for n in __import__("onnx").load(str(path)).graph.node})
-    return {"cosine": cos, "max_abs_diff": float((got - ref).abs().max()), "qdq": float("DequantizeLinear" in ops)}
+    ops_used = {n.op_type for n in onnx.load(str(path)).graph.node}
+    return {"cosine": cos, "max_abs_diff": float((got - ref).abs().max()), "identical": float(same),
+            "qdq": float(bool(ops_used & {"DequantizeLinear", "DynamicQuantizeLinear", "QuantizeLinear"}))}

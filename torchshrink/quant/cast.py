@@ -38,7 +38,7 @@ class CastWrapper(nn.Module):
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         dt = _DTYPES[self.dtype_name]
-        out_dtype = x.dtype
+        out_dtype = x.dtype if x.is_floating_point() else torch.get_default_dtype()  # ids in, floats out (Embedding)
         out = self.inner(x.to(dt) if x.is_floating_point() else x, *args, **kwargs)
         return out.to(out_dtype) if isinstance(out, torch.Tensor) and out.is_floating_point() else out
 

@@ -1,0 +1,140 @@
+"""deploy: precision x runtime candidates, quality budget, interleaved timing, the written artifact."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import pytest
+import torch
+from torch import nn
+from typer.testing import CliRunner
+
+import torchshrink as ts
+from torchshrink.core.errors import ConfigError, OutputExistsError
+from torchshrink.deploy import DeployError, deploy
+from torchshrink.deploy import runtimes as rt
+from torchshrink.deploy.report import reload
+
+HAS_ORT = importlib.util.find_spec("onnxruntime") is not None
+HAS_OV = importlib.util.find_spec("openvino") is not None
+
+
+class MLP(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 10))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+def _mlp() -> tuple[nn.Module, list[torch.Tensor]]:
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(1)
+    return MLP().eval(), [torch.randn(8, 64, generator=g) for _ in range(4)]
+
+
+def _row(result, runtime: str, precision: str) -> dict:
+    return next(r for r in result.rows() if (r["runtime"], r["precision"]) == (runtime, precision))
+
+
+@pytest.mark.skipif(not HAS_ORT, reason="onnxruntime not installed")
+def test_deploy_writes_the_fastest_passing_candidate(tmp_path):
+    model, data = _mlp()
+    out = tmp_path / "dep"
+    r = deploy(model, (data[0],), data=data, out=out, runtimes=("torch", "onnxruntime"), threads=1, runs=3, warmup=1)
+    rows = r.rows()
+    assert {(x["runtime"], x["precision"]) for x in rows} >= {
+        ("torch", "as given"), ("torch", "bf16"), ("torch", "int8 (torchshrink)"), ("onnxruntime", "as given")}
+    passed = [x for x in rows if x["status"] == "passed"]
+    assert passed and all(x["quality"]["cosine_mean"] >= 0.995 and x["p50_ms"] > 0 for x in passed)
+    chosen = [x for x in rows if x["chosen"]]
+    assert len(chosen) == 1 and chosen[0]["p50_ms"] == min(x["p50_ms"] for x in passed)
+    assert _row(r, "torch", "as given")["quality"]["cosine_mean"] == pytest.approx(1.0, abs=1e-6)
+    assert _row(r, "torch", "as given")["speedup_vs_given"] == pytest.approx(1.0)
+    # the artifact loads back as the snippet says and reproduces the chosen candidate
+    again = reload(r.winner, out, 1)
+    x = data[1]
+    assert torch.nn.functional.cosine_similarity(again(x).float().flatten(), r.module(x).float().flatten(), dim=0) > 0.999
+    report = json.loads((out / "deploy.json").read_text())
+    assert report["chosen"] == r.winner.name and "32 samples" in report["provenance"]["quality"]
+    md = (out / "deploy.md").read_text()
+    assert "(chosen)" in md and "Machine:" in md and str(out) in md
+    assert all((out / f).exists() for f in report["files"])
+
+
+def test_deploy_holds_candidates_to_the_budget_and_refuses_when_none_passes(tmp_path):
+    model, data = _mlp()
+    other = MLP().eval()  # a different model as the reference: nothing agrees with it
+    with pytest.raises(DeployError, match="no candidate met the quality budget"):
+        deploy(model, (data[0],), data=data, reference=other, out=tmp_path / "x", runtimes=("torch",), threads=1,
+               runs=2, warmup=1)
+    assert not (tmp_path / "x").exists() and not list(tmp_path.iterdir())
+    r = deploy(model, (data[0],), data=data, runtimes=("torch",), threads=1, runs=2, warmup=1, min_cosine=0.99999)
+    int4 = _row(r, "torch", "int4 weight-only")
+    assert int4["status"] == "below budget" and int4["p50_ms"] is None and int4["quality"]["cosine_mean"] < 0.99999
+
+
+def test_bad_arguments_are_one_line_and_nothing_is_overwritten(tmp_path):
+    model, data = _mlp()
+    with pytest.raises(ConfigError, match="allowed: torch, torch.compile, onnxruntime, openvino"):
+        deploy(model, (data[0],), data=data, runtimes=("tensorrt",))
+    with pytest.raises(ConfigError, match="min_cosine"):
+        deploy(model, (data[0],), data=data, min_cosine=1.5)
+    keep = tmp_path / "keep"
+    keep.mkdir()
+    (keep / "mine.txt").write_text("user file")
+    with pytest.raises(OutputExistsError, match="already exists"):
+        deploy(model, (data[0],), data=data, out=keep, runtimes=("torch",))
+    assert (keep / "mine.txt").read_text() == "user file"
+
+
+def test_a_compressed_model_keeps_its_precision_and_missing_runtimes_say_how_to_install(monkeypatch):
+    model, data = _mlp()
+    q = ts.quantize(model, ts.Int8DynamicConfig(), data=data)
+    real = rt.missing
+    monkeypatch.setattr(rt, "missing", lambda p: "not installed: pip install 'torchshrink[deploy]' (openvino)"
+                        if p == "openvino" else real(p))
+    r = deploy(q, (data[0],), data=data, reference=model, runtimes=("torch", "openvino"), threads=1, runs=2,
+               warmup=1, min_cosine=0.99)
+    assert _row(r, "torch", "bf16")["status"].startswith("skipped: the model is already compressed")
+    assert _row(r, "openvino", "any precision")["status"] == "skipped: not installed: pip install 'torchshrink[deploy]' (openvino)"
+    assert r.winner.name == "torch / as given" and r.winner.quality["cosine_mean"] >= 0.99
+
+
+@pytest.mark.skipif(not HAS_OV, reason="openvino not installed")
+def test_openvino_candidates_run_with_parity():
+    model, data = _mlp()
+    r = deploy(model, (data[0],), data=data, runtimes=("torch", "openvino"), threads=1, runs=2, warmup=1,
+               min_cosine=0.99)
+    fp32 = _row(r, "openvino", "fp32")
+    assert fp32["status"] == "passed" and fp32["quality"]["cosine_mean"] > 0.9999
+
+
+def test_input_names_and_dynamic_axes():
+    class Two(nn.Module):
+        def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+            return input_ids * attention_mask
+
+    ids = torch.ones(2, 5, dtype=torch.long)
+    names = rt.input_names(Two(), (ids, ids))
+    assert names == ["input_ids", "attention_mask"]
+    assert rt.dynamic_axes(names, (ids, ids)) == {"input_ids": {0: "batch", 1: "sequence"},
+                                                 "attention_mask": {0: "batch", 1: "sequence"}}
+    assert rt.dynamic_axes(["x"], (torch.randn(1, 3, 8, 8),)) == {"x": {0: "batch"}}
+
+
+def test_cli_deploy(tmp_path):
+    from torchshrink.cli import app
+
+    runner = CliRunner()
+    out = tmp_path / "d"
+    res = runner.invoke(app, ["deploy", "-m", "zoo:digits-mlp", "-o", str(out), "--runtimes", "torch",
+                              "--no-compile", "--runs", "2", "--threads", "1"])
+    assert res.exit_code == 0, res.output
+    assert "chosen:" in res.output and "accuracy" in res.output and (out / "deploy.md").exists()
+    bad = runner.invoke(app, ["deploy", "-m", "zoo:digits-mlp", "-o", str(tmp_path / "e"), "--runtimes", "trt"])
+    assert bad.exit_code == 2 and "allowed: torch" in bad.output and not (tmp_path / "e").exists()
+    again = runner.invoke(app, ["deploy", "-m", "zoo:digits-mlp", "-o", str(out), "--runtimes", "torch"])
+    assert again.exit_code == 2 and "already exists" in again.output

@@ -1,0 +1,96 @@
+"""``torchshrink deploy``: the fastest precision x runtime for a model on this machine, chosen by measurement."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import typer
+
+
+def register(app: typer.Typer) -> None:
+    from torchshrink.cli_support import DATA_HELP, TRUST_HELP, friendly, positive
+
+    @app.command()
+    @friendly
+    def deploy(
+        model: str = typer.Option(..., "--model", "-m", help="model spec: a saved folder, zoo:..., torchvision:..."),
+        out_dir: Path = typer.Option(..., "--out", "-o", help="output folder for the chosen artifact and deploy.md "
+                                     "(new or empty, unless --force)"),
+        reference: str = typer.Option(None, "--reference", help="judge quality against this model (e.g. the original "
+                                      "before compression); default: the model itself"),
+        data: str = typer.Option(None, "--data", "-d", help=DATA_HELP),
+        input_shape: str = typer.Option(None, "--input-shape", help="the input to time, e.g. 1,3,224,224 (default: "
+                                        "the model's own)"),
+        batch: int = typer.Option(None, "--batch", help="batch size of the default input"),
+        threads: int = typer.Option(None, "--threads", help="threads every runtime gets (default: torch's)"),
+        min_cosine: float = typer.Option(0.995, "--min-cosine", help="similarity tasks: the lowest mean output "
+                                         "cosine vs the reference a candidate may have"),
+        max_drop: float = typer.Option(0.005, "--max-drop", help="accuracy tasks: the largest drop below the "
+                                       "reference (a fraction: 0.005 = half a point)"),
+        runtimes: str = typer.Option(",".join(("torch", "torch.compile", "onnxruntime", "openvino")), "--runtimes",
+                                     help="comma-separated: torch, torch.compile, onnxruntime, openvino"),
+        compile_: bool = typer.Option(True, "--compile/--no-compile", help="try torch.compile (compiling takes "
+                                      "seconds to minutes)"),
+        runs: int = typer.Option(10, "--runs", help="timed runs per candidate, interleaved"),
+        force: bool = typer.Option(False, "--force", help="replace a non-empty output folder"),
+        trust_code: bool = typer.Option(False, "--trust-code", help=TRUST_HELP),
+    ) -> None:
+        """Build every precision x runtime candidate, check quality on held-out data, time them interleaved, and
+        write the fastest one that passes (with how to load it and the whole table)."""
+        import torch
+
+        from torchshrink.deploy import deploy as run
+        from torchshrink.models import example_inputs, load_model, parse_shape
+
+        for flag, v in (("--threads", threads), ("--batch", batch), ("--runs", runs)):
+            positive(flag, v)
+        names = tuple(r.strip() for r in runtimes.split(",") if r.strip())
+        net = load_model(model, trust_code=trust_code)
+        ref = load_model(reference, trust_code=trust_code) if reference else None
+        example = None
+        if input_shape:
+            example = (torch.randn(*parse_shape(input_shape), generator=torch.Generator().manual_seed(0)),)
+        elif batch:
+            example = example_inputs(net, batch=batch)
+        result = run(net, example, data=data, reference=ref, out=out_dir, force=force, min_cosine=min_cosine,
+                     max_drop=max_drop, threads=threads, runtimes=names, compile=compile_, runs=runs)
+        show(result, f"deploy {model}", out_dir)
+
+
+def show(result: Any, title: str, out_dir: Path) -> None:
+    """The deploy table (every candidate, the chosen one marked), the choice in one line, and how to load it."""
+    from rich.table import Table
+
+    from torchshrink.cli_support import out
+
+    t = Table(title=f"{title} ({result.threads} threads, inputs "
+                    f"{' + '.join('x'.join(map(str, s)) for s in result.example)})")
+    cols = ["runtime", "precision", "status", "p50 ms", "vs given"] + (["vs reference"] if result.reference else [])
+    for c in cols:
+        t.add_column(c, justify="right" if c in ("p50 ms", "vs given", "vs reference") else "left")
+    skipped: dict[str, list[str]] = {}
+    for row in result.rows():
+        if row["status"].startswith("skipped"):
+            skipped.setdefault(row["status"].removeprefix("skipped: "), []).append(f"{row['runtime']} {row['precision']}")
+            continue
+        status = "failed (see deploy.md)" if row["status"].startswith("failed") else row["status"]
+        cells = [row["runtime"], row["precision"] + (" (chosen)" if row["chosen"] else ""), status,
+                 "-" if row["p50_ms"] is None else f"{row['p50_ms']:.3f}",
+                 "-" if row["speedup_vs_given"] is None else f"{row['speedup_vs_given']:.2f}x"]
+        if result.reference:
+            v = row["speedup_vs_reference"]
+            cells.append("-" if v is None else f"{v:.2f}x")
+        t.add_row(*cells, style="bold green" if row["chosen"] else None)
+    out.print(t)
+    for why, names in skipped.items():
+        out.print(f"not tried: {', '.join(names)}: {why}", highlight=False)
+    w = result.winner
+    vs = (f"{result.speedup(w, result.reference):.2f}x the reference, " if result.reference else "")
+    out.print(f"chosen: {w.name}: {w.timing.p50_ms:.3f} ms p50, {vs}{result.speedup(w):.2f}x the model as given "
+              f"in torch, timed on this machine; quality: {result.budget}")
+    for k, v in result.provenance.items():
+        if k == "quality":
+            out.print(f"quality data: {v}")
+    out.print(f"wrote {out_dir}/ ({', '.join(result.files)}, deploy.md, deploy.json); load it with:")
+    out.print(result.snippet(), highlight=False)
