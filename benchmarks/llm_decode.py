@@ -75,8 +75,8 @@ class HF:
 
     @torch.inference_mode()
     def prefill(self, ids: list[int]) -> float:
-        t0 = time.perf_counter()
-        self.model(input_ids=torch.tensor([ids]), use_cache=True)
+        t0 = time.perf_counter()  # the last token's logits only, as generate's own prefill computes them
+        self.model(input_ids=torch.tensor([ids]), use_cache=True, logits_to_keep=1)
         return time.perf_counter() - t0
 
 
@@ -181,8 +181,12 @@ def main() -> int:
     if speed:
         tables["Decode and prefill (batch 1)"] = (
             f"{a.threads} threads; greedy decoding of {speed['new']} new tokens after a {speed['prompt']}-token prompt, "
-            f"median of {speed['reps']} interleaved rounds; prefill: one 512-token prompt. Engine kernels: "
-            f"{speed['engine_isa']}.\n\n" + markdown_table(
+            f"median of {speed['reps']} interleaved rounds; prefill: one 512-token prompt (transformers: the last "
+            f"token's logits only, as generate computes them). Engine kernels: {speed['engine_isa']}."
+            + (f" ts-w4's prompt path, chosen by measurement (best of 2 on a 512-token prompt): "
+               f"{speed['prefill_choice']['chosen']} ("
+               + ", ".join(f"{k} {v:.2f} s" for k, v in speed["prefill_choice"]["seconds"].items()) + ")"
+               if "prefill_choice" in speed else "") + "\n\n" + markdown_table(
                 ["path", "decode tokens/s", "x transformers fp32", "prefill 512 s", "weights MB", "perplexity (engine, first "
                  f"{speed['engine_tokens']} eval tokens)"],
                 [[k, f"{v:.1f}", f"{v / speed['decode']['hf-fp32']:.2f}x", f"{speed['prefill'].get(k, float('nan')):.2f}",
@@ -204,6 +208,11 @@ def run_speed(model: torch.nn.Module, ids: torch.Tensor, a: argparse.Namespace) 
         "ts-w8": f"{engine_perplexity(dec_w8, ev):.3f} (fp32 model: {perplexity(model, ev)['perplexity']:.3f})",
     }
     print(json.dumps(quality), flush=True)
+    from torchshrink.llm.prefill import choose_prefill
+
+    # the engine's prompt path chosen by measurement on a 512-token prompt: its own chunks, bf16 or int8 GEMMs
+    pick = choose_prefill(dec_w4, w4, tokens=512, rounds=2)
+    print("prefill paths", json.dumps(pick), flush=True)
     del w4
     bf16 = copy.deepcopy(model).to(torch.bfloat16)
     paths: dict = {"hf-fp32": HF(model), "hf-bf16": HF(bf16), "ts-w4": Engine(dec_w4), "ts-w8": Engine(dec_w8)}
@@ -243,7 +252,7 @@ def run_speed(model: torch.nn.Module, ids: torch.Tensor, a: argparse.Namespace) 
     isa = {2: "AVX-512 VNNI", 1: "AVX2", 0: "plain C"}[library().ts_lm_isa()]
     return {"decode": {k: statistics.median(v) for k, v in dec.items()}, "prefill": {k: statistics.median(v) for k, v in pre.items()},
             "runs": {"decode": dec, "prefill": pre}, "mbytes": mbytes, "quality": quality, "new": a.new, "prompt": a.prompt,
-            "reps": a.reps, "engine_isa": isa, "engine_tokens": int(ev.numel())}
+            "reps": a.reps, "engine_isa": isa, "engine_tokens": int(ev.numel()), "prefill_choice": pick}
 
 
 if __name__ == "__main__":

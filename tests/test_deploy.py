@@ -20,6 +20,12 @@ HAS_ORT = importlib.util.find_spec("onnxruntime") is not None
 HAS_OV = importlib.util.find_spec("openvino") is not None
 
 
+@pytest.fixture(autouse=True)
+def short_timing(monkeypatch):
+    """The tests check what deploy does, not how fast: no minimum timing time."""
+    monkeypatch.setattr("torchshrink.deploy.api.MIN_SECONDS", 0.0)
+
+
 class MLP(nn.Module):
     def __init__(self) -> None:
         super().__init__()

@@ -166,3 +166,34 @@ def test_a_config_that_disagrees_with_its_weights_is_refused():
     model.config.num_attention_heads = 8  # the C step would read past the attention weights
     with pytest.raises(UnsupportedLayerError, match="layer 0 q_proj is 64x64; the config says 128x64"):
         Decoder.from_model(model)
+
+
+@pytest.mark.parametrize("mode", ["bf16", "int8"])
+def test_gemm_prefill_fills_the_engine_cache_as_the_engine_would(mode):
+    from torchshrink.llm.prefill import choose_prefill, prefill_model
+
+    model = _llama()
+    quantize_lm(model, Grid(4, 32, False), method="rtn", pack=True)
+    dec = Decoder.from_model(model, max_len=48, chunk=8)
+    ids = torch.randint(0, 96, (20,), generator=torch.Generator().manual_seed(3))
+    own = dec.prefill(ids).clone()
+    kc, vc = dec.kcache[:, :, :20].clone(), dec.vcache[:, :, :20].clone()
+    own_next = dec.step(int(own.argmax())).clone()
+    dec.reset()
+    dec.prefill_with = prefill_model(model, mode)
+    got = dec.prefill(ids)
+    assert dec.pos == 20
+    cos = torch.nn.functional.cosine_similarity
+    for ref, new in ((kc, dec.kcache[:, :, :20]), (vc, dec.vcache[:, :, :20])):
+        assert float(cos(ref.flatten(), new.flatten(), dim=0)) > 0.99
+    assert float(cos(own, got, dim=0)) > 0.98
+    nxt = dec.step(int(own.argmax()))  # decoding goes on in the engine from the cache the GEMM path wrote
+    assert float(cos(own_next, nxt, dim=0)) > 0.98
+    dec.reset()
+    dec.step(5)  # not at position 0: the engine's own chunks
+    assert torch.isfinite(dec.prefill(ids[:4])).all() and dec.pos == 5
+    rep = choose_prefill(dec, model, tokens=16, modes=("engine", mode), rounds=1)
+    assert rep["chosen"] in ("engine", mode) and set(rep["seconds"]) == {"engine", mode} and dec.pos == 0
+    assert dec.prefill_mode == rep["chosen"]
+    with pytest.raises(ConfigError, match="allowed: engine, bf16, int8"):
+        choose_prefill(dec, model, modes=("fp8",))

@@ -91,7 +91,7 @@ def test_generate_runs_a_compressed_folder_on_the_decode_kernels(tmp_path):
     code, stdout, err = run("generate", "-m", out, "-p", "the package manager", "-n", 5)
     assert code == 0, err
     lines = stdout.strip().splitlines()
-    assert lines[0].startswith("the package manager") and "torchshrink decode kernels" in lines[-1]
+    assert lines[0].startswith("the package manager") and "torchshrink decode kernels" in " ".join(stdout.split())
     # the same model through transformers with an int8 KV cache: the same greedy tokens on this tiny model
     code, stdout2, err = run("generate", "-m", out, "-p", "the package manager", "-n", 5, "--engine", "transformers",
                              "--kv", "int8")
@@ -100,6 +100,13 @@ def test_generate_runs_a_compressed_folder_on_the_decode_kernels(tmp_path):
     # a float folder under auto: transformers (its weights are not rounded behind the user's back)
     code, stdout3, err = run("generate", "-m", model, "-p", "the package manager", "-n", 3)
     assert code == 0 and "transformers generate (fp32 KV cache)" in stdout3, err
+    # a long prompt under --prefill auto: the engine and both GEMM paths timed on it, the choice said
+    code, stdout4, err = run("generate", "-m", out, "-p", "the package manager " * 30, "-n", 2)
+    flat = " ".join(stdout4.split())  # the console wraps long lines
+    assert code == 0 and "prefill paths timed" in flat and "engine" in flat and " prefill)" in flat, err
+    code, stdout5, err = run("generate", "-m", out, "-p", "the package manager", "-n", 2, "--prefill", "bf16")
+    assert code == 0 and "(bf16 prefill)" in " ".join(stdout5.split()), err
+    _one_line(*run("generate", "-m", out, "-p", "x", "--prefill", "fp8")[::2], "allowed: auto, engine, bf16, int8")
     _one_line(*run("generate", "-m", out, "-p", "x", "--kv", "int3")[::2], "--kv 'int3'; allowed: fp32, int8, int4")
     _one_line(*run("generate", "-m", out, "-p", "x", "--engine", "native", "--kv", "int8")[::2], "--engine transformers")
     _one_line(*run("generate", "-m", _folder(tmp_path, causal=False), "-p", "x")[::2], "has no causal-LM head")

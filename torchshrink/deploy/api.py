@@ -22,6 +22,8 @@ from torchshrink.measure.machine import machine_info
 from torchshrink.measure.quality import fidelity, main_output
 from torchshrink.recipe.task import Task, task_for
 
+MIN_SECONDS = 2.0
+
 
 class DeployError(TorchshrinkError):
     """No candidate met the quality budget, or the written artifact did not reproduce its candidate."""
@@ -153,7 +155,8 @@ def deploy(model: nn.Module, example: Sequence[torch.Tensor] | None = None, *, d
         timed = {c.name: c.module for c in cands if c.status == "passed" or (c.runtime, c.precision) == ("torch", AS_GIVEN)}
         if reference is not None:
             timed["reference"] = ref
-        times = time_interleaved(timed, ex, n_threads=n, warmup=warmup, runs=runs)
+        # at least MIN_SECONDS of rounds: a model of microseconds gets hundreds of runs, not ten
+        times = time_interleaved(timed, ex, n_threads=n, warmup=warmup, runs=runs, min_seconds=MIN_SECONDS)
         for c in cands:
             c.timing = times.get(c.name) if c.name in timed else None
         passed = [c for c in cands if c.status == "passed"]

@@ -124,6 +124,9 @@ def register(app: typer.Typer) -> None:
                                    "`lm compress` quantized, else transformers; native (a float model's Linears are "
                                    "rounded to 8-bit groups for it); transformers"),
         kv: str = typer.Option("fp32", "--kv", help="KV cache of the transformers path: fp32, int8, int4"),
+        prefill: str = typer.Option("auto", "--prefill", help="the native engine's prompt path: auto (prompts of 64 "
+                                    "tokens or more: engine, bf16 and int8 GEMMs timed here on the prompt's length, "
+                                    "the fastest kept), engine, bf16, int8"),
         threads: int = typer.Option(None, "--threads", help="threads"),
     ) -> None:
         """Greedy continuation of a prompt, with tokens/s on this machine."""
@@ -138,6 +141,8 @@ def register(app: typer.Typer) -> None:
         positive("--threads", threads)
         if engine not in ("auto", "native", "transformers"):
             raise ConfigError(f"--engine {engine!r}; allowed: auto, native, transformers")
+        if prefill not in ("auto", "engine", "bf16", "int8"):
+            raise ConfigError(f"--prefill {prefill!r}; allowed: auto, engine, bf16, int8")
         if kv not in ("fp32", "int8", "int4"):
             raise ConfigError(f"--kv {kv!r}; allowed: fp32, int8, int4")
         if threads:
@@ -155,11 +160,20 @@ def register(app: typer.Typer) -> None:
             from torchshrink.llm.decode import Decoder
 
             dec = Decoder.from_model(net, max_len=ids.numel() + new_tokens)
+            from torchshrink.llm.prefill import choose_prefill, prefill_model
+
+            if prefill in ("bf16", "int8"):
+                dec.prefill_with, dec.prefill_mode = prefill_model(net, prefill), prefill
+            elif prefill == "auto" and ids.numel() >= 64:
+                pick = choose_prefill(dec, net, tokens=ids.numel(), rounds=1)
+                out.print("prefill paths timed on a prompt of this length: " + ", ".join(
+                    f"{k} {v:.2f} s" for k, v in pick["seconds"].items()) + f"; using {pick['chosen']}")
         elif engine == "native":
             raise ConfigError("--engine native keeps an fp32 KV cache; --kv int8/int4 is for --engine transformers")
         if dec is not None:
             r = dec.generate(ids[0], new_tokens, eos=tok.eos_token_id)
-            new, what = r["tokens"], f"torchshrink decode kernels ({dec.nbytes() / 1e6:.1f} MB of weights)"
+            new, what = r["tokens"], (f"torchshrink decode kernels ({dec.nbytes() / 1e6:.1f} MB of weights), prompt "
+                                      f"of {ids.numel()} tokens in {r['prefill_s']:.2f} s ({dec.prefill_mode} prefill)")
             speed = r["tokens_per_s"]
         else:
             from torchshrink.llm.kvcache import cache_kwarg, quantized_cache

@@ -205,6 +205,9 @@ class Decoder:
                 words += mats["layers"][i][name].desc()
         self.words = torch.tensor(words, dtype=torch.int64)
         self.pos = 0
+        # a torch model that prefills a prompt from position 0 on a GEMM path (llm/prefill.py), or None: the engine
+        self.prefill_with: nn.Module | None = None
+        self.prefill_mode = "engine"
 
     @classmethod
     @torch.no_grad()
@@ -275,11 +278,18 @@ class Decoder:
         return self._forward(torch.tensor([int(token)], dtype=torch.int64))
 
     def prefill(self, ids: torch.Tensor | list[int]) -> torch.Tensor:
-        """Run a prompt from the next position in chunks (each weight row serves a whole chunk); the logits
-        of its last token."""
+        """Run a prompt from the next position in chunks (each weight row serves a whole chunk), or, at position
+        0 with a GEMM path chosen (:func:`torchshrink.llm.prefill.choose_prefill`), through that; the logits of
+        its last token."""
         ids = torch.as_tensor(ids, dtype=torch.int64).flatten().contiguous()
         if ids.numel() == 0:
             raise ConfigError("prefill needs at least one token")
+        if self.prefill_with is not None and self.pos == 0 and ids.numel() > 1:
+            from torchshrink.llm.prefill import torch_prefill
+
+            if int(ids.min()) < 0 or int(ids.max()) >= self.vocab:
+                raise ConfigError(f"a token is outside the vocabulary of {self.vocab}: {ids.tolist()[:8]}")
+            return torch_prefill(self, self.prefill_with, ids)
         for i in range(0, ids.numel(), self.chunk):
             out = self._forward(ids[i:i + self.chunk].contiguous())
         return out
