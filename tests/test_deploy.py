@@ -131,15 +131,19 @@ def test_input_names_and_dynamic_axes():
     assert rt.dynamic_axes(["x"], (torch.randn(1, 3, 8, 8),)) == {"x": {0: "batch"}}
 
 
-def test_cli_deploy(tmp_path):
+def test_cli_deploy(tmp_path, monkeypatch):
     from torchshrink.cli import app
 
     runner = CliRunner()
     out = tmp_path / "d"
-    res = runner.invoke(app, ["deploy", "-m", "zoo:digits-mlp", "-o", str(out), "--runtimes", "torch",
+    monkeypatch.setattr(rt, "missing", lambda p: "not installed: pip install 'torchshrink[deploy]' (openvino)")
+    res = runner.invoke(app, ["deploy", "-m", "zoo:digits-mlp", "-o", str(out), "--runtimes", "torch,openvino",
                               "--no-compile", "--runs", "2", "--threads", "1"])
     assert res.exit_code == 0, res.output
-    assert "chosen:" in res.output and "accuracy" in res.output and (out / "deploy.md").exists()
+    flat = " ".join(res.output.split())  # the console wraps long lines
+    assert "chosen:" in flat and "accuracy" in flat and (out / "deploy.md").exists()
+    assert "torchshrink[deploy]" in flat  # printed as text, not eaten as console markup
+    assert "model = ts.load(" in flat and "y = model(*inputs)" in flat
     bad = runner.invoke(app, ["deploy", "-m", "zoo:digits-mlp", "-o", str(tmp_path / "e"), "--runtimes", "trt"])
     assert bad.exit_code == 2 and "allowed: torch" in bad.output and not (tmp_path / "e").exists()
     again = runner.invoke(app, ["deploy", "-m", "zoo:digits-mlp", "-o", str(out), "--runtimes", "torch"])

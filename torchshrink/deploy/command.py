@@ -60,6 +60,7 @@ def register(app: typer.Typer) -> None:
 
 def show(result: Any, title: str, out_dir: Path) -> None:
     """The deploy table (every candidate, the chosen one marked), the choice in one line, and how to load it."""
+    from rich.markup import escape
     from rich.table import Table
 
     from torchshrink.cli_support import out
@@ -81,16 +82,16 @@ def show(result: Any, title: str, out_dir: Path) -> None:
         if result.reference:
             v = row["speedup_vs_reference"]
             cells.append("-" if v is None else f"{v:.2f}x")
-        t.add_row(*cells, style="bold green" if row["chosen"] else None)
+        t.add_row(*(escape(c) for c in cells), style="bold green" if row["chosen"] else None)
     out.print(t)
     for why, names in skipped.items():
-        out.print(f"not tried: {', '.join(names)}: {why}", highlight=False)
+        out.print(f"not tried: {', '.join(names)}: {why}", highlight=False, markup=False)
     w = result.winner
     vs = (f"{result.speedup(w, result.reference):.2f}x the reference, " if result.reference else "")
     out.print(f"chosen: {w.name}: {w.timing.p50_ms:.3f} ms p50, {vs}{result.speedup(w):.2f}x the model as given "
-              f"in torch, timed on this machine; quality: {result.budget}")
+              f"in torch, timed on this machine; quality: {result.budget}", markup=False)
     for k, v in result.provenance.items():
         if k == "quality":
-            out.print(f"quality data: {v}")
-    out.print(f"wrote {out_dir}/ ({', '.join(result.files)}, deploy.md, deploy.json); load it with:")
-    out.print(result.snippet(), highlight=False)
+            out.print(f"quality data: {v}", markup=False)
+    out.print(f"wrote {out_dir}/ ({', '.join(result.files)}, deploy.md, deploy.json); load it with:", markup=False)
+    out.print(result.snippet(), highlight=False, markup=False)  # code: its [ ] are not rich markup
