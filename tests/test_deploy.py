@@ -93,6 +93,8 @@ def test_bad_arguments_are_one_line_and_nothing_is_overwritten(tmp_path):
     (keep / "mine.txt").write_text("user file")
     with pytest.raises(OutputExistsError, match="already exists"):
         deploy(model, (data[0],), data=data, out=keep, runtimes=("torch",))
+    with pytest.raises(OutputExistsError, match="not written by torchshrink deploy"):
+        deploy(model, (data[0],), data=data, out=keep, runtimes=("torch",), force=True)
     assert (keep / "mine.txt").read_text() == "user file"
 
 
@@ -148,3 +150,11 @@ def test_cli_deploy(tmp_path, monkeypatch):
     assert bad.exit_code == 2 and "allowed: torch" in bad.output and not (tmp_path / "e").exists()
     again = runner.invoke(app, ["deploy", "-m", "zoo:digits-mlp", "-o", str(out), "--runtimes", "torch"])
     assert again.exit_code == 2 and "already exists" in again.output
+    # a saved model folder as its own output (or inside it) is refused before anything is read or written
+    saved = tmp_path / "saved"
+    ts.save(ts.load_model("zoo:digits-mlp"), saved)
+    before = sorted(p.name for p in saved.iterdir())
+    for target in (saved, saved / "deploy"):
+        res = runner.invoke(app, ["deploy", "-m", str(saved), "-o", str(target), "--force", "--runtimes", "torch"])
+        assert res.exit_code == 2 and "overlaps the input model" in " ".join(res.output.split()), res.output
+    assert sorted(p.name for p in saved.iterdir()) == before

@@ -116,9 +116,13 @@ def _check_args(runtimes: Sequence[str], min_cosine: float, max_drop: float, out
         raise ConfigError(f"min_cosine={min_cosine}: must be in (0, 1]")
     if not 0.0 <= max_drop < 1.0:
         raise ConfigError(f"max_drop={max_drop}: must be in [0, 1) (a fraction: 0.005 is half a point of accuracy)")
-    if out is not None and (out.is_file() or (out.is_dir() and any(out.iterdir()))) and not force:
-        raise OutputExistsError(f"output {out} already exists and is not empty; choose a new path or pass force=True "
-                                "(--force)")
+    if out is not None and (out.is_file() or (out.is_dir() and any(out.iterdir()))):
+        if not force:
+            raise OutputExistsError(f"output {out} already exists and is not empty; choose a new path or pass "
+                                    "force=True (--force)")
+        if not (out / "deploy.json").is_file():  # force replaces a deploy output, never a folder of the user's
+            raise OutputExistsError(f"output {out} was not written by torchshrink deploy (no deploy.json); --force "
+                                    "replaces only a deploy output: choose another folder")
 
 
 def deploy(model: nn.Module, example: Sequence[torch.Tensor] | None = None, *, data: Any = None,

@@ -46,6 +46,7 @@ def register(app: typer.Typer) -> None:
         for flag, v in (("--threads", threads), ("--batch", batch), ("--runs", runs)):
             positive(flag, v)
         names = tuple(r.strip() for r in runtimes.split(",") if r.strip())
+        _outside_inputs(out_dir, model, reference)
         net = load_model(model, trust_code=trust_code)
         ref = load_model(reference, trust_code=trust_code) if reference else None
         example = None
@@ -56,6 +57,19 @@ def register(app: typer.Typer) -> None:
         result = run(net, example, data=data, reference=ref, out=out_dir, force=force, min_cosine=min_cosine,
                      max_drop=max_drop, threads=threads, runtimes=names, compile=compile_, runs=runs)
         show(result, f"deploy {model}", out_dir)
+
+
+def _outside_inputs(out_dir: Path, *specs: str | None) -> None:
+    """The output may not be, contain or sit inside a model folder it reads (torchshrink never writes over its input)."""
+    from torchshrink.core.errors import OutputExistsError
+    from torchshrink.recipe.workdir import input_paths
+
+    real = out_dir.resolve()
+    for spec in specs:
+        for p in input_paths(spec) if spec else []:
+            if p == real or real in p.parents or p in real.parents:
+                raise OutputExistsError(f"output folder {out_dir} overlaps the input model {p}; torchshrink never writes "
+                                        "over its input: choose an --out outside the model's folder")
 
 
 def show(result: Any, title: str, out_dir: Path) -> None:
