@@ -200,22 +200,13 @@ def _ov(model: nn.Module, example: tuple[torch.Tensor, ...], folder: Path, hint:
         calibration: list[tuple[torch.Tensor, ...]] | None = None, transformer: bool = False) -> nn.Module:
     """OpenVINO from the ONNX export: f32 / bf16 hint, or None for OpenVINO's own defaults (2 threads, latency);
     with ``calibration``, NNCF's INT8 first."""
-    import openvino as ov
-
     from torchshrink.deploy.runtimes import OvModule, ov_int8, ov_read, write_onnx
 
     path = folder / "ov-src.onnx"
     if not path.exists():
         write_onnx(model, example, path)
     m = ov_int8(path, calibration, transformer=transformer) if calibration else ov_read(path)
-    if hint is not None:
-        return OvModule(m, 2, hint)
-    mod = OvModule.__new__(OvModule)
-    nn.Module.__init__(mod)
-    mod.ov_model, mod.precision = m, "default"
-    mod.compiled = ov.Core().compile_model(m, "CPU", {"INFERENCE_NUM_THREADS": 2, "PERFORMANCE_HINT": "LATENCY"})
-    mod.request = mod.compiled.create_infer_request()
-    return mod
+    return OvModule(m, 2, hint)
 
 
 def _peers(model: nn.Module, example: tuple[torch.Tensor, ...], folder: Path, calibration: list[tuple[torch.Tensor, ...]],

@@ -15,7 +15,7 @@ from torch import nn
 
 from torchshrink.core.data import as_batch
 from torchshrink.core.errors import ConfigError, DataError, OutputExistsError, TorchshrinkError
-from torchshrink.deploy.candidates import AS_GIVEN, RUNTIMES, Candidate, Settings, build_all
+from torchshrink.deploy.candidates import AS_GIVEN, RUNTIMES, Candidate, Settings, build_all, one_line
 from torchshrink.measure.latency import Timing, time_interleaved
 from torchshrink.measure.latency import threads as pinned
 from torchshrink.measure.machine import machine_info
@@ -155,7 +155,7 @@ def deploy(model: nn.Module, example: Sequence[torch.Tensor] | None = None, *, d
                     c.quality = task.evaluate(c.module, ref)
                     c.status = "passed" if passes(c.quality) else "below budget"
                 except Exception as e:  # a runtime that cannot run this model is a row, not an error
-                    c.status = f"failed: {type(e).__name__}: {(str(e).splitlines() or [''])[0][:160]}"
+                    c.status = f"failed: {one_line(e)}"
         timed = {c.name: c.module for c in cands if c.status == "passed" or (c.runtime, c.precision) == ("torch", AS_GIVEN)}
         if reference is not None:
             timed["reference"] = ref

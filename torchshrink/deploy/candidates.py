@@ -54,7 +54,8 @@ def compressed(model: nn.Module) -> bool:
                for m in model.modules())
 
 
-def _one_line(e: BaseException) -> str:
+def one_line(e: BaseException) -> str:
+    """An exception as the one line a table row shows."""
     return f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:160]}"
 
 
@@ -66,7 +67,7 @@ def _build(runtime: str, precision: str, make: Callable[[], tuple[nn.Module, Cal
         c.module, c.write, c.snippet = make()
     except Exception as e:  # a candidate this machine cannot build is a row of the table, not an error
         log.info("deploy candidate %s failed: %s", c.name, e)
-        c.status = f"failed: {_one_line(e)}"
+        c.status = f"failed: {one_line(e)}"
     c.build_s = time.perf_counter() - t0
     return c
 
@@ -214,7 +215,7 @@ def build_all(model: nn.Module, example: tuple[torch.Tensor, ...], calibration: 
                     onnx_files[precision] = rt.write_onnx(eager[precision], example, path)
                 except Exception as e:
                     onnx_files[precision] = None  # type: ignore[assignment]
-                    out.append(Candidate("onnxruntime", precision, status=f"failed: ONNX export: {_one_line(e)}"))
+                    out.append(Candidate("onnxruntime", precision, status=f"failed: ONNX export: {one_line(e)}"))
     if "onnxruntime" in s.runtimes:
         why = rt.missing("onnxruntime")
         for precision, path in onnx_files.items():

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from torchshrink.core.errors import UnsupportedLayerError
+from torchshrink.measure.quality import main_output
 
 INSTALL = {"onnxruntime": "pip install 'torchshrink[deploy]' (onnx + onnxruntime)",
            "openvino": "pip install 'torchshrink[deploy]' (openvino)",
@@ -92,8 +93,11 @@ class OrtModule(nn.Module):
         return _first_output(self.session.run(None, dict(zip(self.names, _feed_arrays(inputs), strict=True))))
 
 
-def ov_config(threads: int, precision: str) -> dict[str, Any]:
-    """OpenVINO CPU settings for batch latency on ``threads`` cores, in ``precision`` (f32 or bf16)."""
+def ov_config(threads: int, precision: str | None) -> dict[str, Any]:
+    """OpenVINO CPU settings for batch latency on ``threads`` cores, in ``precision`` (f32 or bf16; None:
+    OpenVINO's own choice of precision and streams, what a user gets by default)."""
+    if precision is None:
+        return {"INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY"}
     return {"INFERENCE_NUM_THREADS": threads, "NUM_STREAMS": 1, "PERFORMANCE_HINT": "LATENCY",
             "INFERENCE_PRECISION_HINT": precision}
 
@@ -101,7 +105,7 @@ def ov_config(threads: int, precision: str) -> dict[str, Any]:
 class OvModule(nn.Module):
     """An OpenVINO model compiled for this CPU, called like the torch model it came from."""
 
-    def __init__(self, ov_model: Any, threads: int, precision: str = "f32") -> None:
+    def __init__(self, ov_model: Any, threads: int, precision: str | None = "f32") -> None:
         super().__init__()
         import openvino as ov
 
@@ -168,8 +172,6 @@ class Cast(nn.Module):
 
     def forward(self, *inputs: torch.Tensor) -> Any:
         out = self.inner(*(t.to(self.dtype) if t.is_floating_point() else t for t in inputs))
-        from torchshrink.measure.quality import main_output
-
         return main_output(out).float()
 
 
