@@ -238,16 +238,19 @@ def test_w8a8_runs_int8_kernels_and_stays_close():
     m = _llama()
     ids = torch.randint(0, 64, (2, 24), generator=torch.Generator().manual_seed(3))
     ref = m(ids).logits
-    for alpha in (None, 0.5):
+    for alpha, kernel in ((None, "linear_dynamic"), (0.5, "linear_dynamic"), (None, "onednn"), (0.5, "onednn")):
         q = _llama()
-        rep = w8a8_lm(q, ids, smooth_alpha=alpha)
-        assert rep["linears"] == 2 * 7
+        rep = w8a8_lm(q, ids, smooth_alpha=alpha, kernel=kernel)
+        assert rep["linears"] == 2 * 7 and rep["kernel"] == kernel
         assert isinstance(q.model.layers[1].mlp.down_proj, Int8DynamicLinear)
+        assert q.model.layers[1].mlp.down_proj.kernel == kernel
         assert (q.model.layers[0].self_attn.q_proj.smooth is None) == (alpha is None)
         out = q(ids).logits
         assert F.cosine_similarity(out.flatten(), ref.flatten(), 0) > 0.999
     with pytest.raises(ConfigError, match="SmoothQuant needs calibration token rows"):
         w8a8_lm(_llama(), smooth_alpha=0.5)
+    with pytest.raises(ConfigError, match="kernel='fbgemm'; allowed: linear_dynamic, onednn"):
+        w8a8_lm(_llama(), kernel="fbgemm")
 
 
 @pytest.mark.parametrize("bits,n", [(2, 24), (3, 24), (3, 20), (4, 24), (8, 20)])

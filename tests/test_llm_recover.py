@@ -282,3 +282,35 @@ def test_qat_lm_stores_what_it_trained_and_beats_round_to_nearest():
         qat_lm(copy.deepcopy(teacher), teacher, _rows(), Grid(4, 32, True, clip=True), steps=1)
     with pytest.raises(ConfigError, match="no float Linear"):
         qat_lm(student, teacher, _rows(), grid, steps=1)
+
+
+def _ddp_worker(rank, port, out):
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        teacher = _llama()
+        student = _noisy(teacher)
+        rep = distill_lm(student, teacher, _rows(), steps=4, lr=1e-3, batch=2, autocast=False, hidden_weight=0.5,
+                         evaluate=lambda m: _kl(teacher, m), eval_every=2)
+        torch.save({"state": student.state_dict(), "rep": rep}, f"{out}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_data_parallel_processes_take_the_steps_of_one_process_with_their_whole_batch(tmp_path):
+    """Two gloo processes of 2 rows each end with the weights one process reaches with batches of 4 rows."""
+    from torchshrink.recipe.distributed import _free_port
+
+    torch.multiprocessing.start_processes(_ddp_worker, args=(_free_port(), str(tmp_path)), nprocs=2,
+                                          start_method="spawn")
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1))
+    teacher = _llama()
+    single = _noisy(teacher)
+    rep = distill_lm(single, teacher, _rows(), steps=4, lr=1e-3, batch=4, autocast=False, hidden_weight=0.5)
+    assert r0["rep"]["processes"] == 2 and r0["rep"]["tokens"] == rep["tokens"] == 4 * 4 * ROW
+    assert [p["step"] for p in r0["rep"]["curve"]] == [0, 2, 4] and r1["rep"]["curve"] == []  # the first evaluates
+    for k, v in single.state_dict().items():
+        assert torch.equal(r0["state"][k], r1["state"][k])  # identical on both processes
+        assert torch.allclose(r0["state"][k], v, atol=1e-5), k  # and the one-process result

@@ -1,7 +1,7 @@
 """The one loader of torchshrink's native CPU kernels, and the helper that makes each a torch op.
 
 The C sources that ship with the package (``binary/_xnor.c``, ``prune/_spmm.c``, ``quant/_qact.c``,
-``llm/_decode.c``)
+``quant/_attn.c``, ``llm/_decode.c``)
 are built into ONE shared library per instruction-set level -- ``avx512``, ``avx2`` and ``default``
 (the compiler's baseline) -- and the level is chosen when the library is loaded, from what torch
 detects on this CPU (``torch.backends.cpu.get_cpu_capability()``), never with ``-march=native``: a
@@ -50,6 +50,8 @@ SOURCES: dict[str, list[str]] = {
     "binary/_xnor.c": ["-std=c99", "-ffp-contract=off"],
     "prune/_spmm.c": [],
     "quant/_qact.c": ["-ffinite-math-only"],
+    # attention: the omp simd reductions (max, sum) vectorize without -fopenmp too
+    "quant/_attn.c": ["-fno-math-errno", "-fopenmp-simd"],
     # decode: reassociation lets gcc vectorize the attention dot products / sums (infinities stay: the softmax
     # starts from -inf)
     "llm/_decode.c": ["-fno-math-errno", "-fassociative-math", "-fno-signed-zeros", "-fno-trapping-math"],
@@ -74,6 +76,7 @@ SIGNATURES: dict[str, tuple[Any, list[Any]]] = {
     "ts_rows_epilogue": (None, [_V, _I64, _I64, _V, _V, _V, _V, _INT, _INT]),
     "ts_rows_epilogue_codes": (None, [_V, _I64, _I64, _V, _V, _V, _V, _INT, _V, _V, _V, _INT, _INT]),
     "ts_add_layernorm": (None, [_V, _V, _I64, _I64, _V, _V, _V, _V, _V, _V, _F32, _V, _INT]),
+    "ts_encoder_attention": (_INT, [_V, _V, _V, _I64, _I64, _I64, _I64, _I64, _I64, _F32, _V, _I64, _I64, _V, _INT]),
     "ts_lm_isa": (_INT, []),
     "ts_lm_set_isa": (None, [_INT]),
     "ts_qgemv": (None, [_V, _V, _V, _V, _V, _V]),

@@ -56,6 +56,8 @@ def _twin_of(m: nn.Module, float_matmul: bool) -> nn.Module | None:
 
     if isinstance(m, LinearAddNorm):  # named_modules lists it before its dense, which is swapped next
         return ops._ExportAddNorm(m)
+    if type(m).__name__ == "NativeSelfAttention":  # likewise before its query / key / value
+        return ops._ExportAttention(m)
     if isinstance(m, Int8DynamicLinear):  # a GELU fused into the GEMM's epilogue is emitted after it
         return nn.Sequential(ops.ExportDyn(m), nn.GELU()) if m.post_op == "gelu" else ops.ExportDyn(m)
     if isinstance(m, WeightOnlyLinear):

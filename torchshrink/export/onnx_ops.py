@@ -199,6 +199,28 @@ class _ExportAddNorm(nn.Module):
         return self.LayerNorm(self.dense(hidden_states) + input_tensor)
 
 
+class _ExportAttention(nn.Module):
+    """NativeSelfAttention as plain ops (matmul, softmax, matmul); its query / key / value are swapped next."""
+
+    def __init__(self, m: nn.Module) -> None:
+        super().__init__()
+        self.query, self.key, self.value = m.query, m.key, m.value
+        self.heads, self.scaling = m.num_attention_heads, float(m.scaling)
+
+    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                *args: Any, **kwargs: Any) -> tuple[torch.Tensor, None]:
+        q, k, v = self.query(hidden_states), self.key(hidden_states), self.value(hidden_states)
+        b, s, w = q.shape
+        q4, k4, v4 = (t.reshape(b, s, self.heads, w // self.heads).transpose(1, 2) for t in (q, k, v))
+        scores = torch.matmul(q4, k4.transpose(-1, -2)) * self.scaling
+        if attention_mask is not None:
+            if attention_mask.dtype == torch.bool:
+                attention_mask = torch.zeros(attention_mask.shape, dtype=scores.dtype).masked_fill(~attention_mask, -1e30)
+            scores = scores + attention_mask
+        out = torch.matmul(scores.softmax(-1), v4)
+        return out.transpose(1, 2).reshape(b, s, w), None
+
+
 class _WeightOp(Twin):
     """A twin that rebuilds a Linear / Conv2d weight and applies the float op with the layer's geometry."""
 

@@ -46,7 +46,7 @@ def prefill_model(model: nn.Module, mode: str) -> nn.Module:
         return pm.to(torch.bfloat16)
     from torchshrink.llm.w8a8 import w8a8_lm
 
-    w8a8_lm(pm)
+    w8a8_lm(pm, kernel="onednn")  # our per-token codes + oneDNN's integer GEMM (prompt-sized matrices)
     return pm
 
 

@@ -18,6 +18,12 @@ next-token cross-entropy for users who also want the text's domain).
   the curve of the metric against tokens spent.
 * ``autocast``: bf16 autocast for both forwards where the CPU has native bf16 (AVX-512 BF16 / AMX);
   master weights and the optimizer stay fp32.
+* Data-parallel: called in every process of an initialized ``torch.distributed`` group (e.g. a script
+  started with ``torchrun --nproc-per-node N`` that calls ``torch.distributed.init_process_group("gloo")``
+  first), each process trains on its own ``batch`` rows of a global batch of ``batch x N`` (the same seeded
+  row order everywhere), gradients are averaged over the processes before each step, and the first
+  process decides when the budget is spent and runs ``evaluate``; N processes of ``batch`` rows take the
+  same steps as one process of ``batch x N`` rows. The processes are checked to end with equal weights.
 """
 
 from __future__ import annotations
@@ -72,9 +78,15 @@ def distill_lm(student: nn.Module, teacher: nn.Module, rows: torch.Tensor, *, se
                eval_every: int = 50, seed: int = 0, log: Callable[[dict], None] | None = None) -> dict[str, Any]:
     """Distill ``teacher`` into ``student`` in place (see the module docstring). Returns the report:
     steps, tokens, seconds, final loss, and ``curve`` = [{"step", "tokens", "seconds", "metric"}]."""
+    import torch.distributed as dist
+
     causal_lm(student)
     causal_lm(teacher)
     _check(rows, batch, seconds, steps, temperature, warmup)
+    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    rank = dist.get_rank() if world > 1 else 0
+    if world > 1 and rows.shape[0] < batch * world:
+        raise DataError(f"{rows.shape[0]} token rows cannot fill a batch of {batch} rows in each of {world} processes")
     autocast = bf16_native() if autocast is None else autocast
     gen = torch.Generator().manual_seed(seed)
     frozen = set()
@@ -103,7 +115,7 @@ def distill_lm(student: nn.Module, teacher: nn.Module, rows: torch.Tensor, *, se
     def point(step: int) -> None:
         """One curve point; its time is not training time (neither the budget nor the report counts it)."""
         nonlocal eval_time
-        if evaluate is None:
+        if evaluate is None or rank != 0:
             return
         e0 = time.perf_counter()
         student.eval()
@@ -120,16 +132,21 @@ def distill_lm(student: nn.Module, teacher: nn.Module, rows: torch.Tensor, *, se
         point(0)
         while True:
             elapsed = time.perf_counter() - t0 - eval_time
-            if steps is not None and step >= steps or seconds is not None and elapsed >= seconds:
-                break
+            stop = steps is not None and step >= steps or seconds is not None and elapsed >= seconds
             frac = step / steps if steps is not None else elapsed / seconds
+            if world > 1:  # the first process's clock decides for all (the same step count and learning rate)
+                flag = torch.tensor([float(stop), frac], dtype=torch.float64)
+                dist.broadcast(flag, 0)
+                stop, frac = bool(flag[0]), float(flag[1])
+            if stop:
+                break
             scale = min(1.0, (step + 1) / warmup if warmup else 1.0) * 0.5 * (1 + math.cos(math.pi * min(frac, 1.0)))
             for g in opt.param_groups:
                 g["lr"] = lr * max(scale, 0.02)
-            if pos + batch > len(order):
+            if pos + batch * world > len(order):
                 order, pos = torch.randperm(rows.shape[0], generator=gen), 0
-            x = rows[order[pos:pos + batch]]
-            pos += batch
+            x = rows[order[pos + rank * batch:pos + (rank + 1) * batch]]
+            pos += batch * world
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
                 with torch.no_grad():
                     th, tl = _hidden_and_logits(teacher, x, hidden_weight > 0)
@@ -143,19 +160,25 @@ def distill_lm(student: nn.Module, teacher: nn.Module, rows: torch.Tensor, *, se
                 loss = loss + label_weight * F.cross_entropy(sl[:, :-1].float().reshape(-1, sl.shape[-1]), x[:, 1:].reshape(-1))
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            if world > 1:
+                _average_gradients(params, world)
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             opt.step()
             with torch.no_grad():
                 for p, z in zeros.items():
                     p.masked_fill_(z, 0)
             step += 1
-            tokens += x.numel()
+            tokens += x.numel() * world
             loss_v = loss.item()
             if evaluate is not None and step % eval_every == 0:
                 point(step)
         train_seconds = time.perf_counter() - t0 - eval_time
         if evaluate is not None and (not curve or curve[-1]["step"] != step):
             point(step)
+        if world > 1:
+            from torchshrink.recipe.distributed import check_in_sync
+
+            check_in_sync(student)
     finally:
         for p, r in zip(student.parameters(), was, strict=True):
             p.requires_grad_(r)
@@ -163,7 +186,21 @@ def distill_lm(student: nn.Module, teacher: nn.Module, rows: torch.Tensor, *, se
         student.train(s_was)
     return {"steps": step, "tokens": tokens, "seconds": train_seconds, "loss": loss_v,
             "autocast_bf16": autocast, "batch": batch, "lr": lr, "temperature": temperature,
-            "hidden_weight": hidden_weight, "label_weight": label_weight, "kept_zeros": len(zeros), "curve": curve}
+            "hidden_weight": hidden_weight, "label_weight": label_weight, "kept_zeros": len(zeros), "curve": curve,
+            "processes": world}
+
+
+def _average_gradients(params: list[nn.Parameter], world: int) -> None:
+    """Every process's gradients replaced by their mean over the processes (one flat all-reduce)."""
+    import torch.distributed as dist
+    from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = _flatten_dense_tensors(grads)
+    dist.all_reduce(flat)
+    flat /= world
+    for p, g in zip(params, _unflatten_dense_tensors(flat, grads), strict=True):
+        p.grad = g
 
 
 class _FakeQuant(nn.Module):

@@ -41,13 +41,17 @@ def _input_maxima(model: nn.Module, linears: dict[str, nn.Linear], samples: torc
 
 
 def w8a8_lm(model: nn.Module, samples: torch.Tensor | None = None, *, smooth_alpha: float | None = None,
-            reduce_range: bool | None = None) -> dict[str, Any]:
+            reduce_range: bool | None = None, kernel: str = "linear_dynamic") -> dict[str, Any]:
     """Replace every decoder-layer Linear of ``model`` (in place) by a per-token W8A8 int8 Linear;
-    ``samples`` (token rows ``[n, seq]``) are needed for ``smooth_alpha``. Returns what was done."""
+    ``samples`` (token rows ``[n, seq]``) are needed for ``smooth_alpha``. ``kernel``: torch's
+    ``linear_dynamic`` op or ``onednn`` (torchshrink's activation codes + oneDNN's integer GEMM, the faster
+    one for prompt-sized matrices: llm/prefill.py). Returns what was done."""
     from torchshrink.quant.common import cpu_has_vnni
     from torchshrink.quant.modules import Int8DynamicLinear
 
     causal_lm(model)
+    if kernel not in ("linear_dynamic", "onednn"):
+        raise ConfigError(f"kernel={kernel!r}; allowed: linear_dynamic, onednn")
     if smooth_alpha is not None and not 0.0 <= smooth_alpha <= 1.0:
         raise ConfigError(f"smooth_alpha={smooth_alpha}: must be in 0..1 (or None for no smoothing)")
     if smooth_alpha is not None and (samples is None or samples.dim() != 2):
@@ -67,8 +71,9 @@ def w8a8_lm(model: nn.Module, samples: torch.Tensor | None = None, *, smooth_alp
         if smooth_alpha is not None:
             w_max = lin.weight.detach().abs().amax(0).float().clamp_min(1e-5)
             smooth = (amax[name].clamp_min(1e-5).pow(smooth_alpha) / w_max.pow(1 - smooth_alpha)).clamp(1e-5, 1e5)
-        set_module(model, name, Int8DynamicLinear.from_float(lin, smooth=smooth, activation="token", reduce_range=rr))
+        set_module(model, name, Int8DynamicLinear.from_float(lin, smooth=smooth, activation="token", reduce_range=rr,
+                                                               kernel=kernel))
     from torchshrink.export.hf_guard import guard_save_pretrained
 
     guard_save_pretrained(model)
-    return {"linears": len(linears), "smooth_alpha": smooth_alpha, "reduce_range": rr}
+    return {"linears": len(linears), "smooth_alpha": smooth_alpha, "reduce_range": rr, "kernel": kernel}

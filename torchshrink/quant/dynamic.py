@@ -95,9 +95,10 @@ def backend_summary(model: nn.Module, engine: str, default_activation: str) -> s
     counts: dict[str, int] = {}
     acts: set[str] = set()
     ranges: set[bool] = set()
-    fused = add_norm = emit = 0
+    fused = add_norm = emit = attn = 0
     for m in model.modules():
         add_norm += isinstance(m, LinearAddNorm)
+        attn += type(m).__name__ == "NativeSelfAttention"
         if isinstance(m, Int8DynamicLinear):
             emit += bool(m.emit_codes)
             counts[m.kernel] = counts.get(m.kernel, 0) + 1
@@ -111,6 +112,7 @@ def backend_summary(model: nn.Module, engine: str, default_activation: str) -> s
     extra = f", GELU fused into {fused} GEMMs" if fused else ""
     extra += f", residual add + LayerNorm fused after {add_norm} GEMMs" if add_norm else ""
     extra += f", next layer's activation codes written by {emit} epilogues" if emit else ""
+    extra += f", attention on torchshrink's kernel in {attn} blocks" if attn else ""
     rr = "/".join(str(r) for r in sorted(ranges)) or "n/a"
     return f"{'; '.join(parts)} (reduce_range={rr}, {scales} activation scales{extra})"
 
@@ -138,7 +140,7 @@ def apply_int8_dynamic(model: nn.Module, config: Int8DynamicConfig, *, select: S
         stats = input_channel_absmax(model, [n for n, _ in linears], calibration_batches(data, config.calib_batches))
     # one calibration batch checks every fusion (each one is undone or skipped where it does not fit)
     check = calibration_batches(data, 1)[0] if data is not None and (
-        config.fuse_qkv or config.fuse_add_norm or config.fuse_next_quant) else None
+        config.fuse_qkv or config.fuse_add_norm or config.fuse_next_quant or config.fuse_attention) else None
     if config.fuse_qkv:
         linears = fuse_attention_projections(model, config, select, linears, check, eng, choices)
     for name, lin in linears:
@@ -164,6 +166,12 @@ def apply_int8_dynamic(model: nn.Module, config: Int8DynamicConfig, *, select: S
         linked, why = link_codes(model, check)
         if why:
             log.warning("fuse_next_quant: nothing linked (%s)", why)
+    if config.fuse_attention:
+        from torchshrink.quant.attention import fuse_attention
+
+        swapped, why = fuse_attention(model, check)
+        if why:
+            log.warning("fuse_attention: attention left on torch (%s)", why)
     current(model).notes["backend"] = backend_summary(model, eng, config.activation)
     return model
 
@@ -237,6 +245,9 @@ class Int8DynamicConfig(Config):
     # a per-token oneDNN layer whose output another per-token layer reads directly (FFN input -> FFN output)
     # writes that layer's codes in its epilogue's sweep; found on a calibration batch, output checked bit-identical
     fuse_next_quant: bool = False
+    # BERT-style self-attention blocks on torchshrink's float32 attention kernel (quant/attention.py), reading the
+    # fused Q/K/V output in place; the model's output is checked on a calibration batch
+    fuse_attention: bool = False
 
     def validate(self) -> None:
         check_range("int8-dynamic.smooth_alpha", self.smooth_alpha, 0.0, 1.0)

@@ -195,6 +195,25 @@ def add_norm_blocks(model: nn.Module) -> list[str]:
     return out
 
 
+def first_calls(model: nn.Module, names: list[str], batch: Batch) -> dict[str, tuple[tuple, dict, Any]]:
+    """(args, kwargs, output) of each named module's first call while ``model`` runs ``batch`` in eval mode."""
+    seen: dict[str, tuple[tuple, dict, Any]] = {}
+    hooks = []
+    for n in names:
+        def hook(m: nn.Module, args: tuple, kwargs: dict, out: Any, n: str = n) -> None:  # returns None: output kept
+            seen.setdefault(n, (args, kwargs, out))
+        hooks.append(model.get_submodule(n).register_forward_hook(hook, with_kwargs=True))
+    was = model.training
+    model.eval()
+    try:
+        batch(model)
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was)
+    return seen
+
+
 @torch.no_grad()
 def fuse_add_norms(model: nn.Module, batch: Batch | None, rtol: float = 1e-4) -> tuple[list[str], dict[str, str]]:
     """Swap every :func:`add_norm_blocks` module for a :class:`LinearAddNorm` where, on ``batch``,
@@ -207,20 +226,7 @@ def fuse_add_norms(model: nn.Module, batch: Batch | None, rtol: float = 1e-4) ->
         return [], skipped
     if batch is None:
         return [], dict.fromkeys(names, "no calibration batch to check the block's computation on")
-    seen: dict[str, tuple[tuple, dict, Any]] = {}
-    hooks = []
-    for n in names:
-        def hook(m: nn.Module, args: tuple, kwargs: dict, out: Any, n: str = n) -> None:
-            seen.setdefault(n, (args, kwargs, out))
-        hooks.append(model.get_submodule(n).register_forward_hook(hook, with_kwargs=True))
-    was = model.training
-    model.eval()
-    try:
-        batch(model)
-    finally:
-        for h in hooks:
-            h.remove()
-        model.train(was)
+    seen = first_calls(model, names, batch)
     fused = []
     for n in names:
         if n not in seen:

@@ -1,0 +1,180 @@
+/* Encoder self-attention in float32 for BERT-family blocks (torchshrink.quant.attention).
+ *
+ * ts_encoder_attention: out[b, i, h*D + d] = sum_j softmax_j(scale * q_i . k_j + mask(b, i, j)) v_j[d]
+ *   for every batch b, head h and query i.
+ *   q, k, v: rows of floats with batch stride bs and row stride rs, shared by the three (three contiguous
+ *            [B, S, H*D] tensors, or the slices of one fused Q/K/V projection); head h starts at column h*D.
+ *   mask:    NULL, or madd[b*mb + i*mq + j] added to the score (a large negative number masks the key; a boolean
+ *            mask arrives converted); mq = 0 for a key-padding mask shared by every query.
+ *   out:     [B, S, H*D] contiguous, written directly in the layout the output projection reads.
+ * One (batch, head) pair per task: K^T staged once in a per-thread buffer (keys padded to a multiple of 16),
+ * the scores of 4 queries at a time accumulated in registers, softmax with a polynomial exp (relative error
+ * ~2e-7, the Cephes expf reduction), then P V for the same 4 queries. A query whose every key is masked gets
+ * zeros (torch's SDPA: NaN). Against torch's flash-attention CPU kernel at MiniLM's shapes:
+ * benchmarks/results/attention.md.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#define QB 4          /* queries per register block */
+#define KB 16         /* keys per register block */
+#define MASKED -1e30f /* a masked or padded score; exp gives exactly 0 */
+
+static inline float exp_clamped(float xc) { /* exp(xc) for -87 <= xc <= 0 */
+    float t = xc * 1.44269504088896341f + 12582912.f; /* 1.5 * 2^23: t - 1.5 * 2^23 = round(xc / ln 2) */
+    float n = t - 12582912.f;
+    float r = xc - n * 0.693359375f;
+    r = r + n * 2.12194440e-4f;
+    float p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * r * r + r + 1.f;
+    union { int32_t i; float f; } two_n;
+    two_n.i = ((int32_t)n + 127) << 23;
+    return p * two_n.f;
+}
+
+/* scores of 4 queries (rows q0..q3, D long) against every staged key: sc[r * S16 + j] */
+static inline __attribute__((always_inline)) void scores4(const float *q0, const float *q1, const float *q2,
+                                                            const float *q3, const float *kt, int64_t S16, int64_t D,
+                                                            float scale, float *sc) {
+    for (int64_t j0 = 0; j0 < S16; j0 += KB) {
+        float a0[KB] = {0}, a1[KB] = {0}, a2[KB] = {0}, a3[KB] = {0};
+        for (int64_t d = 0; d < D; d++) {
+            const float *kr = kt + d * S16 + j0;
+            float x0 = q0[d], x1 = q1[d], x2 = q2[d], x3 = q3[d];
+            for (int u = 0; u < KB; u++) {
+                a0[u] += x0 * kr[u];
+                a1[u] += x1 * kr[u];
+                a2[u] += x2 * kr[u];
+                a3[u] += x3 * kr[u];
+            }
+        }
+        for (int u = 0; u < KB; u++) {
+            sc[j0 + u] = a0[u] * scale;
+            sc[S16 + j0 + u] = a1[u] * scale;
+            sc[2 * S16 + j0 + u] = a2[u] * scale;
+            sc[3 * S16 + j0 + u] = a3[u] * scale;
+        }
+    }
+}
+
+/* softmax of one row of S scores in place (masked first); returns 1 / sum, or 0 when every key is masked */
+static inline float softmax_row(float *row, int64_t S, const float *ma) {
+    if (ma)
+        for (int64_t j = 0; j < S; j++) row[j] += ma[j];
+    float mx = MASKED;
+#pragma omp simd reduction(max : mx)
+    for (int64_t j = 0; j < S; j++) mx = row[j] > mx ? row[j] : mx;
+    if (!(mx > 0.5f * MASKED)) return 0.f;
+    for (int64_t j = 0; j < S; j++) { /* masked keys: exp(-87) < 2e-38 instead of 0 */
+        float x = row[j] - mx;
+        row[j] = x < -87.f ? -87.f : x;
+    }
+    for (int64_t j = 0; j < S; j++) row[j] = exp_clamped(row[j]);
+    float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+    for (int64_t j = 0; j < S; j++) sum += row[j];
+    return 1.f / sum;
+}
+
+/* acc[r * D + d] = sum_j p_r[j] v_j[d] for the 4 probability rows; 16 value columns at a time in registers
+ * (D a multiple of 16), else one pass per key over the accumulators in memory */
+static inline __attribute__((always_inline)) void pv4(const float *sc, int64_t S16, const float *vb, int64_t rs,
+                                                        int64_t S, int64_t D, float *acc) {
+    if (D % KB == 0) {
+        for (int64_t d0 = 0; d0 < D; d0 += KB) {
+            float a0[KB] = {0}, a1[KB] = {0}, a2[KB] = {0}, a3[KB] = {0};
+            for (int64_t j = 0; j < S; j++) {
+                const float *vr = vb + j * rs + d0;
+                float p0 = sc[j], p1 = sc[S16 + j], p2 = sc[2 * S16 + j], p3 = sc[3 * S16 + j];
+                for (int u = 0; u < KB; u++) {
+                    a0[u] += p0 * vr[u];
+                    a1[u] += p1 * vr[u];
+                    a2[u] += p2 * vr[u];
+                    a3[u] += p3 * vr[u];
+                }
+            }
+            for (int u = 0; u < KB; u++) {
+                acc[d0 + u] = a0[u];
+                acc[D + d0 + u] = a1[u];
+                acc[2 * D + d0 + u] = a2[u];
+                acc[3 * D + d0 + u] = a3[u];
+            }
+        }
+        return;
+    }
+    memset(acc, 0, sizeof(float) * QB * D);
+    for (int64_t j = 0; j < S; j++) {
+        const float *vr = vb + j * rs;
+        float p0 = sc[j], p1 = sc[S16 + j], p2 = sc[2 * S16 + j], p3 = sc[3 * S16 + j];
+        for (int64_t d = 0; d < D; d++) {
+            float x = vr[d];
+            acc[d] += p0 * x;
+            acc[D + d] += p1 * x;
+            acc[2 * D + d] += p2 * x;
+            acc[3 * D + d] += p3 * x;
+        }
+    }
+}
+
+static inline __attribute__((always_inline)) void head(const float *qb, const float *kb, const float *vb, int64_t S,
+                                                         int64_t D, int64_t rs, float scale,
+                                                         const float *madd, int64_t mq, float *ob, int64_t orow,
+                                                         float *kt, float *sc, float *acc) {
+    int64_t S16 = (S + KB - 1) / KB * KB;
+    for (int64_t d = 0; d < D; d++) {
+        float *row = kt + d * S16;
+        for (int64_t j = 0; j < S; j++) row[j] = kb[j * rs + d];
+        for (int64_t j = S; j < S16; j++) row[j] = 0.f;
+    }
+    for (int64_t i0 = 0; i0 < S; i0 += QB) {
+        int64_t nq = S - i0 < QB ? S - i0 : QB;
+        const float *q0 = qb + i0 * rs;
+        scores4(q0, nq > 1 ? q0 + rs : q0, nq > 2 ? q0 + 2 * rs : q0, nq > 3 ? q0 + 3 * rs : q0, kt, S16, D, scale, sc);
+        float inv[QB] = {0};
+        for (int64_t r = 0; r < nq; r++)
+            inv[r] = softmax_row(sc + r * S16, S, madd ? madd + (i0 + r) * mq : NULL);
+        pv4(sc, S16, vb, rs, S, D, acc);
+        for (int64_t r = 0; r < nq; r++) {
+            float *o = ob + (i0 + r) * orow;
+            for (int64_t d = 0; d < D; d++) o[d] = acc[r * D + d] * inv[r];
+        }
+    }
+}
+
+/* returns 0, or -1 when a scratch buffer could not be allocated (nothing meaningful written) */
+int ts_encoder_attention(const float *q, const float *k, const float *v, int64_t B, int64_t S, int64_t H, int64_t D,
+                         int64_t bs, int64_t rs, float scale, const float *madd, int64_t mb,
+                         int64_t mq, float *out, int threads) {
+    int64_t S16 = (S + KB - 1) / KB * KB, tasks = B * H, orow = H * D;
+    int failed = 0;
+#pragma omp parallel num_threads(threads) reduction(| : failed)
+    {
+        float *kt = (float *)malloc(sizeof(float) * (size_t)(D * S16 + QB * S16 + QB * D));
+        if (!kt) failed = 1;
+#pragma omp for schedule(static)
+        for (int64_t t = 0; t < tasks; t++) {
+            if (!kt) continue;
+            int64_t b = t / H, h = t % H, off = b * bs + h * D;
+            const float *mab = madd ? madd + b * mb : NULL;
+            float *ob = out + b * S * orow + h * D, *sc = kt + D * S16, *acc = sc + QB * S16;
+            if (D == 32)
+                head(q + off, k + off, v + off, S, 32, rs, scale, mab, mq, ob, orow, kt, sc, acc);
+            else if (D == 64)
+                head(q + off, k + off, v + off, S, 64, rs, scale, mab, mq, ob, orow, kt, sc, acc);
+            else
+                head(q + off, k + off, v + off, S, D, rs, scale, mab, mq, ob, orow, kt, sc, acc);
+        }
+        free(kt);
+    }
+    return failed ? -1 : 0;
+}

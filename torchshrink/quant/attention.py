@@ -1,0 +1,178 @@
+"""Encoder self-attention on torchshrink's C kernel, for BERT-family blocks (MiniLM, BERT, RoBERTa, ...).
+
+torch's CPU attention (SDPA's flash kernel) is slow at the shapes sentence encoders run (128 tokens, heads
+of 32): on a 2-core AMD EPYC (Zen 4), 16 x 128 tokens, 6 heads of 32, it took ~3.1 ms a layer where
+``_attn.c`` took ~2.1 (float32, the same results within 1e-6; benchmarks/results/attention.md). :class:`NativeSelfAttention` replaces a ``*SelfAttention`` module: it keeps the
+``query`` / ``key`` / ``value`` children (so the state dict is unchanged, and a fused INT8 Q/K/V projection
+still runs as one GEMM), reads the three straight out of the projection output (no head transposes), and
+writes the result in the layout the output projection reads. Inference only; :func:`fuse_attention` swaps
+the blocks and checks the model's output on a calibration batch (undone where it differs).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.profiler import record_function
+
+from torchshrink.core import native
+from torchshrink.core.data import Batch
+from torchshrink.core.surgery import set_module
+from torchshrink.export.modules import register_module
+
+log = logging.getLogger(__name__)
+MASKED = -1e30  # a masked key's additive score (exp gives < 2e-38)
+
+
+def _fake(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, scale: float,
+          mask: torch.Tensor | None) -> torch.Tensor:
+    return q.new_empty(q.shape[0], q.shape[1], q.shape[2])
+
+
+_LAST = threading.local()  # the last mask converted (every block of a forward gets the same tensor)
+
+
+def additive_mask(mask: torch.Tensor | None, batch: int, seq: int) -> torch.Tensor | None:
+    """A Hugging Face attention mask -- boolean (True: attend) or additive float, broadcastable to
+    [batch, 1, seq, seq] -- as an additive float32 tensor of that rank (a mask expanded over the queries stays
+    one row per batch). The conversion of the tensor given last is reused while it is unchanged."""
+    if mask is None:
+        return None
+    version = -1 if mask.is_inference() else mask._version  # inference tensors keep no version counter
+    last = getattr(_LAST, "pair", None)
+    if last is not None and last[0] is mask and last[1] == version:
+        return last[2]
+    out = _additive(mask, batch, seq)
+    _LAST.pair = (mask, version, out)
+    return out
+
+
+def _additive(mask: torch.Tensor, batch: int, seq: int) -> torch.Tensor:
+    if mask.dim() != 4 or mask.shape[1] != 1 or mask.shape[0] not in (1, batch) or mask.shape[2] not in (1, seq) \
+            or mask.shape[3] != seq:
+        raise ValueError(f"attention mask of shape {tuple(mask.shape)}; expected [batch, 1, 1 or {seq}, {seq}]")
+    if mask.shape[2] > 1 and mask.stride(2) == 0:  # one key-padding row expanded over the queries
+        mask = mask[:, :, :1]
+    if mask.dtype == torch.bool:
+        return torch.zeros(mask.shape, dtype=torch.float32).masked_fill_(~mask, MASKED)
+    return mask.float().contiguous()
+
+
+@native.kernel_op("encoder_attention", fake=_fake)
+def encoder_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, scale: float,
+                      mask: torch.Tensor | None) -> torch.Tensor:
+    """softmax(scale * Q K^T + mask) V per head. q, k, v: [B, S, heads * D] float32 with one shared
+    layout (each row contiguous); mask: additive float32 [B or 1, 1, S or 1, S] (:func:`additive_mask`) or
+    None. Returns [B, S, heads * D]. A query whose every key is masked gets zeros (torch's SDPA: NaN)."""
+    b, s, width = q.shape
+    d = width // heads
+    lib = native.library()
+    if lib is None:
+        q4, k4, v4 = (t.reshape(b, s, heads, d).transpose(1, 2) for t in (q, k, v))
+        out = F.scaled_dot_product_attention(q4, k4, v4, attn_mask=mask, scale=scale)
+        return out.transpose(1, 2).reshape(b, s, width).nan_to_num_(0.0)
+    if not (q.stride() == k.stride() == v.stride() and q.stride(2) == 1):
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    out = torch.empty(b, s, width, dtype=torch.float32)
+    mb = mq = 0
+    if mask is not None:
+        mb = mask.stride(0) if mask.shape[0] > 1 else 0
+        mq = mask.stride(2) if mask.shape[2] > 1 else 0
+    with record_function("torchshrink::encoder_attention"):
+        rc = lib.ts_encoder_attention(q.data_ptr(), k.data_ptr(), v.data_ptr(), b, s, heads, d, q.stride(0),
+                                      q.stride(1), scale, None if mask is None else mask.data_ptr(), mb, mq,
+                                      out.data_ptr(), torch.get_num_threads())
+    if rc != 0:
+        raise MemoryError("encoder_attention: could not allocate the per-thread key buffer")
+    return out
+
+
+@register_module
+class NativeSelfAttention(nn.Module):
+    """A BERT-style self-attention block (``query`` / ``key`` / ``value`` children, no relative positions, not
+    causal) running :func:`encoder_attention`. Returns ``(output, None)`` like the block it replaces (no
+    attention weights). Inference only: no attention dropout, no gradients through the kernel."""
+
+    def __init__(self, heads: int, head_dim: int, scaling: float) -> None:
+        super().__init__()
+        self.num_attention_heads, self.attention_head_size, self.scaling = heads, head_dim, scaling
+
+    def init_args(self) -> dict[str, Any]:
+        return {"heads": self.num_attention_heads, "head_dim": self.attention_head_size, "scaling": self.scaling}
+
+    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                *args: Any, **kwargs: Any) -> tuple[torch.Tensor, None]:
+        if kwargs.get("encoder_hidden_states") is not None or kwargs.get("cache") is not None:
+            raise RuntimeError("NativeSelfAttention is self-attention without a cache")
+        dtype = hidden_states.dtype
+        q, k, v = self.query(hidden_states), self.key(hidden_states), self.value(hidden_states)
+        b, s = q.shape[0], q.shape[1]
+        out = encoder_attention(q.float(), k.float(), v.float(), self.num_attention_heads, float(self.scaling),
+                                additive_mask(attention_mask, b, s))
+        return out.to(dtype), None
+
+
+def attention_blocks(model: nn.Module) -> list[str]:
+    """Names of the modules :class:`NativeSelfAttention` can replace: a ``*SelfAttention`` class with
+    ``query`` / ``key`` / ``value`` children and integer head settings, not a decoder's, not causal, and
+    without relative-position embeddings."""
+    out = []
+    for name, m in model.named_modules():
+        kids = dict(m.named_children())
+        heads, size = getattr(m, "num_attention_heads", None), getattr(m, "attention_head_size", None)
+        if (type(m).__name__.endswith("SelfAttention") and type(m) is not NativeSelfAttention
+                and all(k in kids for k in ("query", "key", "value"))
+                and isinstance(heads, int) and isinstance(size, int) and heads > 0 and size > 0
+                and not getattr(m, "is_decoder", False) and not getattr(m, "is_causal", False)
+                and "distance_embedding" not in kids
+                and getattr(m, "position_embedding_type", "absolute") in ("absolute", None)):
+            out.append(name)
+    return out
+
+
+@torch.inference_mode()
+def fuse_attention(model: nn.Module, batch: Batch | None, rtol: float = 1e-4) -> tuple[list[str], str | None]:
+    """Swap every :func:`attention_blocks` module for a :class:`NativeSelfAttention` where, on ``batch``, the new
+    block reproduces the old one's output on the old one's inputs (within ``rtol`` of its largest magnitude).
+    Blocks are checked one by one: the model's final output is no test here, since an INT8 model with one grid
+    per tensor turns a 1e-6 change in one block into ~1e-2 at its output (code flips; measured on MiniLM).
+    Returns (swapped names, reason nothing was swapped or None)."""
+    names = attention_blocks(model)
+    if not names:
+        return [], "no BERT-style self-attention block"
+    if batch is None:
+        return [], "no calibration batch to check the swap on"
+    from torchshrink.quant.fused import first_calls
+
+    seen = first_calls(model, names, batch)
+    swapped, why = [], {}
+    for n in names:
+        if n not in seen:
+            why[n] = "not called on the calibration batch"
+            continue
+        old = model.get_submodule(n)
+        new = NativeSelfAttention(old.num_attention_heads, old.attention_head_size,
+                                  float(getattr(old, "scaling", old.attention_head_size ** -0.5))).eval()
+        for kid in ("query", "key", "value"):
+            new.add_module(kid, getattr(old, kid))
+        args, kwargs, out = seen[n]
+        ref = out[0] if isinstance(out, tuple) else out
+        try:
+            got = new(*args, **kwargs)[0]
+        except Exception as e:  # the block is called with something this module does not take
+            why[n] = f"{type(e).__name__}: {e}"
+            continue
+        if got.shape != ref.shape or (got - ref).abs().max() > rtol * max(ref.abs().max().item(), 1e-6):
+            why[n] = "its output differs"
+            continue
+        set_module(model, n, new)
+        swapped.append(n)
+    if why:
+        log.warning("attention on torchshrink's kernel in %d blocks, not in %d (%s)", len(swapped), len(why),
+                    "; ".join(sorted(set(why.values())))[:300])
+    return swapped, None if swapped else "; ".join(sorted(set(why.values())))
