@@ -176,3 +176,48 @@ def test_mask_conversion_is_reused_for_the_same_tensor_only():
     assert again is not first and again[0, 0, 1, 2] == A.MASKED
     other = keep.clone()
     assert A.additive_mask(other, 2, 4) is not again
+
+
+@pytest.mark.parametrize("c", [True, False])
+@pytest.mark.parametrize("b,h,hkv,sq,skv,d,causal", [(1, 9, 3, 37, 37, 64, True), (2, 4, 2, 19, 19, 24, True),
+                                                      (1, 6, 3, 5, 21, 64, True), (2, 4, 4, 13, 13, 32, False)])
+def test_general_kernel_grouped_causal_and_strided(monkeypatch, c, b, h, hkv, sq, skv, d, causal):
+    if not c:
+        monkeypatch.setenv("TORCHSHRINK_KERNELS", "torch")
+    elif not kernels.available():
+        pytest.skip("no C compiler")
+    g = torch.Generator().manual_seed(sq * d)
+    q = torch.randn(b, sq, h, d, generator=g).transpose(1, 2)  # transformers' views of [B, S, H, D] projections
+    k = torch.randn(b, skv, hkv, d, generator=g).transpose(1, 2)
+    v = torch.randn(b, hkv, skv, d, generator=g)  # and a contiguous one
+    rep = h // hkv
+    allowed = torch.ones(sq, skv, dtype=torch.bool).tril(skv - sq) if causal else None
+    ref = F.scaled_dot_product_attention(q, k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1), attn_mask=allowed)
+    got = A.attention(q, k, v, d ** -0.5, causal, None)
+    assert got.shape == (b, sq, h * d)
+    assert float((got - ref.transpose(1, 2).reshape(b, sq, h * d)).abs().max()) < 1e-5
+
+
+def test_transformers_attention_function_on_a_llama():
+    tf = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = tf.LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, max_position_embeddings=128)
+    m = tf.LlamaForCausalLM(cfg).eval()
+    fast = copy.deepcopy(m)
+    A.use_hf_attention(fast)
+    assert m.config._attn_implementation != "torchshrink"  # the copy only
+    ids = torch.randint(0, 64, (2, 23), generator=torch.Generator().manual_seed(1))
+    am = torch.ones(2, 23, dtype=torch.long)
+    am[1, :4] = 0  # left padding: a mask instead of the causal flag
+    with torch.no_grad():
+        for kw in ({}, {"attention_mask": am}):
+            a, b = m(input_ids=ids, **kw).logits, fast(input_ids=ids, **kw).logits
+            keep = slice(None) if not kw else (am.bool())
+            assert float((a[keep] - b[keep]).abs().max()) < 1e-4
+        # a prompt, then one token against the cache (the causal offset of a later query)
+        out_a = m(input_ids=ids[:1, :20], use_cache=True)
+        out_b = fast(input_ids=ids[:1, :20], use_cache=True)
+        na = m(input_ids=ids[:1, 20:21], past_key_values=out_a.past_key_values).logits
+        nb = fast(input_ids=ids[:1, 20:21], past_key_values=out_b.past_key_values).logits
+    assert float((na - nb).abs().max()) < 1e-4

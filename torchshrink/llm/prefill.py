@@ -3,7 +3,8 @@
 The engine (``llm/_decode.c``) is built for batch-1 decoding: one weight row against one token's int8
 activations. A prompt is a matrix of tokens, where a GEMM library wins: this module runs the prompt through
 a torch copy of the model whose weights are the engine's dequantized ones, in bf16 (oneDNN bf16 GEMM where
-the CPU has native bf16) or INT8 (torchshrink's W8A8 kernels, per-token activations), computes the logits of
+the CPU has native bf16) or INT8 (torchshrink's W8A8 kernels, per-token activations, oneDNN's integer GEMM;
+attention on torchshrink's float32 kernel), computes the logits of
 the last token only, and writes the keys (after RoPE) and values into the engine's KV cache, so decoding
 goes on in the engine as if it had read the prompt itself. :func:`choose_prefill` times the engine's own
 chunked prefill against both on a prompt of the given length and keeps the fastest.
@@ -47,6 +48,9 @@ def prefill_model(model: nn.Module, mode: str) -> nn.Module:
     from torchshrink.llm.w8a8 import w8a8_lm
 
     w8a8_lm(pm, kernel="onednn")  # our per-token codes + oneDNN's integer GEMM (prompt-sized matrices)
+    from torchshrink.quant.attention import use_hf_attention
+
+    use_hf_attention(pm)  # causal grouped-query attention on torchshrink's float32 kernel
     return pm
 
 

@@ -42,11 +42,11 @@ static inline float exp_clamped(float xc) { /* exp(xc) for -87 <= xc <= 0 */
     return p * two_n.f;
 }
 
-/* scores of 4 queries (rows q0..q3, D long) against every staged key: sc[r * S16 + j] */
+/* scores of 4 queries (rows q0..q3, D long) against the first n16 staged keys: sc[r * S16 + j] */
 static inline __attribute__((always_inline)) void scores4(const float *q0, const float *q1, const float *q2,
-                                                            const float *q3, const float *kt, int64_t S16, int64_t D,
-                                                            float scale, float *sc) {
-    for (int64_t j0 = 0; j0 < S16; j0 += KB) {
+                                                            const float *q3, const float *kt, int64_t S16, int64_t n16,
+                                                            int64_t D, float scale, float *sc) {
+    for (int64_t j0 = 0; j0 < n16; j0 += KB) {
         float a0[KB] = {0}, a1[KB] = {0}, a2[KB] = {0}, a3[KB] = {0};
         for (int64_t d = 0; d < D; d++) {
             const float *kr = kt + d * S16 + j0;
@@ -126,24 +126,31 @@ static inline __attribute__((always_inline)) void pv4(const float *sc, int64_t S
     }
 }
 
-static inline __attribute__((always_inline)) void head(const float *qb, const float *kb, const float *vb, int64_t S,
-                                                         int64_t D, int64_t rs, float scale,
-                                                         const float *madd, int64_t mq, float *ob, int64_t orow,
-                                                         float *kt, float *sc, float *acc) {
-    int64_t S16 = (S + KB - 1) / KB * KB;
+static inline __attribute__((always_inline)) void head(const float *qb, int64_t qss, const float *kb, int64_t kss,
+                                                         const float *vb, int64_t vss, int64_t Sq, int64_t Skv,
+                                                         int64_t D, float scale, const float *madd, int64_t mq,
+                                                         int causal, float *ob, int64_t orow, float *kt, float *sc,
+                                                         float *acc) {
+    int64_t S16 = (Skv + KB - 1) / KB * KB, off = Skv - Sq; /* causal: query i sees keys j <= i + off */
     for (int64_t d = 0; d < D; d++) {
         float *row = kt + d * S16;
-        for (int64_t j = 0; j < S; j++) row[j] = kb[j * rs + d];
-        for (int64_t j = S; j < S16; j++) row[j] = 0.f;
+        for (int64_t j = 0; j < Skv; j++) row[j] = kb[j * kss + d];
+        for (int64_t j = Skv; j < S16; j++) row[j] = 0.f;
     }
-    for (int64_t i0 = 0; i0 < S; i0 += QB) {
-        int64_t nq = S - i0 < QB ? S - i0 : QB;
-        const float *q0 = qb + i0 * rs;
-        scores4(q0, nq > 1 ? q0 + rs : q0, nq > 2 ? q0 + 2 * rs : q0, nq > 3 ? q0 + 3 * rs : q0, kt, S16, D, scale, sc);
+    for (int64_t i0 = 0; i0 < Sq; i0 += QB) {
+        int64_t nq = Sq - i0 < QB ? Sq - i0 : QB;
+        int64_t kmax = causal ? (i0 + nq + off < Skv ? i0 + nq + off : Skv) : Skv;
+        const float *q0 = qb + i0 * qss;
+        scores4(q0, nq > 1 ? q0 + qss : q0, nq > 2 ? q0 + 2 * qss : q0, nq > 3 ? q0 + 3 * qss : q0, kt, S16,
+                (kmax + KB - 1) / KB * KB, D, scale, sc);
         float inv[QB] = {0};
-        for (int64_t r = 0; r < nq; r++)
-            inv[r] = softmax_row(sc + r * S16, S, madd ? madd + (i0 + r) * mq : NULL);
-        pv4(sc, S16, vb, rs, S, D, acc);
+        for (int64_t r = 0; r < nq; r++) {
+            int64_t lim = causal ? (i0 + r + 1 + off < Skv ? i0 + r + 1 + off : Skv) : Skv;
+            float *row = sc + r * S16;
+            inv[r] = lim > 0 ? softmax_row(row, lim, madd ? madd + (i0 + r) * mq : NULL) : 0.f;
+            for (int64_t j = lim > 0 ? lim : 0; j < kmax; j++) row[j] = 0.f;
+        }
+        pv4(sc, S16, vb, vss, kmax, D, acc);
         for (int64_t r = 0; r < nq; r++) {
             float *o = ob + (i0 + r) * orow;
             for (int64_t d = 0; d < D; d++) o[d] = acc[r * D + d] * inv[r];
@@ -151,11 +158,15 @@ static inline __attribute__((always_inline)) void head(const float *qb, const fl
     }
 }
 
-/* returns 0, or -1 when a scratch buffer could not be allocated (nothing meaningful written) */
-int ts_encoder_attention(const float *q, const float *k, const float *v, int64_t B, int64_t S, int64_t H, int64_t D,
-                         int64_t bs, int64_t rs, float scale, const float *madd, int64_t mb,
-                         int64_t mq, float *out, int threads) {
-    int64_t S16 = (S + KB - 1) / KB * KB, tasks = B * H, orow = H * D;
+/* ts_attention: the general form. q [B, H, Sq, D] and k, v [B, Hkv, Skv, D] given by strides (batch, head, row;
+ * D contiguous); query head h reads key/value head h / (H / Hkv) (grouped-query attention); causal: query i
+ * (of the last Sq positions) sees keys j <= i + Skv - Sq; madd as above over [B, 1, Sq or 1, Skv].
+ * out: [B, Sq, H * D] contiguous. Returns 0, or -1 when a scratch buffer could not be allocated. */
+int ts_attention(const float *q, const float *k, const float *v, int64_t B, int64_t Sq, int64_t Skv, int64_t H,
+                 int64_t Hkv, int64_t D, int64_t qsb, int64_t qsh, int64_t qss, int64_t ksb, int64_t ksh, int64_t kss,
+                 int64_t vsb, int64_t vsh, int64_t vss, float scale, const float *madd, int64_t mb, int64_t mq,
+                 int causal, float *out, int threads) {
+    int64_t S16 = (Skv + KB - 1) / KB * KB, tasks = B * H, orow = H * D, group = H / Hkv;
     int failed = 0;
 #pragma omp parallel num_threads(threads) reduction(| : failed)
     {
@@ -164,17 +175,26 @@ int ts_encoder_attention(const float *q, const float *k, const float *v, int64_t
 #pragma omp for schedule(static)
         for (int64_t t = 0; t < tasks; t++) {
             if (!kt) continue;
-            int64_t b = t / H, h = t % H, off = b * bs + h * D;
+            int64_t b = t / H, h = t % H, g = h / group;
+            const float *qb = q + b * qsb + h * qsh, *kb = k + b * ksb + g * ksh, *vb = v + b * vsb + g * vsh;
             const float *mab = madd ? madd + b * mb : NULL;
-            float *ob = out + b * S * orow + h * D, *sc = kt + D * S16, *acc = sc + QB * S16;
+            float *ob = out + b * Sq * orow + h * D, *sc = kt + D * S16, *acc = sc + QB * S16;
             if (D == 32)
-                head(q + off, k + off, v + off, S, 32, rs, scale, mab, mq, ob, orow, kt, sc, acc);
+                head(qb, qss, kb, kss, vb, vss, Sq, Skv, 32, scale, mab, mq, causal, ob, orow, kt, sc, acc);
             else if (D == 64)
-                head(q + off, k + off, v + off, S, 64, rs, scale, mab, mq, ob, orow, kt, sc, acc);
+                head(qb, qss, kb, kss, vb, vss, Sq, Skv, 64, scale, mab, mq, causal, ob, orow, kt, sc, acc);
             else
-                head(q + off, k + off, v + off, S, D, rs, scale, mab, mq, ob, orow, kt, sc, acc);
+                head(qb, qss, kb, kss, vb, vss, Sq, Skv, D, scale, mab, mq, causal, ob, orow, kt, sc, acc);
         }
         free(kt);
     }
     return failed ? -1 : 0;
+}
+
+/* ts_encoder_attention: q, k, v rows of [B, S, >= H * D] sharing batch stride bs and row stride rs (see the top) */
+int ts_encoder_attention(const float *q, const float *k, const float *v, int64_t B, int64_t S, int64_t H, int64_t D,
+                         int64_t bs, int64_t rs, float scale, const float *madd, int64_t mb, int64_t mq, float *out,
+                         int threads) {
+    return ts_attention(q, k, v, B, S, S, H, H, D, bs, D, rs, bs, D, rs, bs, D, rs, scale, madd, mb, mq, 0, out,
+                        threads);
 }

@@ -37,25 +37,26 @@ def _fake(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, scale: 
 _LAST = threading.local()  # the last mask converted (every block of a forward gets the same tensor)
 
 
-def additive_mask(mask: torch.Tensor | None, batch: int, seq: int) -> torch.Tensor | None:
+def additive_mask(mask: torch.Tensor | None, batch: int, seq: int, keys: int | None = None) -> torch.Tensor | None:
     """A Hugging Face attention mask -- boolean (True: attend) or additive float, broadcastable to
     [batch, 1, seq, seq] -- as an additive float32 tensor of that rank (a mask expanded over the queries stays
-    one row per batch). The conversion of the tensor given last is reused while it is unchanged."""
+    one row per batch; ``keys``: the key count where it differs from ``seq``). The conversion of the tensor given
+    last is reused while it is unchanged."""
     if mask is None:
         return None
     version = -1 if mask.is_inference() else mask._version  # inference tensors keep no version counter
     last = getattr(_LAST, "pair", None)
     if last is not None and last[0] is mask and last[1] == version:
         return last[2]
-    out = _additive(mask, batch, seq)
+    out = _additive(mask, batch, seq, seq if keys is None else keys)
     _LAST.pair = (mask, version, out)
     return out
 
 
-def _additive(mask: torch.Tensor, batch: int, seq: int) -> torch.Tensor:
+def _additive(mask: torch.Tensor, batch: int, seq: int, keys: int) -> torch.Tensor:
     if mask.dim() != 4 or mask.shape[1] != 1 or mask.shape[0] not in (1, batch) or mask.shape[2] not in (1, seq) \
-            or mask.shape[3] != seq:
-        raise ValueError(f"attention mask of shape {tuple(mask.shape)}; expected [batch, 1, 1 or {seq}, {seq}]")
+            or mask.shape[3] != keys:
+        raise ValueError(f"attention mask of shape {tuple(mask.shape)}; expected [batch, 1, 1 or {seq}, {keys}]")
     if mask.shape[2] > 1 and mask.stride(2) == 0:  # one key-padding row expanded over the queries
         mask = mask[:, :, :1]
     if mask.dtype == torch.bool:
@@ -90,6 +91,71 @@ def encoder_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: 
     if rc != 0:
         raise MemoryError("encoder_attention: could not allocate the per-thread key buffer")
     return out
+
+
+def _fake_general(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, causal: bool,
+                  mask: torch.Tensor | None) -> torch.Tensor:
+    return q.new_empty(q.shape[0], q.shape[2], q.shape[1] * q.shape[3])
+
+
+@native.kernel_op("attention", fake=_fake_general)
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, causal: bool,
+              mask: torch.Tensor | None) -> torch.Tensor:
+    """softmax(scale * Q K^T + mask) V, transformers' layout: q [B, H, Sq, D], k / v [B, Hkv, Skv, D] float32
+    (any strides with D contiguous; query head h reads key head h // (H / Hkv)); ``causal``: query i of the
+    last Sq positions sees keys up to i + Skv - Sq; mask as :func:`additive_mask` gives it. Returns
+    [B, Sq, H * D]."""
+    b, h, sq, d = q.shape
+    hkv, skv = k.shape[1], k.shape[2]
+    lib = native.library()
+    if lib is None or h % hkv:
+        if causal:  # bottom-right aligned (torch's is_causal aligns top-left when sq != skv)
+            allowed = torch.ones(sq, skv, dtype=torch.bool).tril(skv - sq)
+            mask = torch.zeros(sq, skv).masked_fill_(~allowed, MASKED) + (0.0 if mask is None else mask)
+        rep = max(1, h // hkv)
+        out = F.scaled_dot_product_attention(q, k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1),
+                                             attn_mask=mask, scale=scale)
+        return out.transpose(1, 2).reshape(b, sq, h * d).nan_to_num_(0.0)
+    q, k, v = (t if t.stride(3) == 1 else t.contiguous() for t in (q, k, v))
+    out = torch.empty(b, sq, h * d, dtype=torch.float32)
+    mb = mq = 0
+    if mask is not None:
+        mb = mask.stride(0) if mask.shape[0] > 1 else 0
+        mq = mask.stride(2) if mask.shape[2] > 1 else 0
+    with record_function("torchshrink::attention"):
+        rc = lib.ts_attention(q.data_ptr(), k.data_ptr(), v.data_ptr(), b, sq, skv, h, hkv, d,
+                              *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], scale,
+                              None if mask is None else mask.data_ptr(), mb, mq, int(causal), out.data_ptr(),
+                              torch.get_num_threads())
+    if rc != 0:
+        raise MemoryError("attention: could not allocate the per-thread key buffer")
+    return out
+
+
+def hf_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                 attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
+                 is_causal: bool | None = None, **kwargs: Any) -> tuple[torch.Tensor, None]:
+    """A transformers attention function (``AttentionInterface``) on :func:`attention`: inference only (no
+    dropout, no attention weights, no soft-capping or sliding window)."""
+    if kwargs.get("softcap") is not None or kwargs.get("sliding_window") is not None or dropout:
+        raise ValueError("torchshrink attention has no soft-capping, sliding window or dropout")
+    b, h, sq, d = query.shape
+    causal = bool(is_causal if is_causal is not None else getattr(module, "is_causal", False)) and sq > 1 \
+        and attention_mask is None
+    out = attention(query.float(), key.float(), value.float(), float(scaling if scaling is not None else d ** -0.5),
+                    causal, additive_mask(attention_mask, b, sq, key.shape[2]))
+    return out.view(b, sq, h, d).to(query.dtype), None
+
+
+def use_hf_attention(model: nn.Module) -> None:
+    """Run ``model``'s transformers attention layers on :func:`hf_attention` (registered as "torchshrink", its
+    masks built as for SDPA). Changes ``model.config`` -- for a private copy, not a model to be saved."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+
+    AttentionInterface.register("torchshrink", hf_attention)
+    ALL_MASK_ATTENTION_FUNCTIONS.register("torchshrink", sdpa_mask)
+    model.config._attn_implementation = "torchshrink"
 
 
 @register_module
