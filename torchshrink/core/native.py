@@ -76,7 +76,6 @@ SIGNATURES: dict[str, tuple[Any, list[Any]]] = {
     "ts_rows_epilogue": (None, [_V, _I64, _I64, _V, _V, _V, _V, _INT, _INT]),
     "ts_rows_epilogue_codes": (None, [_V, _I64, _I64, _V, _V, _V, _V, _INT, _V, _V, _V, _INT, _INT]),
     "ts_add_layernorm": (None, [_V, _V, _I64, _I64, _V, _V, _V, _V, _V, _V, _F32, _V, _INT]),
-    "ts_encoder_attention": (_INT, [_V, _V, _V, _I64, _I64, _I64, _I64, _I64, _I64, _F32, _V, _I64, _I64, _V, _INT]),
     "ts_attention": (_INT, [_V, _V, _V, *[_I64] * 15, _F32, _V, _I64, _I64, _INT, _V, _INT]),
     "ts_lm_isa": (_INT, []),
     "ts_lm_set_isa": (None, [_INT]),

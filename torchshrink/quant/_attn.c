@@ -1,12 +1,10 @@
-/* Encoder self-attention in float32 for BERT-family blocks (torchshrink.quant.attention).
+/* Attention in float32 (torchshrink.quant.attention): BERT-family encoder blocks and the decoder prefill copy.
  *
- * ts_encoder_attention: out[b, i, h*D + d] = sum_j softmax_j(scale * q_i . k_j + mask(b, i, j)) v_j[d]
- *   for every batch b, head h and query i.
- *   q, k, v: rows of floats with batch stride bs and row stride rs, shared by the three (three contiguous
- *            [B, S, H*D] tensors, or the slices of one fused Q/K/V projection); head h starts at column h*D.
+ * ts_attention: out[b, i, h*D + d] = sum_j softmax_j(scale * q_i . k_j + mask(b, i, j)) v_j[d]
+ *   for every batch b, head h and query i (see its comment below for strides, grouped-query heads, causal).
  *   mask:    NULL, or madd[b*mb + i*mq + j] added to the score (a large negative number masks the key; a boolean
  *            mask arrives converted); mq = 0 for a key-padding mask shared by every query.
- *   out:     [B, S, H*D] contiguous, written directly in the layout the output projection reads.
+ *   out:     [B, Sq, H*D] contiguous, written directly in the layout the output projection reads.
  * One (batch, head) pair per task: K^T staged once in a per-thread buffer (keys padded to a multiple of 16),
  * the scores of 4 queries at a time accumulated in registers, softmax with a polynomial exp (relative error
  * ~2e-7, the Cephes expf reduction), then P V for the same 4 queries. A query whose every key is masked gets
@@ -189,12 +187,4 @@ int ts_attention(const float *q, const float *k, const float *v, int64_t B, int6
         free(kt);
     }
     return failed ? -1 : 0;
-}
-
-/* ts_encoder_attention: q, k, v rows of [B, S, >= H * D] sharing batch stride bs and row stride rs (see the top) */
-int ts_encoder_attention(const float *q, const float *k, const float *v, int64_t B, int64_t S, int64_t H, int64_t D,
-                         int64_t bs, int64_t rs, float scale, const float *madd, int64_t mb, int64_t mq, float *out,
-                         int threads) {
-    return ts_attention(q, k, v, B, S, S, H, H, D, bs, D, rs, bs, D, rs, bs, D, rs, scale, madd, mb, mq, 0, out,
-                        threads);
 }

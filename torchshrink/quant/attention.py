@@ -6,7 +6,7 @@ of 32): on a 2-core AMD EPYC (Zen 4), 16 x 128 tokens, 6 heads of 32, it took ~3
 ``query`` / ``key`` / ``value`` children (so the state dict is unchanged, and a fused INT8 Q/K/V projection
 still runs as one GEMM), reads the three straight out of the projection output (no head transposes), and
 writes the result in the layout the output projection reads. Inference only; :func:`fuse_attention` swaps
-the blocks and checks the model's output on a calibration batch (undone where it differs).
+the blocks, each checked against its own output on a calibration batch (left on torch where it differs).
 """
 
 from __future__ import annotations
@@ -27,11 +27,6 @@ from torchshrink.export.modules import register_module
 
 log = logging.getLogger(__name__)
 MASKED = -1e30  # a masked key's additive score (exp gives < 2e-38)
-
-
-def _fake(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, scale: float,
-          mask: torch.Tensor | None) -> torch.Tensor:
-    return q.new_empty(q.shape[0], q.shape[1], q.shape[2])
 
 
 _LAST = threading.local()  # the last mask converted (every block of a forward gets the same tensor)
@@ -62,35 +57,6 @@ def _additive(mask: torch.Tensor, batch: int, seq: int, keys: int) -> torch.Tens
     if mask.dtype == torch.bool:
         return torch.zeros(mask.shape, dtype=torch.float32).masked_fill_(~mask, MASKED)
     return mask.float().contiguous()
-
-
-@native.kernel_op("encoder_attention", fake=_fake)
-def encoder_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, scale: float,
-                      mask: torch.Tensor | None) -> torch.Tensor:
-    """softmax(scale * Q K^T + mask) V per head. q, k, v: [B, S, heads * D] float32 with one shared
-    layout (each row contiguous); mask: additive float32 [B or 1, 1, S or 1, S] (:func:`additive_mask`) or
-    None. Returns [B, S, heads * D]. A query whose every key is masked gets zeros (torch's SDPA: NaN)."""
-    b, s, width = q.shape
-    d = width // heads
-    lib = native.library()
-    if lib is None:
-        q4, k4, v4 = (t.reshape(b, s, heads, d).transpose(1, 2) for t in (q, k, v))
-        out = F.scaled_dot_product_attention(q4, k4, v4, attn_mask=mask, scale=scale)
-        return out.transpose(1, 2).reshape(b, s, width).nan_to_num_(0.0)
-    if not (q.stride() == k.stride() == v.stride() and q.stride(2) == 1):
-        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-    out = torch.empty(b, s, width, dtype=torch.float32)
-    mb = mq = 0
-    if mask is not None:
-        mb = mask.stride(0) if mask.shape[0] > 1 else 0
-        mq = mask.stride(2) if mask.shape[2] > 1 else 0
-    with record_function("torchshrink::encoder_attention"):
-        rc = lib.ts_encoder_attention(q.data_ptr(), k.data_ptr(), v.data_ptr(), b, s, heads, d, q.stride(0),
-                                      q.stride(1), scale, None if mask is None else mask.data_ptr(), mb, mq,
-                                      out.data_ptr(), torch.get_num_threads())
-    if rc != 0:
-        raise MemoryError("encoder_attention: could not allocate the per-thread key buffer")
-    return out
 
 
 def _fake_general(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, causal: bool,
@@ -130,6 +96,15 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, c
     if rc != 0:
         raise MemoryError("attention: could not allocate the per-thread key buffer")
     return out
+
+
+def encoder_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, scale: float,
+                      mask: torch.Tensor | None) -> torch.Tensor:
+    """:func:`attention` for BERT blocks: q, k, v [B, S, heads * D] float32 (e.g. slices of one fused Q/K/V
+    output, each row contiguous), viewed per head without a copy; not causal. Returns [B, S, heads * D]."""
+    b, s, width = q.shape
+    q4, k4, v4 = (t.reshape(b, s, heads, width // heads).transpose(1, 2) for t in (q, k, v))
+    return attention(q4, k4, v4, scale, False, mask)
 
 
 def hf_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
