@@ -13,7 +13,10 @@ Parts (each writes its rows into results/deploy.json; `report` rebuilds results/
 - resnet50: batch 1 x 3 x 224 x 224, 2 threads, no pretrained weights (speed at a stated structure): peers on
   the unpruned model (torch fp32 / bf16, torch.ao static int8 (x86 backend), OpenVINO fp32 / int8 NNCF, ONNX
   Runtime fp32) and `deploy` of the 50%-MACs channel-pruned model, in one interleaved run.
-Run: .venv/bin/python benchmarks/deploy.py --part train|minilm|resnet50|report [--check]
+- smollm2 (issue 22): `deploy_lm` on the float SmolLM2-135M: transformers fp32 / bf16 generate, torchshrink's
+  decode engine (int8 / int4 weights), llama.cpp Q8_0 / Q4_0; perplexity on 2,048 held-out Debian-prose tokens
+  within 2% of the model's; a 128-token held-out prompt + 128 greedy tokens, 3 interleaved rounds.
+Run: .venv/bin/python benchmarks/deploy.py --part train|minilm|resnet50|onnx|smollm2|report [--check]
 """
 
 from __future__ import annotations
@@ -44,7 +47,7 @@ HEADS, FFN = 0.34, 0.5  # floor(12 x 0.34) = 4 heads removed per layer
 EPOCHS, LR = 5, 1e-3
 
 
-PARTS = ("train", "minilm", "resnet50", "onnx")
+PARTS = ("train", "minilm", "resnet50", "onnx", "smollm2")
 
 
 def _save(part: str, rows: dict[str, Any]) -> bool:
@@ -147,7 +150,48 @@ def report(data: dict[str, Any]) -> bool:
                               f"channels rounded to {d.get('round_to', 8)}"))
         tables[f"ResNet-50, {d['example']}, {d['runs']} interleaved runs, 2 threads"] = _table(rows, False)
         tables[f"deploy on the pruned ResNet-50 (quality: {d['quality_data']})"] = _deploy_table(d["deploy_pruned"])
+    if "smollm2" in data:
+        d = data["smollm2"]
+        rows = {(r["runtime"], r["precision"]): r for r in d["candidates"]}
+        chosen = next(r for r in d["candidates"] if r["chosen"])
+        fp32 = rows[("torch", "as given")]
+        llama = [r for r in d["candidates"] if r["runtime"] == "llama.cpp" and r["status"] == "passed"]
+        targets.append(Target("SmolLM2 deployed (perplexity within 2%): generation vs transformers fp32 generate",
+                              fp32["total_s"] / chosen["total_s"], ">=", 4.0, "x",
+                              f"{d['chosen']} {chosen['total_s']:.2f} s vs {fp32['total_s']:.2f} s; prompt "
+                              f"{d['workload']['prompt_tokens']} + {d['workload']['new_tokens']} new tokens"))
+        if llama:
+            best = min(llama, key=lambda r: r["total_s"])
+            targets.append(Target("SmolLM2 deployed: generation vs the fastest llama.cpp type within the same budget",
+                                  best["total_s"] / chosen["total_s"], ">=", 1.0, "x",
+                                  f"llama.cpp {best['precision']} {best['total_s']:.2f} s"))
+        tables[f"deploy on SmolLM2-135M (zoo:smollm2, fp32): {d['budget']}; {d['provenance']['quality']}; "
+               f"{d['provenance']['prompt']}"] = markdown_table(
+            ["runtime", "precision", "status", "prompt s", "decode tokens/s", "total s", "vs transformers fp32",
+             "perplexity", "note"],
+            [[r["runtime"], r["precision"] + (" (chosen)" if r["chosen"] else ""), r["status"][:90],
+              *("-" if r.get(k) is None else f"{r[k]:.{n}f}" for k, n in
+                (("prefill_s", 3), ("decode_tokens_per_s", 1), ("total_s", 3))),
+              "-" if r.get("speedup_vs_given") is None else f"{r['speedup_vs_given']:.2f}x",
+              f"{r['quality']['perplexity']:.3f} ({r['quality']['increase_pct']:+.2f}%)" if r["quality"] else "-",
+              r["note"] or "-"] for r in d["candidates"]])
     return write_results("deploy", targets, tables, data, OUT)
+
+
+def smollm2() -> dict[str, Any]:
+    """``deploy`` on the float SmolLM2-135M: every LM runtime, perplexity within 2% of the model's, generation timed."""
+    import tempfile
+
+    from torchshrink.deploy import deploy_lm
+    from torchshrink.llm.models import load_causal_lm
+    from torchshrink.measure.bench import bench_lock
+
+    torch.set_num_threads(2)
+    model, tok = load_causal_lm("zoo:smollm2")
+    with tempfile.TemporaryDirectory() as d, bench_lock():
+        r = deploy_lm(model, tok, out=Path(d) / "out", threads=2, runs=3)
+        files = r.files
+    return {**r.to_dict(), "files": files}
 
 
 # --------------------------------------------------------------------------- train
@@ -454,6 +498,8 @@ def main() -> int:
         ok = _save("resnet50", resnet50(args.runs))
     elif args.part == "onnx":
         ok = _save("onnx", onnx_part())
+    elif args.part == "smollm2":
+        ok = _save("smollm2", smollm2())
     else:
         ok = report({k: v for k, v in previous_results("deploy", OUT, True).items() if k in PARTS})
     return 1 if args.check and not ok else 0

@@ -139,6 +139,10 @@ def deploy(model: nn.Module, example: Sequence[torch.Tensor] | None = None, *, d
     the chosen artifact, ``deploy.md`` and ``deploy.json``, written atomically."""
     out_path = Path(out) if out is not None else None
     _check_args(runtimes, min_cosine, max_drop, out_path, force)
+    if type(model).__name__.endswith(("ForCausalLM", "LMHeadModel")):
+        raise ConfigError(f"{type(model).__name__} is a causal language model: deploy it with "
+                          "torchshrink.deploy.deploy_lm(model, tokenizer) (generation timed, perplexity as the quality; "
+                          "`torchshrink deploy -m` routes a language model there)")
     model = model.eval()
     ref = (reference if reference is not None else model).eval()
     task = _task(model, tuple(example) if example is not None else None, data)

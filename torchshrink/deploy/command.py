@@ -28,13 +28,20 @@ def register(app: typer.Typer) -> None:
                                          "cosine vs the reference a candidate may have"),
         max_drop: float = typer.Option(0.005, "--max-drop", help="accuracy tasks: the largest drop below the "
                                        "reference (a fraction: 0.005 = half a point)"),
-        runtimes: str = typer.Option(",".join(("torch", "torch.compile", "onnxruntime", "openvino")), "--runtimes",
-                                     help="comma-separated: torch, torch.compile, onnxruntime, openvino"),
+        runtimes: str = typer.Option(None, "--runtimes", help="comma-separated (default: all): torch, torch.compile, "
+                                     "onnxruntime, openvino; for a language model: torch, torchshrink, llama.cpp"),
         compile_: bool = typer.Option(True, "--compile/--no-compile", help="try torch.compile (compiling takes "
                                       "seconds to minutes)"),
-        runs: int = typer.Option(10, "--runs", help="timed runs per candidate, interleaved"),
+        runs: int = typer.Option(None, "--runs", help="timed runs per candidate, interleaved (default 10; language "
+                                 "models: 3 generations)"),
         force: bool = typer.Option(False, "--force", help="replace a non-empty output folder"),
         trust_code: bool = typer.Option(False, "--trust-code", help=TRUST_HELP),
+        max_increase: float = typer.Option(0.02, "--max-increase", help="language models: the largest held-out "
+                                           "perplexity increase over the reference a candidate may have (0.02 = 2%)"),
+        prompt_tokens: int = typer.Option(128, "--prompt-tokens", help="language models: prompt length timed"),
+        new_tokens: int = typer.Option(128, "--new-tokens", help="language models: new tokens timed (greedy)"),
+        eval_tokens: int = typer.Option(2048, "--eval-tokens", help="language models: held-out tokens scored"),
+        window: int = typer.Option(512, "--window", help="language models: tokens per perplexity window"),
     ) -> None:
         """Build every precision x runtime candidate, check quality on held-out data, time them interleaved, and
         write the fastest one that passes (with how to load it and the whole table)."""
@@ -43,10 +50,28 @@ def register(app: typer.Typer) -> None:
         from torchshrink.deploy import deploy as run
         from torchshrink.models import example_inputs, load_model, parse_shape
 
-        for flag, v in (("--threads", threads), ("--batch", batch), ("--runs", runs)):
+        for flag, v in (("--threads", threads), ("--batch", batch), ("--runs", runs), ("--prompt-tokens", prompt_tokens),
+                        ("--new-tokens", new_tokens), ("--eval-tokens", eval_tokens), ("--window", window)):
             positive(flag, v)
-        names = tuple(r.strip() for r in runtimes.split(",") if r.strip())
+        names = tuple(r.strip() for r in runtimes.split(",") if r.strip()) if runtimes is not None else None
         _outside_inputs(out_dir, model, reference)
+        if lm_spec(model):
+            from torchshrink.deploy.lm import LM_RUNTIMES, check_runtimes, deploy_lm
+            from torchshrink.llm.command import quiet
+            from torchshrink.llm.models import load_causal_lm
+
+            check_runtimes(names or LM_RUNTIMES)  # before anything is loaded
+            quiet()
+            if threads:
+                torch.set_num_threads(threads)
+            net, tok = load_causal_lm(model)
+            ref = load_causal_lm(reference)[0] if reference else None
+            res = deploy_lm(net, tok, data=data, reference=ref, out=out_dir, force=force, max_increase=max_increase,
+                            prompt_tokens=prompt_tokens, new_tokens=new_tokens, eval_tokens=eval_tokens, window=window,
+                            threads=threads, runtimes=names or LM_RUNTIMES, runs=runs or 3)
+            show_lm(res, f"deploy {model}", out_dir)
+            return
+        names = names or ("torch", "torch.compile", "onnxruntime", "openvino")
         net = load_model(model, trust_code=trust_code)
         ref = load_model(reference, trust_code=trust_code) if reference else None
         example = None
@@ -55,8 +80,61 @@ def register(app: typer.Typer) -> None:
         elif batch:
             example = example_inputs(net, batch=batch)
         result = run(net, example, data=data, reference=ref, out=out_dir, force=force, min_cosine=min_cosine,
-                     max_drop=max_drop, threads=threads, runtimes=names, compile=compile_, runs=runs)
+                     max_drop=max_drop, threads=threads, runtimes=names, compile=compile_, runs=runs or 10)
         show(result, f"deploy {model}", out_dir)
+
+
+def lm_spec(spec: str) -> bool:
+    """True for what ``torchshrink lm`` loads as a causal LM: zoo:smollm2, a .gguf file, a folder ``lm compress``
+    wrote (model/ + tokenizer/), or a Hugging Face folder whose config names a *ForCausalLM / *LMHeadModel class."""
+    import json
+
+    if spec == "zoo:smollm2" or spec.endswith(".gguf"):
+        return True
+    p = Path(spec)
+    if p.is_dir() and (p / "model" / "manifest.json").is_file() and (p / "tokenizer").is_dir():
+        return True
+    try:
+        archs = json.loads((p / "config.json").read_text()).get("architectures") or [] if p.is_dir() else []
+    except (OSError, ValueError, AttributeError):
+        return False
+    return any(isinstance(a, str) and a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs)
+
+
+def show_lm(result: Any, title: str, out_dir: Path) -> None:
+    """The language-model deploy table, the choice in one line, and how to load it."""
+    from rich.markup import escape
+    from rich.table import Table
+
+    from torchshrink.cli_support import out
+
+    w = result.workload
+    t = Table(title=f"{title} ({result.threads} threads, prompt {w['prompt_tokens']} + {w['new_tokens']} new tokens)")
+    for c in ("runtime", "precision", "status", "prompt s", "tokens/s", "total s", "vs given", "perplexity"):
+        t.add_column(c, justify="left" if c in ("runtime", "precision", "status") else "right")
+    for row in result.rows():
+        if row["status"].startswith("skipped"):
+            continue
+        status = "failed (see deploy.md)" if row["status"].startswith("failed") else row["status"]
+        q = row["quality"]
+        cells = [row["runtime"], row["precision"] + (" (chosen)" if row["chosen"] else ""), status,
+                 *("-" if row.get(k) is None else f"{row[k]:.{d}f}" for k, d in
+                   (("prefill_s", 3), ("decode_tokens_per_s", 1), ("total_s", 3))),
+                 "-" if row["speedup_vs_given"] is None else f"{row['speedup_vs_given']:.2f}x",
+                 f"{q['perplexity']:.3f} ({q['increase_pct']:+.1f}%)" if q else "-"]
+        t.add_row(*(escape(c) for c in cells), style="bold green" if row["chosen"] else None)
+    out.print(t)
+    for row in result.rows():
+        if row["status"].startswith("skipped"):
+            out.print(f"not tried: {row['runtime']} {row['precision']}: {row['status'].removeprefix('skipped: ')}",
+                      highlight=False, markup=False)
+    c = result.winner
+    out.print(f"chosen: {c.name}: {c.timing['total_s']:.3f} s for the prompt + new tokens "
+              f"({c.timing['decode_tokens_per_s']:.1f} tokens/s decoding), {result.speedup(c):.2f}x transformers on "
+              f"the model as given, timed on this machine; quality: {result.budget}", markup=False)
+    out.print(f"quality data: {result.provenance['quality']}", markup=False)
+    out.print(f"wrote {out_dir}/ ({', '.join(result.files)}, deploy.md, deploy.json); load it with:", markup=False)
+    out.print(result.snippet(), highlight=False, markup=False)
 
 
 def _outside_inputs(out_dir: Path, *specs: str | None) -> None:

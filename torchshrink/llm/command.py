@@ -11,7 +11,7 @@ TEXT_HELP = ("a UTF-8 text file (paragraphs separated by blank lines; the last 2
              "default: the Debian documentation prose `make llm` installs")
 
 
-def _quiet() -> None:
+def quiet() -> None:
     """No transformers progress bars on the terminal: a command prints its result, or one error line."""
     try:
         from transformers.utils import logging as hf_logging
@@ -25,7 +25,7 @@ def register(app: typer.Typer) -> None:
     from torchshrink.cli_support import friendly, out, positive
 
     lm = typer.Typer(no_args_is_help=True, help="Language models: quantize (GPTQ/AWQ), sparsify, perplexity, GGUF.",
-                     callback=_quiet)
+                     callback=quiet)
     app.add_typer(lm, name="lm")
 
     @lm.command()
