@@ -135,3 +135,47 @@ def test_freeze_word_embeddings_counts_only_token_tables():
     assert freeze_word_embeddings(enc) == 1100 * 32
     assert not enc.encoder.embeddings.word_embeddings.weight.requires_grad
     assert enc.encoder.embeddings.position_embeddings.weight.requires_grad
+
+
+def test_relation_kl_matches_relations_across_widths():
+    from torchshrink.distill.losses import relation_kl
+
+    g = torch.Generator().manual_seed(0)
+    t = torch.randn(2, 7, 48, generator=g)
+    mask = torch.ones(2, 7, dtype=torch.long)
+    mask[1, 5:] = 0
+    assert float(relation_kl(t.clone(), t, mask, heads=4)) == pytest.approx(0.0, abs=1e-6)
+    s = torch.randn(2, 7, 32, generator=g, requires_grad=True)  # a narrower (head-pruned) student
+    loss = relation_kl(s, t, mask, heads=4)
+    assert float(loss.detach()) > 0.01
+    loss.backward()
+    assert s.grad is not None and float(s.grad[1, 5:].abs().max()) == 0.0  # padded tokens take no part
+    t2 = t.clone()
+    t2[1, 5:] = 100.0  # padding's values do not matter
+    assert float(relation_kl(s, t2, mask, heads=4)) == pytest.approx(float(loss), rel=1e-6)
+    # by hand: the mean over heads and query tokens of sum_j p_t log(p_t / p_s)
+    kls = []
+    for h in range(4):
+        a, c = t[0, :, 12 * h:12 * (h + 1)], s[0, :, 8 * h:8 * (h + 1)].detach()
+        pt, ps = torch.softmax(a @ a.T / 12 ** 0.5, -1), torch.softmax(c @ c.T / 8 ** 0.5, -1)
+        kls.append((pt * (pt.log() - ps.log())).sum(-1))
+    assert float(relation_kl(s[:1], t[:1], None, heads=4)) == pytest.approx(float(torch.stack(kls).mean()), rel=1e-5)
+    with pytest.raises(DataError, match="does not split into 5 relation heads"):
+        relation_kl(s, t, mask, heads=5)
+    with pytest.raises(DataError, match="same B and T"):
+        relation_kl(s[:, :6], t, None)
+
+
+def test_distiller_relation_pairs_train_the_projections():
+    from torchshrink.distill import Distiller
+
+    teacher = _tiny_encoder(2)
+    student = drop_layers(teacher, [0])
+    name = "encoder.encoder.layer.{}.attention.self.query"
+    d = Distiller(teacher, student, output_loss="none", features=[(name.format(0), name.format(1), "relation")])
+    b = _Tok()(["alpha beta gamma", "delta epsilon zeta eta theta"], padding=True)
+    loss = d.loss(student, (b["input_ids"], b["attention_mask"]), None)
+    assert float(loss) > 0
+    loss.backward()
+    assert student.encoder.encoder.layer[0].attention.self.query.weight.grad.abs().sum() > 0
+    assert student.encoder.encoder.layer[0].attention.self.value.weight.grad is None  # untouched by a query relation

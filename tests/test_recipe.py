@@ -54,6 +54,23 @@ def test_finetune_loop_lowers_the_loss(tiny):
     assert not tiny.training
 
 
+def test_finetune_bf16_autocast_runs_bf16_matmuls_and_keeps_float32_weights(tiny):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 3, 4, 4, generator=g)
+    y = torch.randint(0, 10, (64,), generator=g)
+    data = [(x[i:i + 16], y[i:i + 16]) for i in range(0, 64, 16)]
+    seen = []
+    hook = next(m for m in tiny.modules() if isinstance(m, torch.nn.Linear)).register_forward_hook(
+        lambda m, i, o: seen.append(o.dtype))
+    hist = finetune(tiny, data, Finetune(epochs=15, lr=1e-2, autocast="bf16"))
+    hook.remove()
+    assert set(seen) == {torch.bfloat16}  # the forward ran in bfloat16 ...
+    assert all(p.dtype == torch.float32 for p in tiny.parameters())  # ... the weights stayed float32
+    assert hist[-1]["loss"] < 0.5 * hist[0]["loss"]
+    with pytest.raises(ConfigError, match="finetune.autocast='fp8'; allowed: 'none', 'bf16'"):
+        Finetune(autocast="fp8")
+
+
 def test_runner_writes_outputs_and_refuses_existing(tmp_path, tiny):
     recipe = recipe_from_yaml(GOOD)
     task = generic_task(tiny)

@@ -24,9 +24,9 @@ from torchshrink.measure.quality import main_output
 log = logging.getLogger(__name__)
 
 OutputLoss = Literal["kd", "mse", "cosine", "none"]
-FeatureLoss = Literal["hint", "attention", "cosine"]
+FeatureLoss = Literal["hint", "attention", "cosine", "relation"]
 OUTPUT_LOSSES = ("kd", "mse", "cosine", "none")
-FEATURE_LOSSES = ("hint", "attention", "cosine")
+FEATURE_LOSSES = ("hint", "attention", "cosine", "relation")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -213,6 +213,10 @@ class Distiller:
             )
         for i, p in enumerate(self.pairs):
             s, t = sf[p.student], t_feats[i]
+            if p.loss == "relation":
+                with torch.no_grad():
+                    self._feature_loss(p, s, t, None, b)  # raises DataError on shapes it cannot relate
+                continue
             if p.loss == "attention":
                 if s.dim() != 4 or t.dim() != 4:
                     raise DataError(
@@ -243,6 +247,8 @@ class Distiller:
             mask = b.inputs[1]  # (input_ids, attention_mask)
         if not (isinstance(mask, torch.Tensor) and s.dim() == 3 and tuple(mask.shape) == tuple(s.shape[:2])):
             mask = None
+        if p.loss == "relation":
+            return L.relation_kl(s, t, mask)
         return L.hidden_cosine(s, t, mask, adapter)
 
     # ------------------------------------------------------------------ the loss

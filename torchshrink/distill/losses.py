@@ -9,6 +9,9 @@
   attention maps ``sum_c |A_c|^p``.
 - :func:`hidden_cosine`: ``1 - cos`` between hidden states (DistilBERT's cosine loss), optionally
   masked to real tokens.
+- :func:`relation_kl`: MiniLMv2 (Wang et al., 2021) self-attention relations: the query (or key, value)
+  vectors of a layer split into a fixed number of relation heads, ``softmax(x x^T / sqrt(d))`` over the
+  tokens, KL(teacher || student) per real query token; the widths may differ (a head-pruned student).
 """
 
 from __future__ import annotations
@@ -155,6 +158,38 @@ def attention_transfer(student_feat: torch.Tensor, teacher_feat: torch.Tensor, p
     if a.shape != b.shape:
         raise DataError(f"attention maps {tuple(a.shape)} and {tuple(b.shape)} cannot be matched (batch sizes differ)")
     return (a - b).pow(2).sum(1).mean()
+
+
+RELATION_HEADS = 16
+
+
+def relation_kl(student_x: torch.Tensor, teacher_x: torch.Tensor, mask: torch.Tensor | None = None,
+                heads: int = RELATION_HEADS) -> torch.Tensor:
+    """KL(teacher || student) of scaled dot-product relations among the tokens of ``[B, T, C]`` projections
+    (C may differ between the two; each must divide into ``heads``), averaged over real query tokens
+    (``mask`` ``[B, T]``) with padded keys left out."""
+    t = teacher_x.detach()
+    if student_x.dim() != 3 or t.dim() != 3 or student_x.shape[:2] != t.shape[:2]:
+        raise DataError(f"relations need [B, T, C] projections with the same B and T; got "
+                        f"{tuple(student_x.shape)} and {tuple(t.shape)}")
+    for name, x in (("student", student_x), ("teacher", t)):
+        if x.shape[-1] % heads:
+            raise DataError(f"the {name}'s width {x.shape[-1]} does not split into {heads} relation heads")
+
+    def log_rel(x: torch.Tensor) -> torch.Tensor:
+        b, n, c = x.shape
+        h = x.float().reshape(b, n, heads, c // heads).transpose(1, 2)
+        sc = h @ h.transpose(-1, -2) / math.sqrt(c // heads)
+        if mask is not None:
+            sc = sc.masked_fill(~mask.bool()[:, None, None, :], float("-inf"))
+        return F.log_softmax(sc, -1)
+
+    ls, lt = log_rel(student_x), log_rel(t)
+    kl = (lt.exp() * (lt - ls)).nan_to_num(0.0).sum(-1)  # [B, heads, T]; masked keys contribute 0
+    if mask is None:
+        return kl.mean()
+    m = mask.to(kl.dtype)[:, None, :]
+    return (kl * m).sum() / (m.sum() * heads).clamp_min(1.0)
 
 
 def hidden_cosine(

@@ -83,6 +83,9 @@ def distill_sentence_encoder(
     seed: int = 0,
     evaluate: Callable[[nn.Module], dict[str, float]] | None = None,
     pairs: Sequence[tuple[str, str]] | None = None,
+    relations: Sequence[tuple[str, str]] = (),
+    relation_weight: float = 1.0,
+    autocast: str = "none",
 ) -> list[dict[str, float]]:
     """Train ``student`` (in place) to reproduce ``teacher``'s sentence embeddings.
 
@@ -90,7 +93,10 @@ def distill_sentence_encoder(
     one of them (:func:`torchshrink.distill.corpus.check_disjoint`). The teacher's outputs are
     cached when ``epochs > 1`` (``cache_teacher=None``), as float16. ``pairs``: (student block, teacher block)
     names for the hidden-state term; default those of a :func:`drop_layers` student (a width-pruned student of
-    the same depth pairs each block with itself).
+    the same depth pairs each block with itself). ``relations``: (student module, teacher module) pairs of
+    query / key / value projections whose self-attention relations the student learns (MiniLMv2;
+    :func:`torchshrink.distill.losses.relation_kl`), each weighted ``relation_weight``. ``autocast="bf16"``:
+    forward passes in bfloat16 (:class:`~torchshrink.core.train.Finetune`).
     """
     if heldout:
         check_disjoint(train_sentences, heldout)
@@ -98,11 +104,12 @@ def distill_sentence_encoder(
         log.info("froze %d word-embedding parameters", freeze_word_embeddings(student))
     named = layer_pairs(student) if pairs is None and hidden_weight > 0 else (pairs or [])
     feats = [(s, t, "cosine", hidden_weight) for s, t in named] if hidden_weight > 0 else []
+    feats += [(s, t, "relation", relation_weight) for s, t in relations]
     cache = epochs > 1 if cache_teacher is None else cache_teacher
     d = Distiller(teacher, student, output_loss="cosine", output_weight=output_weight, features=feats,
                   cache=cache, cache_dtype=torch.float16)
     batches = length_batches(train_sentences, tokenizer, batch_size=batch_size, seed=seed)
-    settings = Finetune(epochs=epochs, lr=lr, weight_decay=weight_decay, seed=seed)
+    settings = Finetune(epochs=epochs, lr=lr, weight_decay=weight_decay, seed=seed, autocast=autocast)  # type: ignore[arg-type]
     return d.fit(batches, settings, evaluate=evaluate)
 
 
