@@ -196,7 +196,8 @@ def smollm2() -> dict[str, Any]:
 
 # --------------------------------------------------------------------------- train
 
-def train(minutes: float, cache: Path, sentences: int | None = None) -> dict[str, Any]:
+def train(minutes: float, cache: Path, sentences: int | None = None, heads: float = HEADS, ffn: float = FFN,
+          epochs: int = EPOCHS, autocast: str = "none") -> dict[str, Any]:
     import torchshrink as ts
     from torchshrink.distill import check_disjoint, distill_corpus
     from torchshrink.distill.sentence import distill_sentence_encoder, sentences_per_second
@@ -211,14 +212,14 @@ def train(minutes: float, cache: Path, sentences: int | None = None) -> dict[str
     tok = minilm_tokenizer()
     calib = tokenize(calib_s, tok, batch_size=64)
     held_b = tokenize(held, tok, batch_size=100)
-    student = ts.prune(teacher, HeadPruneConfig(amount=HEADS, importance="fluctuation"), data=calib)
-    student = ts.prune(student, FfnPruneConfig(amount=FFN, importance="fluctuation"), data=calib)
+    student = ts.prune(teacher, HeadPruneConfig(amount=heads, importance="fluctuation"), data=calib)
+    student = ts.prune(student, FfnPruneConfig(amount=ffn, importance="fluctuation"), data=calib)
     before = fidelity(student, teacher, held_b)["cosine_mean"]
     print(f"pruned: params {sum(p.numel() for p in student.parameters()):,}; held-out cosine {before:.4f}", flush=True)
     pairs = [(f"encoder.encoder.layer.{i}", f"encoder.encoder.layer.{i}") for i in range(6)]
     rate = sentences_per_second(teacher, student, train_s, tok, pairs)
-    n = min(len(train_s), sentences or int(rate * minutes * 60 / EPOCHS))
-    print(f"{rate:.1f} sentences/s: {n} sentences x {EPOCHS} epochs for {minutes} min", flush=True)
+    n = min(len(train_s), sentences or int(rate * minutes * 60 / epochs))
+    print(f"{rate:.1f} sentences/s: {n} sentences x {epochs} epochs for {minutes} min", flush=True)
     t0 = time.perf_counter()
 
     def heldout_cosine(m: nn.Module) -> dict[str, float]:
@@ -227,15 +228,15 @@ def train(minutes: float, cache: Path, sentences: int | None = None) -> dict[str
         m.train()
         return out
 
-    hist = distill_sentence_encoder(teacher, student, train_s[:n], tok, heldout=held, epochs=EPOCHS, lr=LR, seed=0,
-                                    pairs=pairs, batch_size=32, evaluate=heldout_cosine)
+    hist = distill_sentence_encoder(teacher, student, train_s[:n], tok, heldout=held, epochs=epochs, lr=LR, seed=0,
+                                    pairs=pairs, batch_size=32, evaluate=heldout_cosine, autocast=autocast)
     secs = time.perf_counter() - t0
     student.eval()
     fid = fidelity(student, teacher, held_b)
-    print(f"distilled {n} sentences x {EPOCHS} epochs in {secs:.0f} s: held-out cosine {fid['cosine_mean']:.4f}", flush=True)
+    print(f"distilled {n} sentences x {epochs} epochs in {secs:.0f} s: held-out cosine {fid['cosine_mean']:.4f}", flush=True)
     ts.save(student, cache, force=True)
-    return {"heads_removed": HEADS, "ffn_removed": FFN, "importance": "fluctuation", "calib_sentences": len(calib_s),
-            "train_sentences": n, "epochs": EPOCHS, "lr": LR, "train_seconds": secs, "threads": torch.get_num_threads(),
+    return {"heads_removed": heads, "ffn_removed": ffn, "importance": "fluctuation", "calib_sentences": len(calib_s),
+            "train_sentences": n, "epochs": epochs, "lr": LR, "autocast": autocast, "train_seconds": secs, "threads": torch.get_num_threads(),
             "cosine_before_training": before, "cosine_mean": fid["cosine_mean"], "cosine_min": fid["cosine_min"],
             "heldout_sentences": len(held), "teacher_params": sum(p.numel() for p in teacher.parameters()),
             "student_params": sum(p.numel() for p in student.parameters()), "history": hist}
@@ -486,12 +487,17 @@ def main() -> int:
     ap.add_argument("--sentences", type=int, default=None, help="train: sentences per epoch (default: what the "
                     "measured rate fits in --minutes; a rate measured while the machine is busy undersizes it)")
     ap.add_argument("--runs", type=int, default=15, help="timed runs per path, interleaved")
+    ap.add_argument("--heads", type=float, default=HEADS, help="train: share of attention heads removed per layer")
+    ap.add_argument("--ffn", type=float, default=FFN, help="train: share of FFN neurons removed")
+    ap.add_argument("--epochs", type=int, default=EPOCHS, help="train: epochs")
+    ap.add_argument("--autocast", choices=("none", "bf16"), default="none", help="train: bf16 autocast forward passes")
     ap.add_argument("--check", action="store_true", help="exit 1 when a target fails")
     args = ap.parse_args()
     from torchshrink.measure.bench import previous_results
 
     if args.part == "train":
-        ok = _save("train", train(args.minutes, args.cache, args.sentences))
+        ok = _save("train", train(args.minutes, args.cache, args.sentences, args.heads, args.ffn, args.epochs,
+                                  args.autocast))
     elif args.part == "minilm":
         ok = _save("minilm", minilm(args.cache, args.runs))
     elif args.part == "resnet50":

@@ -138,7 +138,7 @@ def test_blocks_that_do_not_fit_stay_on_torch(monkeypatch, caplog):
     m, data = tiny_bert()
     assert A.fuse_attention(m, None) == ([], "no calibration batch to check the swap on")
     # a kernel that returns something else: every block stays as it was, with the reason logged
-    monkeypatch.setattr(A, "encoder_attention", lambda q, k, v, h, s, mask: q * 0)
+    monkeypatch.setattr(A, "encoder_attention", lambda q, k, v, h, s, mask, bf16=False: q * 0)
     names, why = A.fuse_attention(m, torchshrink.core.data.Batch(tuple(data[0])))
     assert names == [] and why == "its output differs"
     assert type(m.encoder.layer[0].attention.self).__name__ == "BertSelfAttention"
@@ -221,3 +221,54 @@ def test_transformers_attention_function_on_a_llama():
         na = m(input_ids=ids[:1, 20:21], past_key_values=out_a.past_key_values).logits
         nb = fast(input_ids=ids[:1, 20:21], past_key_values=out_b.past_key_values).logits
     assert float((na - nb).abs().max()) < 1e-4
+
+
+def _has_bf16():
+    from torchshrink.core import native
+
+    lib = native.library()
+    return lib is not None and bool(lib.ts_has_bf16())
+
+
+@pytest.mark.parametrize("b,h,hkv,sq,skv,d,causal", [(1, 9, 3, 37, 37, 64, True), (2, 4, 4, 13, 13, 32, False),
+                                                      (1, 6, 3, 5, 21, 64, True), (3, 2, 2, 33, 33, 32, False)])
+def test_bf16_products_stay_within_bfloat16_rounding(b, h, hkv, sq, skv, d, causal):
+    if not kernels.available():
+        pytest.skip("no C compiler")
+    g = torch.Generator().manual_seed(sq * d + 1)
+    q = torch.randn(b, sq, h, d, generator=g).transpose(1, 2)
+    k = torch.randn(b, skv, hkv, d, generator=g).transpose(1, 2)
+    v = torch.randn(b, hkv, skv, d, generator=g)
+    mask = torch.zeros(b, 1, 1, skv)
+    mask[0, ..., skv // 2:] = A.MASKED  # half the keys of the first sequence padded
+    ref = A.attention(q, k, v, d ** -0.5, causal, mask)
+    got = A.attention(q, k, v, d ** -0.5, causal, mask, True)
+    err = float((got - ref).abs().max() / ref.abs().max())
+    if _has_bf16():
+        assert 0 < err < 1.5e-2  # bfloat16 products (8-bit mantissa), float32 sums
+    else:
+        assert err == 0  # no AVX-512 BF16 here: the float32 kernel
+    # a head size that is not a multiple of 32 always runs in float32
+    q16, k16, v16 = (t[..., :16] for t in (q, k, v))
+    assert torch.equal(A.attention(q16, k16, v16, 0.25, causal, mask, True), A.attention(q16, k16, v16, 0.25, causal, mask))
+
+
+def test_bert_int8_with_bf16_attention_swaps_checks_and_round_trips(tmp_path):
+    from torchshrink.recipe.recipe import load_recipe
+
+    m, data = tiny_bert()
+    data = _padded(data)
+    (stage,) = load_recipe("bert-int8").stages
+    q = torchshrink.quantize(m, stage.config.replace(attention_bf16=True), select=stage.select, data=data)
+    blocks = [x for x in q.modules() if isinstance(x, A.NativeSelfAttention)]
+    assert len(blocks) == 2 and all(x.bf16 for x in blocks)
+    fp = torchshrink.quantize(m, stage.config, select=stage.select, data=data)
+    ids, am = data[1]
+    with torch.no_grad():
+        a, b = fp(ids, am).last_hidden_state, q(ids, am).last_hidden_state
+    assert float(F.cosine_similarity(a.flatten(1), b.flatten(1)).min()) > 0.99
+    torchshrink.save(q, tmp_path / "q")
+    back = torchshrink.load(tmp_path / "q", model=tiny_bert()[0])
+    assert all(x.bf16 for x in back.modules() if isinstance(x, A.NativeSelfAttention))
+    with torch.no_grad():
+        assert torch.equal(back(ids, am).last_hidden_state, b)

@@ -84,9 +84,9 @@ def _transformer(model: nn.Module) -> bool:
     return any("Attention" in type(m).__name__ for m in model.modules())
 
 
-def int8_model(model: nn.Module, calibration: list[Any]) -> nn.Module:
+def int8_model(model: nn.Module, calibration: list[Any], attention_bf16: bool = False) -> nn.Module:
     """torchshrink's INT8 for this kind of model: static (calibrated) for CNNs, the bert-int8 recipe for BERT
-    encoders, dynamic INT8 Linears otherwise."""
+    encoders (``attention_bf16``: its attention kernel with bfloat16 products), dynamic INT8 Linears otherwise."""
     import torchshrink as ts
 
     m = copy.deepcopy(model)
@@ -96,7 +96,8 @@ def int8_model(model: nn.Module, calibration: list[Any]) -> nn.Module:
         from torchshrink.recipe import load_recipe
 
         st = load_recipe("bert-int8").stages[0]
-        return ts.apply(m, st.config, select=st.select, data=calibration, inplace=True)
+        config = dataclasses.replace(st.config, attention_bf16=True) if attention_bf16 else st.config
+        return ts.apply(m, config, select=st.select, data=calibration, inplace=True)
     return ts.apply(m, ts.Int8DynamicConfig(), data=calibration, inplace=True)
 
 
@@ -171,10 +172,14 @@ def torch_precisions(model: nn.Module, calibration: list[Any]) -> list[tuple[str
         return [(AS_GIVEN, lambda: model), ("bf16", why), ("int8 (torchshrink)", why), ("int4 weight-only", why)]
     fp16 = (lambda: rt.Cast(copy.deepcopy(model), torch.float16)) if flags & {"avx512_fp16", "amx_fp16"} else \
         "this CPU has no native fp16 arithmetic (avx512_fp16 / amx_fp16)"
+    bf16_attention = "int8 + bf16 attention (torchshrink)", (
+        (lambda: int8_model(model, calibration, attention_bf16=True)) if flags & {"avx512_bf16", "amx_bf16"} else
+        "this CPU has no native bf16 (avx512_bf16 / amx_bf16)")
     return [(AS_GIVEN, lambda: model),
             ("bf16", lambda: rt.Cast(copy.deepcopy(model), torch.bfloat16)),
             ("fp16", fp16),
             ("int8 (torchshrink)", lambda: int8_model(model, calibration)),
+            *([bf16_attention] if _bert_like(model) else []),
             ("int4 weight-only", lambda: int4_model(model))]
 
 

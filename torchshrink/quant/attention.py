@@ -60,17 +60,18 @@ def _additive(mask: torch.Tensor, batch: int, seq: int, keys: int) -> torch.Tens
 
 
 def _fake_general(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, causal: bool,
-                  mask: torch.Tensor | None) -> torch.Tensor:
+                  mask: torch.Tensor | None, bf16: bool = False) -> torch.Tensor:
     return q.new_empty(q.shape[0], q.shape[2], q.shape[1] * q.shape[3])
 
 
 @native.kernel_op("attention", fake=_fake_general)
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, causal: bool,
-              mask: torch.Tensor | None) -> torch.Tensor:
+              mask: torch.Tensor | None, bf16: bool = False) -> torch.Tensor:
     """softmax(scale * Q K^T + mask) V, transformers' layout: q [B, H, Sq, D], k / v [B, Hkv, Skv, D] float32
     (any strides with D contiguous; query head h reads key head h // (H / Hkv)); ``causal``: query i of the
-    last Sq positions sees keys up to i + Skv - Sq; mask as :func:`additive_mask` gives it. Returns
-    [B, Sq, H * D]."""
+    last Sq positions sees keys up to i + Skv - Sq; mask as :func:`additive_mask` gives it. ``bf16``: the
+    products Q K^T and P V in bfloat16 with float32 sums (AVX-512 BF16; elsewhere, or for D not a multiple of 16,
+    float32 as without it). Returns [B, Sq, H * D]."""
     b, h, sq, d = q.shape
     hkv, skv = k.shape[1], k.shape[2]
     lib = native.library()
@@ -91,20 +92,20 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, c
     with record_function("torchshrink::attention"):
         rc = lib.ts_attention(q.data_ptr(), k.data_ptr(), v.data_ptr(), b, sq, skv, h, hkv, d,
                               *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], scale,
-                              None if mask is None else mask.data_ptr(), mb, mq, int(causal), out.data_ptr(),
-                              torch.get_num_threads())
+                              None if mask is None else mask.data_ptr(), mb, mq, int(causal), int(bf16),
+                              out.data_ptr(), torch.get_num_threads())
     if rc != 0:
         raise MemoryError("attention: could not allocate the per-thread key buffer")
     return out
 
 
 def encoder_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, scale: float,
-                      mask: torch.Tensor | None) -> torch.Tensor:
+                      mask: torch.Tensor | None, bf16: bool = False) -> torch.Tensor:
     """:func:`attention` for BERT blocks: q, k, v [B, S, heads * D] float32 (e.g. slices of one fused Q/K/V
     output, each row contiguous), viewed per head without a copy; not causal. Returns [B, S, heads * D]."""
     b, s, width = q.shape
     q4, k4, v4 = (t.reshape(b, s, heads, width // heads).transpose(1, 2) for t in (q, k, v))
-    return attention(q4, k4, v4, scale, False, mask)
+    return attention(q4, k4, v4, scale, False, mask, bf16)
 
 
 def hf_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -139,12 +140,14 @@ class NativeSelfAttention(nn.Module):
     causal) running :func:`encoder_attention`. Returns ``(output, None)`` like the block it replaces (no
     attention weights). Inference only: no attention dropout, no gradients through the kernel."""
 
-    def __init__(self, heads: int, head_dim: int, scaling: float) -> None:
+    def __init__(self, heads: int, head_dim: int, scaling: float, bf16: bool = False) -> None:
         super().__init__()
         self.num_attention_heads, self.attention_head_size, self.scaling = heads, head_dim, scaling
+        self.bf16 = bool(bf16)  # bfloat16 products (see attention())
 
     def init_args(self) -> dict[str, Any]:
-        return {"heads": self.num_attention_heads, "head_dim": self.attention_head_size, "scaling": self.scaling}
+        return {"heads": self.num_attention_heads, "head_dim": self.attention_head_size, "scaling": self.scaling,
+                "bf16": self.bf16}
 
     def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 *args: Any, **kwargs: Any) -> tuple[torch.Tensor, None]:
@@ -154,7 +157,7 @@ class NativeSelfAttention(nn.Module):
         q, k, v = self.query(hidden_states), self.key(hidden_states), self.value(hidden_states)
         b, s = q.shape[0], q.shape[1]
         out = encoder_attention(q.float(), k.float(), v.float(), self.num_attention_heads, float(self.scaling),
-                                additive_mask(attention_mask, b, s))
+                                additive_mask(attention_mask, b, s), self.bf16)
         return out.to(dtype), None
 
 
@@ -176,10 +179,15 @@ def attention_blocks(model: nn.Module) -> list[str]:
     return out
 
 
+BF16_RTOL = 2e-2  # bfloat16 keeps 8 bits of mantissa: products within ~0.4%, a block's output within ~1%
+
+
 @torch.inference_mode()
-def fuse_attention(model: nn.Module, batch: Batch | None, rtol: float = 1e-4) -> tuple[list[str], str | None]:
+def fuse_attention(model: nn.Module, batch: Batch | None, rtol: float | None = None, bf16: bool = False
+                   ) -> tuple[list[str], str | None]:
     """Swap every :func:`attention_blocks` module for a :class:`NativeSelfAttention` where, on ``batch``, the new
-    block reproduces the old one's output on the old one's inputs (within ``rtol`` of its largest magnitude).
+    block reproduces the old one's output on the old one's inputs (within ``rtol`` of its largest magnitude:
+    default 1e-4, with ``bf16`` products :data:`BF16_RTOL`).
     Blocks are checked one by one: the model's final output is no test here, since an INT8 model with one grid
     per tensor turns a 1e-6 change in one block into ~1e-2 at its output (code flips; measured on MiniLM).
     Returns (swapped names, reason nothing was swapped or None)."""
@@ -190,6 +198,7 @@ def fuse_attention(model: nn.Module, batch: Batch | None, rtol: float = 1e-4) ->
         return [], "no calibration batch to check the swap on"
     from torchshrink.quant.fused import first_calls
 
+    rtol = rtol if rtol is not None else (BF16_RTOL if bf16 else 1e-4)
     seen = first_calls(model, names, batch)
     swapped, why = [], {}
     for n in names:
@@ -198,7 +207,7 @@ def fuse_attention(model: nn.Module, batch: Batch | None, rtol: float = 1e-4) ->
             continue
         old = model.get_submodule(n)
         new = NativeSelfAttention(old.num_attention_heads, old.attention_head_size,
-                                  float(getattr(old, "scaling", old.attention_head_size ** -0.5))).eval()
+                                  float(getattr(old, "scaling", old.attention_head_size ** -0.5)), bf16).eval()
         for kid in ("query", "key", "value"):
             new.add_module(kid, getattr(old, kid))
         args, kwargs, out = seen[n]

@@ -95,10 +95,11 @@ def backend_summary(model: nn.Module, engine: str, default_activation: str) -> s
     counts: dict[str, int] = {}
     acts: set[str] = set()
     ranges: set[bool] = set()
-    fused = add_norm = emit = attn = 0
+    fused = add_norm = emit = attn = attn_bf16 = 0
     for m in model.modules():
         add_norm += isinstance(m, LinearAddNorm)
         attn += type(m).__name__ == "NativeSelfAttention"
+        attn_bf16 += type(m).__name__ == "NativeSelfAttention" and bool(getattr(m, "bf16", False))
         if isinstance(m, Int8DynamicLinear):
             emit += bool(m.emit_codes)
             counts[m.kernel] = counts.get(m.kernel, 0) + 1
@@ -113,6 +114,7 @@ def backend_summary(model: nn.Module, engine: str, default_activation: str) -> s
     extra += f", residual add + LayerNorm fused after {add_norm} GEMMs" if add_norm else ""
     extra += f", next layer's activation codes written by {emit} epilogues" if emit else ""
     extra += f", attention on torchshrink's kernel in {attn} blocks" if attn else ""
+    extra += f" ({attn_bf16} with bfloat16 products where the CPU has AVX-512 BF16)" if attn_bf16 else ""
     rr = "/".join(str(r) for r in sorted(ranges)) or "n/a"
     return f"{'; '.join(parts)} (reduce_range={rr}, {scales} activation scales{extra})"
 
@@ -169,7 +171,7 @@ def apply_int8_dynamic(model: nn.Module, config: Int8DynamicConfig, *, select: S
     if config.fuse_attention:
         from torchshrink.quant.attention import fuse_attention
 
-        swapped, why = fuse_attention(model, check)
+        swapped, why = fuse_attention(model, check, bf16=config.attention_bf16)
         if why:
             log.warning("fuse_attention: attention left on torch (%s)", why)
     current(model).notes["backend"] = backend_summary(model, eng, config.activation)
@@ -248,6 +250,9 @@ class Int8DynamicConfig(Config):
     # BERT-style self-attention blocks on torchshrink's float32 attention kernel (quant/attention.py), reading the
     # fused Q/K/V output in place; the model's output is checked on a calibration batch
     fuse_attention: bool = False
+    # with fuse_attention: the kernel's products in bfloat16 (float32 sums, softmax in float32) where the CPU has
+    # AVX-512 BF16; each block is then checked within 2% of its output's largest magnitude
+    attention_bf16: bool = False
 
     def validate(self) -> None:
         check_range("int8-dynamic.smooth_alpha", self.smooth_alpha, 0.0, 1.0)
