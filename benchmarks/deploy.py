@@ -173,7 +173,9 @@ def report(data: dict[str, Any]) -> bool:
               *("-" if r.get(k) is None else f"{r[k]:.{n}f}" for k, n in
                 (("prefill_s", 3), ("decode_tokens_per_s", 1), ("total_s", 3))),
               "-" if r.get("speedup_vs_given") is None else f"{r['speedup_vs_given']:.2f}x",
-              f"{r['quality']['perplexity']:.3f} ({r['quality']['increase_pct']:+.2f}%)" if r["quality"] else "-",
+              (f"{r['quality']['perplexity']:.3f} ({r['quality']['increase_pct']:+.2f}%)" if r["quality"] else "-")
+              + (f"; prompt path {r['quality']['prompt_path_perplexity']:.3f}" if "prompt_path_perplexity" in
+                 r["quality"] else ""),
               r["note"] or "-"] for r in d["candidates"]])
     return write_results("deploy", targets, tables, data, OUT)
 

@@ -113,3 +113,24 @@ def test_bad_input_is_one_clear_error(tmp_path):
     lines = [x for x in res.stderr.strip().splitlines() if x.strip()]
     assert res.exit_code == 2 and len(lines) == 1 and "allowed: torch, torchshrink, llama.cpp" in lines[0]
     assert not (tmp_path / "o").exists()
+
+
+def test_a_prompt_path_other_than_the_engine_is_scored_too(tmp_path, monkeypatch):
+    import torchshrink.llm.prefill as P
+
+    _, model, tok = _lm(tmp_path)
+
+    def force_bf16(dec, m, tokens=256, modes=P.MODES, rounds=2):
+        dec.prefill_with, dec.prefill_mode = P.prefill_model(m, "bf16"), "bf16"
+        return {"chosen": "bf16", "seconds": {}, "tokens": tokens}
+
+    monkeypatch.setattr(P, "choose_prefill", force_bf16)
+    r = deploy_lm(model, tok, data=str(_text(tmp_path, 60)), runtimes=("torch", "torchshrink"), max_increase=0.05,
+                  **{**SMALL, "prompt_tokens": 64})
+    eng = next(c for c in r.candidates if c.name == "torchshrink / int8 weights (g64, nearest)")
+    assert "prompt path bf16" in eng.note
+    bf = next(c for c in r.candidates if c.name == "torch / bf16")
+    # the prompt path is the bf16 copy of the int8 weights: scored, and its figure decides with the engine's
+    assert eng.quality["prompt_path_perplexity"] == pytest.approx(bf.quality["perplexity"], rel=2e-2)
+    worst = max(eng.quality["perplexity"], eng.quality["prompt_path_perplexity"])
+    assert (eng.status == "passed") == (worst <= r.reference_perplexity * 1.05)

@@ -179,3 +179,15 @@ def test_distiller_relation_pairs_train_the_projections():
     loss.backward()
     assert student.encoder.encoder.layer[0].attention.self.query.weight.grad.abs().sum() > 0
     assert student.encoder.encoder.layer[0].attention.self.value.weight.grad is None  # untouched by a query relation
+
+
+def test_cached_teacher_outputs_under_bf16_autocast():
+    teacher = _tiny_encoder(2)
+    student = drop_layers(teacher, [0])
+    words = "alpha beta gamma delta epsilon zeta eta theta".split()
+    g = torch.Generator().manual_seed(0)
+    train = [" ".join(words[i] for i in torch.randint(0, 8, (6,), generator=g)) for _ in range(32)]
+    # epoch 2 reads the float16 cache inside autocast: it must not trip autocast's dtype rules
+    hist = distill_sentence_encoder(teacher, student, train, _Tok(), epochs=2, lr=1e-3, batch_size=16, autocast="bf16")
+    assert len(hist) == 2 and all(torch.isfinite(torch.tensor(h["loss"])) for h in hist)
+    assert all(p.dtype == torch.float32 for p in student.parameters())

@@ -179,7 +179,8 @@ class Distiller:
         keys = _row_keys(b)
         if all(k in self._cache for k in keys):
             rows = [self._cache[k] for k in keys]
-            stacked = [torch.stack([r[j] for r in rows]).float() for j in range(len(rows[0]))]
+            with torch.autocast("cpu", enabled=False):  # autocast refuses to stack the float16 cache
+                stacked = [torch.stack([r[j] for r in rows]).float() for j in range(len(rows[0]))]
             return stacked[0], stacked[1:]
         out, feats = self._run_teacher(b)
         per = [out, *feats]
