@@ -134,3 +134,22 @@ def test_a_prompt_path_other_than_the_engine_is_scored_too(tmp_path, monkeypatch
     assert eng.quality["prompt_path_perplexity"] == pytest.approx(bf.quality["perplexity"], rel=2e-2)
     worst = max(eng.quality["perplexity"], eng.quality["prompt_path_perplexity"])
     assert (eng.status == "passed") == (worst <= r.reference_perplexity * 1.05)
+
+
+def test_a_runtime_that_fails_to_generate_is_a_row(tmp_path, monkeypatch):
+    from torchshrink.deploy import lm
+
+    _, model, tok = _lm(tmp_path)
+
+    def broken(self, prompt, new):
+        raise RuntimeError("no generation here")
+
+    monkeypatch.setattr(lm.EngineRunner, "generate", broken)
+    r = deploy_lm(model, tok, data=str(_text(tmp_path, 40)), runtimes=("torchshrink", "torch"), max_increase=0.5,
+                  **SMALL)
+    rows = {c.name: c for c in r.candidates}
+    failed = rows["torchshrink / int8 weights (g64, nearest)"].status
+    assert failed == "failed: generation: RuntimeError: no generation here"
+    assert r.winner.runtime == "torch" and r.baseline is rows["torch / as given"]
+    r2 = deploy_lm(model, tok, data=str(_text(tmp_path, 40)), runtimes=("torch",), **SMALL)
+    assert r2.speedup(r2.winner) is not None

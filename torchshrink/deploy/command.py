@@ -129,9 +129,11 @@ def show_lm(result: Any, title: str, out_dir: Path) -> None:
             out.print(f"not tried: {row['runtime']} {row['precision']}: {row['status'].removeprefix('skipped: ')}",
                       highlight=False, markup=False)
     c = result.winner
+    vs = result.speedup(c)
+    vs_text = f"{vs:.2f}x transformers on the model as given, " if vs is not None else ""
     out.print(f"chosen: {c.name}: {c.timing['total_s']:.3f} s for the prompt + new tokens "
-              f"({c.timing['decode_tokens_per_s']:.1f} tokens/s decoding), {result.speedup(c):.2f}x transformers on "
-              f"the model as given, timed on this machine; quality: {result.budget}", markup=False)
+              f"({c.timing['decode_tokens_per_s']:.1f} tokens/s decoding), {vs_text}timed on this machine; "
+              f"quality: {result.budget}", markup=False)
     out.print(f"quality data: {result.provenance['quality']}", markup=False)
     out.print(f"wrote {out_dir}/ ({', '.join(result.files)}, deploy.md, deploy.json); load it with:", markup=False)
     out.print(result.snippet(), highlight=False, markup=False)

@@ -301,7 +301,7 @@ def build_lm_candidates(model: nn.Module, tokenizer: Any, runtimes: Sequence[str
 class LMDeployResult:
     candidates: list[LMCandidate]
     winner: LMCandidate
-    baseline: LMCandidate  # transformers on the model as given
+    baseline: LMCandidate | None  # transformers on the model as given (None where torch was not asked for)
     reference_perplexity: float
     budget: str
     provenance: dict[str, str]
@@ -312,7 +312,8 @@ class LMDeployResult:
     files: list[str] = dataclasses.field(default_factory=list)
 
     def speedup(self, c: LMCandidate) -> float | None:
-        a, b = self.baseline.timing.get("total_s"), c.timing.get("total_s")
+        a = self.baseline.timing.get("total_s") if self.baseline is not None else None
+        b = c.timing.get("total_s")
         return a / b if a and b else None
 
     def snippet(self) -> str:
@@ -420,8 +421,13 @@ def deploy_lm(model: nn.Module, tokenizer: Any, *, data: str | None = None, refe
         samples: dict[str, list[tuple[float, float]]] = {c.name: [] for c in timed}
         tokens: dict[str, list[int]] = {}
         for r in range(runs + 1):  # the first round warms up
-            for c in timed:
-                new, pre, dec = c.runner.generate(prompt, new_tokens)
+            for c in list(timed):
+                try:
+                    new, pre, dec = c.runner.generate(prompt, new_tokens)
+                except Exception as e:  # a runtime that cannot generate here is a row, not an error
+                    c.status = f"failed: generation: {one_line(e)}"
+                    timed.remove(c)
+                    continue
                 tokens.setdefault(c.name, new)
                 if r:
                     samples[c.name].append((pre, dec))
@@ -437,8 +443,7 @@ def deploy_lm(model: nn.Module, tokenizer: Any, *, data: str | None = None, refe
             raise DeployError(f"no candidate met the quality budget ({budget}); loosen it (--max-increase) or check "
                               "the model")
         winner = min(passed, key=lambda c: c.timing["total_s"])
-        baseline = next(c for c in cands if (c.runtime, c.precision) == ("torch", AS_GIVEN)) if any(
-            (c.runtime, c.precision) == ("torch", AS_GIVEN) for c in cands) else winner
+        baseline = next((c for c in timed if (c.runtime, c.precision) == ("torch", AS_GIVEN)), None)
         result = LMDeployResult(
             cands, winner, baseline, ref_ppl, budget,
             {"quality": f"perplexity on {k} held-out windows of {window} tokens ({k * (window - 1)} scored tokens), "
