@@ -16,7 +16,9 @@ Parts (each writes its rows into results/deploy.json; `report` rebuilds results/
 - smollm2 (issue 22): `deploy_lm` on the float SmolLM2-135M: transformers fp32 / bf16 generate, torchshrink's
   decode engine (int8 / int4 weights), llama.cpp Q8_0 / Q4_0; perplexity on 2,048 held-out Debian-prose tokens
   within 2% of the model's; a 128-token held-out prompt + 128 greedy tokens, 3 interleaved rounds.
-Run: .venv/bin/python benchmarks/deploy.py --part train|minilm|resnet50|onnx|smollm2|report [--check]
+- widths: INT8 students at several widths (shares of heads / FFN neurons removed) timed against the peers in one
+  run, with the held-out cosine of any trained student of that width found in the cache: the speed / quality frontier.
+Run: .venv/bin/python benchmarks/deploy.py --part train|minilm|resnet50|onnx|smollm2|widths|report [--check]
 """
 
 from __future__ import annotations
@@ -47,7 +49,7 @@ HEADS, FFN = 0.34, 0.5  # floor(12 x 0.34) = 4 heads removed per layer
 EPOCHS, LR = 5, 1e-3
 
 
-PARTS = ("train", "minilm", "resnet50", "onnx", "smollm2")
+PARTS = ("train", "minilm", "resnet50", "onnx", "smollm2", "widths")
 
 
 def _save(part: str, rows: dict[str, Any]) -> bool:
@@ -139,6 +141,15 @@ def report(data: dict[str, Any]) -> bool:
     if "train" in data:
         t = data["train"]
         tables["the compressed MiniLM"] = markdown_table(list(t)[:-1], [[t[k] for k in list(t)[:-1]]])
+    if "widths" in data:
+        d = data["widths"]
+        tables[f"MiniLM student widths (INT8 as deploy builds it: {d['int8']}), {d['example']}, {d['runs']} interleaved "
+               f"runs, 2 threads; speed vs the fastest peer in the same run ({d['peer']}); quality of the students "
+               "trained so far"] = markdown_table(
+            ["heads removed", "FFN removed", "params", "p50 ms", "speedup vs fastest peer", "trained student",
+             "held-out cosine (INT8)"],
+            [[r["heads"], r["ffn"], f"{r['params']:,}", f"{r['p50_ms']:.2f}", f"{r['speedup']:.2f}x",
+              r.get("trained", "-"), f"{r['cosine_mean']:.4f}" if "cosine_mean" in r else "-"] for r in d["rows"]])
     if "resnet50" in data:
         d = data["resnet50"]
         rows = d["rows"]
@@ -178,6 +189,62 @@ def report(data: dict[str, Any]) -> bool:
                  r["quality"] else ""),
               r["note"] or "-"] for r in d["candidates"]])
     return write_results("deploy", targets, tables, data, OUT)
+
+
+WIDTHS = ((0.34, 0.5), (0.34, 0.4), (0.34, 0.3), (0.5, 0.3), (0.25, 0.4))
+
+
+def widths(runs: int) -> dict[str, Any]:
+    """Speed of INT8 students at several widths (untrained: speed depends on the shapes only) against the peers on the
+    uncompressed model in one interleaved run; held-out cosine of any trained student of that width in the cache
+    (``deploy-minilm-h{heads}-f{ffn}-*``)."""
+    import tempfile
+
+    import torchshrink as ts
+    from torchshrink.deploy.candidates import int8_model
+    from torchshrink.measure.bench import bench_lock
+    from torchshrink.measure.latency import time_interleaved
+    from torchshrink.measure.machine import cpu_flags, machine_info
+    from torchshrink.measure.quality import fidelity
+    from torchshrink.prune.structured import FfnPruneConfig, HeadPruneConfig
+    from torchshrink.zoo.minilm import load_minilm, tokenize
+    from torchshrink.zoo.text import sentence_split
+
+    torch.set_num_threads(2)
+    m = load_minilm().eval()
+    train_s, held = sentence_split()
+    calib = tokenize(train_s[:128], batch_size=32)
+    held_b = tokenize(held, batch_size=100)
+    ids = tokenize(held[:16], batch_size=16, max_length=128, pad_to_max=True)[0][0]
+    example = (ids, torch.ones_like(ids))
+    bf16 = bool(cpu_flags() & {"avx512_bf16", "amx_bf16"})
+    rows, paths = [], {}
+    for h, f in WIDTHS:
+        s = ts.prune(m, HeadPruneConfig(amount=h, importance="fluctuation"), data=calib[:2])
+        s = ts.prune(s, FfnPruneConfig(amount=f, importance="fluctuation"), data=calib[:2])
+        row: dict[str, Any] = {"heads": h, "ffn": f, "params": sum(p.numel() for p in s.parameters())}
+        paths[f"h{h}/f{f}"] = int8_model(s.eval(), calib, attention_bf16=bf16)
+        trained = sorted(CACHE.parent.glob(f"deploy-minilm-h{round(h * 100)}-f{round(f * 100)}-*"))
+        if (h, f) == (HEADS, FFN) and (CACHE / "manifest.json").exists():
+            trained.insert(0, CACHE)
+        for t in trained[:1]:
+            q = int8_model(ts.load(t).eval(), calib, attention_bf16=bf16)
+            fid = fidelity(q, m, held_b)
+            row.update(trained=t.name, cosine_mean=fid["cosine_mean"], cosine_min=fid["cosine_min"])
+        rows.append(row)
+    with tempfile.TemporaryDirectory() as d:
+        peers = {"OpenVINO bf16 (bf16 hint)": _ov(m, example, Path(d), "bf16"),
+                 "OpenVINO int8 (NNCF)": _ov(m, example, Path(d), None, calib, True),
+                 "torch.ao int8": torch.ao.quantization.quantize_dynamic(copy.deepcopy(m), {nn.Linear}, dtype=torch.qint8)}
+        with bench_lock():
+            t = time_interleaved({**peers, **paths}, example, n_threads=2, warmup=3, runs=runs)
+    peer = min(peers, key=lambda k: t[k].p50_ms)
+    for r in rows:
+        r["p50_ms"] = t[f"h{r['heads']}/f{r['ffn']}"].p50_ms
+        r["speedup"] = t[peer].p50_ms / r["p50_ms"]
+    return {"machine": machine_info(), "example": "16 x 128 real tokens", "runs": runs,
+            "int8": "bert-int8" + (" + bf16 attention" if bf16 else ""), "peer": f"{peer} {t[peer].p50_ms:.1f} ms",
+            "rows": rows}
 
 
 def smollm2() -> dict[str, Any]:
@@ -508,6 +575,8 @@ def main() -> int:
         ok = _save("onnx", onnx_part())
     elif args.part == "smollm2":
         ok = _save("smollm2", smollm2())
+    elif args.part == "widths":
+        ok = _save("widths", widths(args.runs))
     else:
         ok = report({k: v for k, v in previous_results("deploy", OUT, True).items() if k in PARTS})
     return 1 if args.check and not ok else 0
