@@ -116,6 +116,11 @@ def _check_args(runtimes: Sequence[str], min_cosine: float, max_drop: float, out
         raise ConfigError(f"min_cosine={min_cosine}: must be in (0, 1]")
     if not 0.0 <= max_drop < 1.0:
         raise ConfigError(f"max_drop={max_drop}: must be in [0, 1) (a fraction: 0.005 is half a point of accuracy)")
+    check_out(out, force)
+
+
+def check_out(out: Path | None, force: bool) -> None:
+    """``out`` is new or empty, or (with ``force``) a folder an earlier deploy wrote; else one line."""
     if out is not None and (out.is_file() or (out.is_dir() and any(out.iterdir()))):
         if not force:
             raise OutputExistsError(f"output {out} already exists and is not empty; choose a new path or pass "

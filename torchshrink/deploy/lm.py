@@ -34,7 +34,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from torchshrink.core.errors import ConfigError, OutputExistsError
+from torchshrink.core.errors import ConfigError
+from torchshrink.deploy import runtimes as rt
 from torchshrink.deploy.candidates import one_line
 from torchshrink.measure.latency import threads as pinned
 from torchshrink.measure.machine import machine_info, machine_markdown
@@ -220,14 +221,6 @@ def _build(runtime: str, precision: str, make: Callable[[], LMCandidate]) -> LMC
     return c
 
 
-def _missing(module: str) -> str | None:
-    import importlib.util
-
-    if importlib.util.find_spec(module) is None:
-        return f"{module} is not installed (pip install 'torchshrink[llm]')"
-    return None
-
-
 def build_lm_candidates(model: nn.Module, tokenizer: Any, runtimes: Sequence[str], threads: int, max_len: int,
                         prompt_tokens: int, scratch: Path) -> list[LMCandidate]:
     from torchshrink.llm.models import load_causal_lm
@@ -272,7 +265,7 @@ def build_lm_candidates(model: nn.Module, tokenizer: Any, runtimes: Sequence[str
                 out.append(_build("torchshrink", f"int{bits} weights (g64, nearest)", rounded))
 
     if "llama.cpp" in runtimes:
-        why = _missing("llama_cpp") or _missing("gguf")
+        why = rt.missing("llama_cpp") or rt.missing("gguf")
         from torchshrink.llm.gguf_export import source_gguf
 
         if why is None and source_gguf(model) is None:
@@ -349,13 +342,9 @@ def _check_args(runtimes: Sequence[str], max_increase: float, prompt_tokens: int
             raise ConfigError(f"{name}={v!r} must be a whole number of 1 or more")
     if window < 2:
         raise ConfigError(f"window={window} must be 2 or more (a window's first token is not scored)")
-    if out is not None and (out.is_file() or (out.is_dir() and any(out.iterdir()))):
-        if not force:
-            raise OutputExistsError(f"output {out} already exists and is not empty; choose a new path or pass "
-                                    "force=True (--force)")
-        if not (out / "deploy.json").is_file():
-            raise OutputExistsError(f"output {out} was not written by torchshrink deploy (no deploy.json); --force "
-                                    "replaces only a deploy output: choose another folder")
+    from torchshrink.deploy.api import check_out
+
+    check_out(out, force)
 
 
 def _perplexity(runner: Any, windows: torch.Tensor) -> float:
@@ -374,7 +363,7 @@ def deploy_lm(model: nn.Module, tokenizer: Any, *, data: str | None = None, refe
     documentation prose split by document); ``prompt_tokens`` / ``new_tokens``: the workload timed (a real
     held-out prompt, exactly that many greedy tokens); ``out``: a folder for the chosen artifact, ``deploy.md``
     and ``deploy.json``, written whole or not at all."""
-    from torchshrink.core.files import commit, temp_dir, write_atomic
+    from torchshrink.core.files import write_atomic
     from torchshrink.llm.models import full_attention_config
     from torchshrink.llm.pipeline import lm_text, resolve
 
@@ -452,8 +441,9 @@ def deploy_lm(model: nn.Module, tokenizer: Any, *, data: str | None = None, refe
                        f"median of {runs} interleaved rounds after one warm-up round"},
             machine_info(), {"prompt_tokens": prompt_tokens, "new_tokens": new_tokens}, n)
         if out_path is not None:
-            tmp = temp_dir(out_path)
-            try:
+            from torchshrink.deploy.report import publish
+
+            def fill(tmp: Path) -> None:
                 assert winner.write is not None and winner.reload is not None
                 files = winner.write(tmp)
                 check = min(CHECK_TOKENS, new_tokens)
@@ -467,11 +457,9 @@ def deploy_lm(model: nn.Module, tokenizer: Any, *, data: str | None = None, refe
                 result.files = sorted(str(f.relative_to(tmp)) for f in files)
                 write_atomic(tmp / "deploy.json", json.dumps(result.to_dict(), indent=1, default=str))
                 write_atomic(tmp / "deploy.md", markdown(result))
-                if out_path.is_dir() and not any(out_path.iterdir()):
-                    out_path.rmdir()
-                commit(tmp, out_path)
+            try:
+                publish(out_path, fill)
             except BaseException:
-                shutil.rmtree(tmp, ignore_errors=True)
                 result.out = None
                 raise
     return result

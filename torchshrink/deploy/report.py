@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -65,6 +66,19 @@ def markdown(result: DeployResult) -> str:
     return "\n".join(lines)
 
 
+def publish(out: Path, fill: Callable[[Path], None]) -> None:
+    """Fill a temp folder beside ``out`` and move it into place whole; on any failure nothing is left behind."""
+    tmp = temp_dir(out)
+    try:
+        fill(tmp)
+        if out.is_dir() and not any(out.iterdir()):
+            out.rmdir()
+        commit(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
 def write_output(result: DeployResult, out: Path, example: tuple[torch.Tensor, ...]) -> None:
     """Write the chosen artifact and the reports into ``out`` (atomically); the artifact is loaded back and
     must reproduce the candidate's output on ``example``, else nothing is written."""
@@ -72,8 +86,8 @@ def write_output(result: DeployResult, out: Path, example: tuple[torch.Tensor, .
 
     c = result.winner
     assert c.write is not None and c.module is not None
-    tmp = temp_dir(out)
-    try:
+
+    def fill(tmp: Path) -> None:
         files = c.write(tmp)
         cos = outputs_match(reload(c, tmp, result.threads)(*example), c.module(*example))
         if not cos >= REPRODUCES:
@@ -83,11 +97,9 @@ def write_output(result: DeployResult, out: Path, example: tuple[torch.Tensor, .
         result.files = sorted(str(f.relative_to(tmp)) for f in files)
         write_atomic(tmp / "deploy.json", json.dumps(result.to_dict(), indent=1, default=_plain))
         write_atomic(tmp / "deploy.md", markdown(result))
-        if out.is_dir() and not any(out.iterdir()):
-            out.rmdir()
-        commit(tmp, out)
+    try:
+        publish(out, fill)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
         result.out = None
         raise
 

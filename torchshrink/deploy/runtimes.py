@@ -20,7 +20,9 @@ from torchshrink.measure.quality import main_output
 
 INSTALL = {"onnxruntime": "pip install 'torchshrink[deploy]' (onnx + onnxruntime)",
            "openvino": "pip install 'torchshrink[deploy]' (openvino)",
-           "nncf": "pip install 'torchshrink[deploy]' (nncf, for OpenVINO int8)"}
+           "nncf": "pip install 'torchshrink[deploy]' (nncf, for OpenVINO int8)",
+           "llama_cpp": "pip install 'torchshrink[llm]' (llama-cpp-python)",
+           "gguf": "pip install 'torchshrink[llm]' (gguf)"}
 
 
 def missing(package: str) -> str | None:
