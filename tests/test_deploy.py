@@ -158,3 +158,14 @@ def test_cli_deploy(tmp_path, monkeypatch):
         res = runner.invoke(app, ["deploy", "-m", str(saved), "-o", str(target), "--force", "--runtimes", "torch"])
         assert res.exit_code == 2 and "overlaps the input model" in " ".join(res.output.split()), res.output
     assert sorted(p.name for p in saved.iterdir()) == before
+
+
+@pytest.mark.skipif(not HAS_ORT, reason="onnxruntime not installed")
+def test_onnxruntime_sessions_do_not_spin_between_runs(tmp_path):
+    # spinning ORT workers took the cores from whatever deploy timed next (a torch model 67 -> 107 ms)
+    from torchshrink.deploy.runtimes import OrtModule, write_onnx
+
+    model, data = _mlp()
+    m = OrtModule(write_onnx(model, (data[0],), tmp_path / "m.onnx"), 2)
+    assert m.session.get_session_options().get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    assert torch.allclose(torch.as_tensor(m(data[0])), model(data[0]), atol=1e-5)

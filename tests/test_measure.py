@@ -63,6 +63,15 @@ def test_latency_harness_two_copies_give_ratio_near_one():
     assert t["a"].runs == 200 and t["a"].threads == 1 and t["a"].p90_ms >= t["a"].p50_ms
 
 
+def test_bursts_time_every_call_after_the_first_of_each_turn():
+    seen: list[str] = []
+    t = time_interleaved({"a": lambda: seen.append("a"), "b": lambda: seen.append("b")}, warmup=0, runs=4, burst=3)
+    assert seen == ["a"] * 3 + ["b"] * 6 + ["a"] * 6 + ["b"] * 6 + ["a"] * 3  # A B, B A, ... in turns of 3
+    assert t["a"].runs == t["b"].runs == 8  # 4 turns x 2 timed calls
+    with pytest.raises(ValueError, match="burst=0; allowed: 1 or more"):
+        time_interleaved({"a": lambda: None}, burst=0)
+
+
 def test_measure_and_compare(tiny):
     x = torch.randn(2, 3, 4, 4)
     m1 = ts.measure(tiny, x, runs=5, warmup=1)

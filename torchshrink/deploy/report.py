@@ -43,10 +43,13 @@ def _fmt(v: float | None, spec: str) -> str:
 
 
 def markdown(result: DeployResult) -> str:
+    from torchshrink.deploy.api import BURST
+
     r = result
     lines = [f"# deploy: {r.winner.name}", "", machine_markdown(r.machine).strip(), "",
              f"Timed: inputs {' + '.join('x'.join(map(str, s)) for s in r.example)}, {r.threads} thread(s), every row "
-             "that passed interleaved in one run (median of the runs after warm-up).",
+             f"that passed interleaved in one run, each turn {BURST} calls back to back of which the last {BURST - 1} are timed "
+             "(median of the timed calls after warm-up).",
              f"Quality budget: {r.budget}.", ""]
     lines += [f"- {k}: {v}" for k, v in r.provenance.items() if k != "search"]
     ref = r.reference

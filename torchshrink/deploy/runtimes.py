@@ -84,6 +84,10 @@ class OrtModule(nn.Module):
         so.intra_op_num_threads = threads
         so.inter_op_num_threads = 1
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        # ORT's worker threads otherwise spin after every run: on a 2-core machine they took the cores from
+        # whatever ran next (a torch model timed right after ORT: 67 -> 107 ms) and ORT itself was no faster
+        # (315 ms spinning, 309 ms not; MiniLM 16 x 128, 2 threads, one interleaved run)
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.path = path
         self.session = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
         self.names = [i.name for i in self.session.get_inputs()]

@@ -65,12 +65,18 @@ def time_interleaved(
     warmup: int = 10,
     runs: int = 30,
     min_seconds: float = 0.0,
+    burst: int = 1,
 ) -> dict[str, Timing]:
     """Time each candidate interleaved (A B, B A, A B, ...) in one process after warm-up.
 
     Candidates are modules (called on ``inputs``) or zero-argument callables. Interleaving makes
-    the ratio of medians robust to the machine's load drifting during the run.
+    the ratio of medians robust to the machine's load drifting during the run. ``burst`` > 1: each turn
+    calls the candidate ``burst`` times back to back and times the calls after the first -- the latency of
+    a model serving requests one after another (its weights and buffers in cache), where single calls
+    time every candidate right after the others have flushed the caches.
     """
+    if burst < 1:
+        raise ValueError(f"burst={burst}; allowed: 1 or more calls per turn")
     calls = {k: _as_call(m, inputs) for k, m in candidates.items()}
     samples: dict[str, list[float]] = {k: [] for k in calls}
     with threads(n_threads), torch.inference_mode():
@@ -83,9 +89,11 @@ def time_interleaved(
         while i < runs or (time.perf_counter() - start) < min_seconds:
             # alternate the order (A B, B A, ...) so no candidate always runs right after another
             for k, f in order if i % 2 == 0 else order[::-1]:
-                t0 = time.perf_counter()
-                f()
-                samples[k].append(time.perf_counter() - t0)
+                for j in range(burst):
+                    t0 = time.perf_counter()
+                    f()
+                    if j or burst == 1:
+                        samples[k].append(time.perf_counter() - t0)
             i += 1
             if i >= runs * 20:
                 break
