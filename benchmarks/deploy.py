@@ -1,11 +1,12 @@
 """Deployment chosen by measurement (issue 21), every figure from one machine and named with its CPU.
 
 Parts (each writes its rows into results/deploy.json; `report` rebuilds results/deploy.md):
-- train: the compressed MiniLM: a third of the attention heads and half the FFN neurons removed by data-aware
+- train: the compressed MiniLM: a third of the attention heads and 40% of the FFN neurons removed by data-aware
   importance (fluctuation, on 512 calibration sentences), then sentence distillation from the original
   (embedding cosine + MSE, each block's hidden-state cosine) on docstring sentences that share no 8-word run
   with the 500 held-out sentences, for --minutes; saved to --cache (not committed: 40 MB). --resume DIR goes on
-  training a saved student (its record, with the one it resumed from, is kept beside it as train.json).
+  training a saved student (its record, with the one it resumed from, is kept beside it as train.json). The
+  reported student: the four commands of deploy_student.STEPS, in order (~2.5 h).
 - minilm: batch 16 x 128 real tokens, 2 threads. Peers on the UNcompressed model -- torch fp32 eager, torch
   bf16 (a plain cast), torch.ao dynamic int8, ONNX Runtime fp32 and its own dynamic int8, OpenVINO fp32 (f32
   hint), OpenVINO with its default settings, OpenVINO int8 through NNCF -- and `deploy` on the uncompressed
@@ -37,7 +38,7 @@ from typing import Any
 
 import deploy_peers as P
 import torch
-from deploy_student import CACHE, EPOCHS, FFN, HEADS, LR, train
+from deploy_student import CACHE, EPOCHS, FFN, HEADS, LR, quantize_student, train
 from torch import nn
 
 OUT = Path(__file__).parent / "results"
@@ -71,6 +72,14 @@ def _peer_best(rows: dict[str, Any], min_cos: float | None = None) -> tuple[str,
              and (min_cos is None or v.get("cosine_mean", 1.0) >= min_cos)}
     name = min(peers, key=lambda k: peers[k]["p50_ms"])
     return name, peers[name]["p50_ms"]
+
+
+def _ood(d: dict[str, Any]) -> str:
+    o = d.get("out_of_domain_cosine_mean") or {}
+    if "deploy(compressed)" not in o:
+        return f"; out of domain: {o['data']}" if o else ""
+    return (f"; out of the distillation's domain ({o['data']}): {o['deploy(compressed)']:.4f} "
+            f"(uncompressed deployed: {o['deploy(uncompressed)']:.4f})")
 
 
 def _single(rows: dict[str, Any], key: str) -> str:
@@ -123,7 +132,7 @@ def report(data: dict[str, Any]) -> bool:
                    ">=", 2.0, "x", f"{comp['chosen']} {comp['p50_ms']:.1f} ms vs {peer} {best:.1f} ms"
                    + _single(rows, "deploy(compressed)")),
             Target("MiniLM compressed, deployed: held-out cosine mean vs the original", comp.get("cosine_mean"), ">=", 0.97,
-                   "", f"min {comp.get('cosine_min', float('nan')):.4f}; {d['quality_data']}"),
+                   "", f"min {comp.get('cosine_min', float('nan')):.4f}; {d['quality_data']}" + _ood(d)),
             Target("MiniLM uncompressed, deployed (quality >= 0.995): speed vs the fastest peer", best / full["p50_ms"],
                    ">=", 1.0, "x", f"{full['chosen']} {full['p50_ms']:.1f} ms vs {peer} {best:.1f} ms; vs the fastest "
                    f"peer at cosine >= 0.995 ({peer_q}): {best_q / full['p50_ms']:.2f}x" + _single(rows, "deploy(uncompressed)")),
@@ -131,7 +140,11 @@ def report(data: dict[str, Any]) -> bool:
         tables[f"MiniLM, {d['example']}, {d['runs']} interleaved runs, 2 threads (quality: {d['quality_data']})"] = \
             _table(rows, True)
         tables["deploy on the uncompressed MiniLM (its own candidates and checks)"] = _deploy_table(d["deploy_uncompressed"])
-        tables["deploy on the compressed MiniLM (each candidate against the compressed model; the table above: against the original)"] = _deploy_table(d["deploy_compressed"])
+        how = d.get("compressed")
+        how = f": {how['recipe']}, student {how['student']} (float held-out cosine {how['float_student_cosine_mean']:.4f})" \
+            if how else ""
+        tables[f"deploy on the compressed MiniLM{how} (each candidate against the compressed model; the table above: "
+               "against the original)"] = _deploy_table(d["deploy_compressed"])
         if d.get("failed_peers"):
             tables["MiniLM peers that did not build"] = markdown_table(["peer", "why"], list(d["failed_peers"].items()))
     if "onnx" in data:
@@ -157,10 +170,19 @@ def report(data: dict[str, Any]) -> bool:
                                                                        r["error"], "", "", "", "", ""] for r in rows])
     if "train" in data:
         t = data["train"]
-        tables["the compressed MiniLM"] = markdown_table(list(t)[:-1], [[t[k] for k in list(t)[:-1]]])
+        keys = [k for k in t if k not in ("history", "resumed_from")]
+        stages, r = [], t
+        while r is not None:  # the training it went on from, oldest last
+            curve = [round(h["heldout_cosine"], 4) for h in r.get("history", [])] or r.get("history_heldout_cosine", [])
+            stages.append([r["epochs"], r["lr"], r.get("output_weight", 2.0), r.get("autocast", "none"),
+                           r["train_sentences"], round(r["train_seconds"]), ", ".join(map(str, curve))])
+            r = r.get("resumed_from")
+        tables["the compressed MiniLM"] = markdown_table(keys, [[t[k] for k in keys]]) + "\n\n" + markdown_table(
+            ["epochs", "peak lr", "output loss weight", "autocast", "sentences", "seconds", "held-out cosine by epoch"],
+            stages[::-1])
     if "widths" in data:
         d = data["widths"]
-        tables[f"MiniLM student widths (INT8 as deploy builds it: {d['int8']}), {d['example']}, {d['runs']} interleaved "
+        tables[f"MiniLM student widths (INT8 as the compression recipe builds it: {d['int8']}), {d['example']}, {d['runs']} interleaved "
                f"runs, 2 threads; speed vs the fastest peer in the same run ({d['peer']}); quality of the students "
                "trained so far"] = markdown_table(
             ["heads removed", "FFN removed", "params", "p50 ms", "speedup vs fastest peer", "same, single calls",
@@ -219,8 +241,7 @@ def widths(runs: int) -> dict[str, Any]:
     import tempfile
 
     import torchshrink as ts
-    from torchshrink.deploy.candidates import int8_model
-    from torchshrink.measure.machine import cpu_flags, machine_info
+    from torchshrink.measure.machine import machine_info
     from torchshrink.measure.quality import fidelity
     from torchshrink.prune.structured import FfnPruneConfig, HeadPruneConfig
     from torchshrink.zoo.minilm import load_minilm, tokenize
@@ -233,18 +254,19 @@ def widths(runs: int) -> dict[str, Any]:
     held_b = tokenize(held, batch_size=100)
     ids = tokenize(held[:16], batch_size=16, max_length=128, pad_to_max=True)[0][0]
     example = (ids, torch.ones_like(ids))
-    bf16 = bool(cpu_flags() & {"avx512_bf16", "amx_bf16"})
-    rows, paths = [], {}
+    rows, paths, how = [], {}, ""
     for h, f in WIDTHS:
         s = ts.prune(m, HeadPruneConfig(amount=h, importance="fluctuation"), data=calib[:2])
         s = ts.prune(s, FfnPruneConfig(amount=f, importance="fluctuation"), data=calib[:2])
         row: dict[str, Any] = {"heads": h, "ffn": f, "params": sum(p.numel() for p in s.parameters())}
-        paths[f"h{h}/f{f}"] = int8_model(s.eval(), calib, attention_bf16=bf16)
-        trained = sorted(CACHE.parent.glob(f"deploy-minilm-h{round(h * 100)}-f{round(f * 100)}-*"))
+        paths[f"h{h}/f{f}"], how = quantize_student(s.eval(), calib)
+        # the most recently trained student of this width
+        trained = sorted(CACHE.parent.glob(f"deploy-minilm-h{round(h * 100)}-f{round(f * 100)}-*"),
+                         key=lambda p: p.stat().st_mtime, reverse=True)
         if (h, f) == (HEADS, FFN) and (CACHE / "manifest.json").exists():
             trained.insert(0, CACHE)
         for t in trained[:1]:
-            q = int8_model(ts.load(t).eval(), calib, attention_bf16=bf16)
+            q = quantize_student(ts.load(t).eval(), calib)[0]
             fid = fidelity(q, m, held_b)
             row.update(trained=t.name, cosine_mean=fid["cosine_mean"], cosine_min=fid["cosine_min"])
         rows.append(row)
@@ -259,7 +281,7 @@ def widths(runs: int) -> dict[str, Any]:
         r["speedup"] = t[peer]["p50_ms"] / r["p50_ms"]
         r["speedup_single_calls"] = min(t[k]["single_p50_ms"] for k in peers) / r["single_p50_ms"]
     return {"machine": machine_info(), "example": "16 x 128 real tokens", "runs": runs,
-            "int8": "bert-int8" + (" + bf16 attention" if bf16 else ""), "peer": f"{peer} {t[peer]['p50_ms']:.1f} ms",
+            "int8": how, "peer": f"{peer} {t[peer]['p50_ms']:.1f} ms",
             "rows": rows}
 
 
@@ -283,7 +305,24 @@ def _deploy_rows(r: Any) -> list[dict[str, Any]]:
     return [{k: v for k, v in row.items() if k != "build_s"} for row in r.rows()]
 
 
-def minilm(cache: Path, runs: int) -> dict[str, Any]:
+def _prose_sentences(n: int = 500) -> tuple[list[str], str]:
+    """n sentences of Debian prose (the language-model evaluation documents; never distilled on), or () and why not."""
+    import random
+    import re
+
+    from torchshrink.llm.text import prose_split
+    from torchshrink.zoo.text import _good
+
+    try:
+        _, ev, docs = prose_split()
+    except Exception as e:
+        return [], f"no Debian prose: {str(e).splitlines()[0][:120]}"
+    sents = [x.strip() for p in ev for x in re.split(r"(?<=[.!?])\s+", p) if _good(x.strip())]
+    random.Random(0).shuffle(sents)
+    return sents[:n], f"{min(n, len(sents))} sentences of Debian prose from {len(docs['evaluation'])} documents"
+
+
+def minilm(cache: Path, runs: int, quantize: bool = True) -> dict[str, Any]:
     import tempfile
 
     import torchshrink as ts
@@ -297,10 +336,14 @@ def minilm(cache: Path, runs: int) -> dict[str, Any]:
         raise SystemExit(f"no compressed MiniLM in {cache}: run --part train first")
     torch.set_num_threads(2)
     m = load_minilm().eval()
-    small = ts.load(cache).eval()
+    student = small = ts.load(cache).eval()
     train_s, held = sentence_split()
     held_b = tokenize(held, batch_size=100)
     calib = tokenize(train_s[:128], batch_size=32)
+    recipe = "pruned + distilled (float)"
+    if quantize:  # the compression recipe's last step; deploy then picks among what that model can run as
+        small, how = quantize_student(student, calib)
+        recipe = f"pruned + distilled + {how}"
     ids = tokenize(held[:16], batch_size=16, max_length=128, pad_to_max=True)[0][0]
     example = (ids, torch.ones_like(ids))  # 16 real sentences, every position attended (16 x 128 real tokens)
     ao = torch.ao.quantization.quantize_dynamic(copy.deepcopy(m), {nn.Linear}, dtype=torch.qint8)
@@ -318,6 +361,10 @@ def minilm(cache: Path, runs: int) -> dict[str, Any]:
         quality = {k: fidelity(v, m, held_b) for k, v in ok.items()}
         quality["deploy(compressed)"] = fidelity(comp.module, m, held_b)
         quality["deploy(uncompressed)"] = fidelity(full.module, m, held_b)
+        prose, prose_src = _prose_sentences()  # out of the distillation's domain (docstrings)
+        out_of_domain = {"data": prose_src, **({k: fidelity(v, m, tokenize(prose, batch_size=100))["cosine_mean"]
+                                                 for k, v in (("deploy(compressed)", comp.module),
+                                                              ("deploy(uncompressed)", full.module))} if prose else {})}
         timed = {**ok, "deploy(uncompressed)": full.module, "deploy(compressed)": comp.module}
         times = _time(timed, example, runs)
     base = times["torch fp32 eager"]["p50_ms"]
@@ -331,7 +378,10 @@ def minilm(cache: Path, runs: int) -> dict[str, Any]:
             "deploy_uncompressed": _deploy_rows(full), "deploy_compressed": _deploy_rows(comp),
             "deploy_seconds": {"uncompressed": t_full, "compressed": t_comp}, "runs": runs,
             "params": {"uncompressed": sum(p.numel() for p in m.parameters()),
-                       "compressed": sum(p.numel() for p in small.parameters())}}
+                       "compressed": sum(p.numel() for p in student.parameters())},
+            "out_of_domain_cosine_mean": out_of_domain,
+            "compressed": {"recipe": recipe, "student": cache.name,
+                           "float_student_cosine_mean": fidelity(student, m, held_b)["cosine_mean"]}}
 
 
 def resnet50(runs: int) -> dict[str, Any]:
@@ -463,6 +513,8 @@ def main() -> int:
     ap.add_argument("--output-weight", type=float, default=2.0, help="train: weight of the embedding cosine loss "
                     "(each layer's hidden-state cosine weighs 0.5)")
     ap.add_argument("--seed", type=int, default=0, help="train: shuffling seed")
+    ap.add_argument("--float-student", action="store_true", help="minilm: hand deploy the float student (deploy "
+                    "then builds the INT8 candidates itself) instead of the recipe's INT8 one")
     ap.add_argument("--check", action="store_true", help="exit 1 when a target fails")
     args = ap.parse_args()
     from torchshrink.measure.bench import previous_results
@@ -471,7 +523,7 @@ def main() -> int:
         ok = _save("train", train(args.minutes, args.cache, args.sentences, args.heads, args.ffn, args.epochs,
                                   args.autocast, args.resume, args.lr, args.output_weight, args.seed))
     elif args.part == "minilm":
-        ok = _save("minilm", minilm(args.cache, args.runs))
+        ok = _save("minilm", minilm(args.cache, args.runs, not args.float_student))
     elif args.part == "resnet50":
         ok = _save("resnet50", resnet50(args.runs))
     elif args.part == "onnx":
