@@ -22,7 +22,8 @@ Parts (each writes its rows into results/deploy.json; `report` rebuilds results/
   run, with the held-out cosine of any trained student of that width found in the cache: the speed / quality frontier.
 Timing (minilm, resnet50, widths): every path in one run, twice -- turns of 3 calls back to back with the last 2
 timed (the main figures: a model serving requests one after another) and single calls interleaved (each right after
-the other models ran), both recorded. Peers are built in deploy_peers.py, the student in deploy_student.py.
+the other models ran), both recorded. Peers are built in deploy_peers.py, the student in deploy_student.py, the
+ONNX part lives in deploy_onnx.py.
 Run: .venv/bin/python benchmarks/deploy.py --part train|minilm|resnet50|onnx|smollm2|widths|report [--check]
 """
 
@@ -38,6 +39,7 @@ from typing import Any
 
 import deploy_peers as P
 import torch
+from deploy_onnx import SIZE_BOUND, onnx_part
 from deploy_student import CACHE, EPOCHS, FFN, HEADS, LR, quantize_student, train
 from torch import nn
 
@@ -57,7 +59,7 @@ def _save(part: str, rows: dict[str, Any]) -> bool:
 def _time(models: dict[str, Any], example: tuple[torch.Tensor, ...], runs: int, warmup: int = 3) -> dict[str, dict]:
     """Each model timed two ways in one run: turns of 3 calls back to back, the last 2 timed (the latency of serving
     requests one after another: the main figures), and single calls interleaved (each call right after the other
-    models ran: OpenVINO lost up to 20% that way, torchshrink's INT8 ~3%)."""
+    models ran). Neither way favoured one side consistently across this session's runs; both are recorded."""
     from torchshrink.measure.bench import bench_lock
     from torchshrink.measure.latency import time_interleaved
 
@@ -306,7 +308,7 @@ def _deploy_rows(r: Any) -> list[dict[str, Any]]:
 
 
 def _prose_sentences(n: int = 500) -> tuple[list[str], str]:
-    """n sentences of Debian prose (the language-model evaluation documents; never distilled on), or () and why not."""
+    """n sentences of Debian prose (the language-model evaluation documents; never distilled on), or [] and why not."""
     import random
     import re
 
@@ -362,9 +364,11 @@ def minilm(cache: Path, runs: int, quantize: bool = True) -> dict[str, Any]:
         quality["deploy(compressed)"] = fidelity(comp.module, m, held_b)
         quality["deploy(uncompressed)"] = fidelity(full.module, m, held_b)
         prose, prose_src = _prose_sentences()  # out of the distillation's domain (docstrings)
-        out_of_domain = {"data": prose_src, **({k: fidelity(v, m, tokenize(prose, batch_size=100))["cosine_mean"]
-                                                 for k, v in (("deploy(compressed)", comp.module),
-                                                              ("deploy(uncompressed)", full.module))} if prose else {})}
+        out_of_domain: dict[str, Any] = {"data": prose_src}
+        if prose:
+            prose_b = tokenize(prose, batch_size=100)
+            out_of_domain |= {k: fidelity(v, m, prose_b)["cosine_mean"]
+                              for k, v in (("deploy(compressed)", comp.module), ("deploy(uncompressed)", full.module))}
         timed = {**ok, "deploy(uncompressed)": full.module, "deploy(compressed)": comp.module}
         times = _time(timed, example, runs)
     base = times["torch fp32 eager"]["p50_ms"]
@@ -408,7 +412,7 @@ def resnet50(runs: int) -> dict[str, Any]:
     ao = P.ao_static(m, x, calib)
     with tempfile.TemporaryDirectory() as d:
         peers = P.peers(m, (x,), Path(d), [(c,) for c in calib], transformer=False,
-                       torch_int8=ao if isinstance(ao, nn.Module) else m)
+                        torch_int8=ao if isinstance(ao, nn.Module) else m)
         if not isinstance(ao, nn.Module):
             peers["torch.ao int8"] = ao
         t0 = time.perf_counter()
@@ -425,75 +429,6 @@ def resnet50(runs: int) -> dict[str, Any]:
             "deploy_pruned": _deploy_rows(dep), "deploy_seconds": t_dep, "runs": runs,
             "macs_ratio": count_macs(pruned, (x,)) / macs, "quality_data": dep.provenance.get("quality", ""),
             "round_to": ROUND_TO}
-
-
-# --------------------------------------------------------------------------- onnx
-
-# (kind, fields, model): every technique's finalized output on an MLP of three 256x256 Linears (or a small CNN
-# with a residual add for the convolution-only kinds)
-TECHNIQUES = [
-    ("int8-dynamic", {}, "mlp"), ("int8-static", {}, "mlp"), ("int8-static", {}, "cnn"),
-    ("weight-only", {"bits": 8, "group_size": 0}, "mlp"), ("weight-only", {"bits": 4, "group_size": 128}, "mlp"),
-    ("weight-only", {"bits": 4, "group_size": 32}, "mlp"), ("kmeans", {"bits": 5}, "mlp"),
-    ("cast", {"dtype": "float16"}, "mlp"), ("cast", {"dtype": "bfloat16"}, "mlp"),
-    ("unstructured", {"sparsity": 0.8}, "mlp"), ("nm", {}, "mlp"), ("channel-prune", {"amount": 0.5}, "cnn"),
-    ("svd", {"ratio": 0.25}, "mlp"), ("binaryconnect", {}, "mlp"), ("bwn", {}, "mlp"), ("bnn", {}, "mlp"),
-    ("xnor", {}, "mlp"), ("twn", {}, "mlp"), ("ttq", {}, "mlp"), ("qat", {}, "mlp"),
-]
-SIZE_BOUND = ("int8-dynamic", "int8-static", "weight-only", "kmeans")
-
-
-def onnx_part() -> dict[str, Any]:
-    """Export each technique's output, run it in ONNX Runtime on held-out inputs, compare with torchshrink's model
-    and with torchshrink's own file size."""
-    import tempfile
-
-    import onnx
-
-    import torchshrink as ts
-    from torchshrink.core.config import get_config_class
-    from torchshrink.export.io import saved_bytes
-    from torchshrink.export.onnx import export_onnx, onnx_parity
-
-    g = torch.Generator().manual_seed(0)
-    data = {"mlp": (torch.randn(32, 256, generator=g), torch.randn(48, 256, generator=g)),
-            "cnn": (torch.randn(16, 3, 8, 8, generator=g), torch.randn(12, 3, 8, 8, generator=g))}
-
-    def build(name: str) -> nn.Module:
-        torch.manual_seed(0)
-        if name == "mlp":
-            return nn.Sequential(nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 256),
-                                 nn.ReLU(), nn.Linear(256, 10)).eval()
-        return nn.Sequential(nn.Conv2d(3, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(), nn.Conv2d(32, 32, 3, padding=1),
-                             nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10)).eval()
-
-    rows = []
-    with tempfile.TemporaryDirectory() as d:
-        for kind, fields, arch in TECHNIQUES:
-            calib, held = data[arch]
-            cfg = get_config_class(kind)(**fields)
-            train = {"train_data": [(calib, torch.randint(0, 10, (calib.shape[0],), generator=g))] * 2} \
-                if ts.trains(cfg) else {}
-            path = Path(d) / f"{len(rows)}.onnx"
-            row: dict[str, Any] = {"kind": kind, "fields": fields, "model": arch}
-            try:
-                model = ts.apply(build(arch), cfg, data=[calib], **train).eval()
-                export_onnx(model, (calib,), path)
-                par = onnx_parity(model, path, (held,))
-                ops = sorted({n.op_type for n in onnx.load(str(path)).graph.node} & {
-                    "DequantizeLinear", "QuantizeLinear", "DynamicQuantizeLinear", "MatMulInteger", "Gather",
-                    "BitwiseAnd", "Where", "Cast"})
-                row.update(cosine=par["cosine"], max_abs_diff=par["max_abs_diff"], onnx_bytes=path.stat().st_size,
-                           torchshrink_bytes=saved_bytes(model), ops=ops)
-                row["size_ratio"] = row["onnx_bytes"] / row["torchshrink_bytes"]
-            except Exception as e:
-                row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:150]}"
-            rows.append(row)
-            print(json.dumps(row), flush=True)
-    import onnxruntime
-
-    return {"rows": rows, "held_out": "48 random rows (MLP) / 12 random 3x8x8 images (CNN), never traced or calibrated on",
-            "onnxruntime": onnxruntime.__version__, "onnx": onnx.__version__}
 
 
 def main() -> int:

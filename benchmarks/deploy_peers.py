@@ -24,7 +24,7 @@ def ort(model: nn.Module, example: tuple[torch.Tensor, ...], folder: Path, int8:
 
 
 def ov(model: nn.Module, example: tuple[torch.Tensor, ...], folder: Path, hint: str | None,
-        calibration: list[tuple[torch.Tensor, ...]] | None = None, transformer: bool = False) -> nn.Module:
+       calibration: list[tuple[torch.Tensor, ...]] | None = None, transformer: bool = False) -> nn.Module:
     """OpenVINO from the ONNX export: f32 / bf16 hint, or None for OpenVINO's own defaults (2 threads, latency);
     with ``calibration``, NNCF's INT8 first."""
     from torchshrink.deploy.runtimes import OvModule, ov_int8, ov_read, write_onnx
@@ -37,7 +37,7 @@ def ov(model: nn.Module, example: tuple[torch.Tensor, ...], folder: Path, hint: 
 
 
 def peers(model: nn.Module, example: tuple[torch.Tensor, ...], folder: Path, calibration: list[tuple[torch.Tensor, ...]],
-           *, transformer: bool, torch_int8: nn.Module) -> dict[str, nn.Module | str]:
+          *, transformer: bool, torch_int8: nn.Module) -> dict[str, nn.Module | str]:
     """Every peer path a user could pick on the uncompressed model (a string: why it did not build)."""
     from torchshrink.deploy.runtimes import Cast
 

@@ -24,9 +24,9 @@ from torchshrink.recipe.task import Task, task_for
 
 MIN_SECONDS = 2.0
 # each candidate's turn is BURST calls back to back, the ones after the first timed: the latency of a model serving
-# requests one after another. Single interleaved calls favoured a model that had just been flushed out of the caches
-# least: MiniLM 16 x 128 on 2 cores, OpenVINO bf16 167 ms after other models vs 143 ms back to back, torchshrink's
-# INT8 66 vs 64 ms (benchmarks/results/deploy.md)
+# requests one after another, rather than of a call made right after every other candidate ran. MiniLM 16 x 128 on
+# 2 cores, first run: OpenVINO bf16 167 ms single vs 143 ms back to back, torchshrink's INT8 66 vs 64; later runs
+# moved either way by up to ~10% (benchmarks/results/deploy.md records both timings)
 BURST = 3
 
 

@@ -72,8 +72,8 @@ def time_interleaved(
     Candidates are modules (called on ``inputs``) or zero-argument callables. Interleaving makes
     the ratio of medians robust to the machine's load drifting during the run. ``burst`` > 1: each turn
     calls the candidate ``burst`` times back to back and times the calls after the first -- the latency of
-    a model serving requests one after another (its weights and buffers in cache), where single calls
-    time every candidate right after the others have flushed the caches.
+    a model serving requests one after another, where single calls time each candidate right after the
+    others ran (their threads and data displaced its own).
     """
     if burst < 1:
         raise ValueError(f"burst={burst}; allowed: 1 or more calls per turn")
