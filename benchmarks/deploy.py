@@ -1,6 +1,7 @@
 """Deployment chosen by measurement (issue 21), every figure from one machine and named with its CPU.
 
-Parts (each writes its rows into results/deploy.json; `report` rebuilds results/deploy.md):
+Parts (each writes its rows into results/<--results, default deploy>.json -- one file per machine kind: a part
+measured on another CPU than the file's is refused, exit 2 -- and rebuilds the .md beside it):
 - train: the compressed MiniLM: a third of the attention heads and 40% of the FFN neurons removed by data-aware
   importance (fluctuation, on 512 calibration sentences), then sentence distillation from the original
   (embedding cosine + MSE, each block's hidden-state cosine) on docstring sentences that share no 8-word run
@@ -25,6 +26,7 @@ timed (the main figures: a model serving requests one after another) and single 
 the other models ran), both recorded. Peers are built in deploy_peers.py, the student in deploy_student.py, the
 ONNX part lives in deploy_onnx.py.
 Run: .venv/bin/python benchmarks/deploy.py --part train|minilm|resnet50|onnx|smollm2|widths|report [--check]
+     [--results deploy-epyc-zen5]   (results/deploy.md: AMD EPYC Zen 4; deploy-epyc-zen5.md: AMD EPYC Zen 5)
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ from typing import Any
 import deploy_peers as P
 import torch
 from deploy_onnx import SIZE_BOUND, onnx_part
-from deploy_student import CACHE, EPOCHS, FFN, HEADS, LR, quantize_student, train
+from deploy_student import CACHE, EPOCHS, FFN, HEADS, LR, prose_sentences, quantize_student, train
 from torch import nn
 
 OUT = Path(__file__).parent / "results"
@@ -48,12 +50,25 @@ ROUND_TO = 32
 PARTS = ("train", "minilm", "resnet50", "onnx", "smollm2", "widths")
 
 
-def _save(part: str, rows: dict[str, Any]) -> bool:
+def _check_machine(name: str) -> None:
+    """Parts measured on different machines never share a file: results/<name>.json must be new or from this kind of
+    CPU (name, family / model, SIMD, cores), else exit 2 before anything runs."""
+    from torchshrink.measure.bench import previous_results
+    from torchshrink.measure.machine import machine_info, machine_markdown, same_machine
+
+    old = previous_results(name, OUT, True).get("machine")
+    if old is not None and not same_machine(old, machine_info()):
+        sys.stderr.write(f"error: results/{name}.json was measured on another machine ({machine_markdown(old).strip()}); "
+                         f"this one is {machine_markdown().strip()}: pass --results deploy-<machine> to write its own file\n")
+        raise SystemExit(2)
+
+
+def _save(part: str, rows: dict[str, Any], name: str = "deploy") -> bool:
     from torchshrink.measure.bench import previous_results
 
-    data = {k: v for k, v in previous_results("deploy", OUT, True).items() if k in PARTS}
+    data = {k: v for k, v in previous_results(name, OUT, True).items() if k in PARTS}
     data[part] = rows
-    return report(data)
+    return report(data, name)
 
 
 def _time(models: dict[str, Any], example: tuple[torch.Tensor, ...], runs: int, warmup: int = 3) -> dict[str, dict]:
@@ -76,11 +91,17 @@ def _peer_best(rows: dict[str, Any], min_cos: float | None = None) -> tuple[str,
     return name, peers[name]["p50_ms"]
 
 
-def _ood(d: dict[str, Any]) -> str:
+def _ood(d: dict[str, Any], train: dict[str, Any] | None) -> str:
     o = d.get("out_of_domain_cosine_mean") or {}
     if "deploy(compressed)" not in o:
         return f"; out of domain: {o['data']}" if o else ""
-    return (f"; out of the distillation's domain ({o['data']}): {o['deploy(compressed)']:.4f} "
+    mixed = False  # whether the reported student (or one it went on from) was distilled on Debian prose too
+    while train is not None:
+        mixed |= train.get("prose", "none") != "none"
+        train = train.get("resumed_from")
+    where = ("Debian prose of documents never distilled on; the student was distilled on other Debian documents too"
+             if mixed else "out of the distillation's domain")
+    return (f"; {where} ({o['data']}): {o['deploy(compressed)']:.4f} "
             f"(uncompressed deployed: {o['deploy(uncompressed)']:.4f})")
 
 
@@ -118,7 +139,7 @@ def _deploy_table(rows: list[dict[str, Any]]) -> str:
          ", ".join(f"{k} {v:.4f}" for k, v in r["quality"].items()) or "-"] for r in rows])
 
 
-def report(data: dict[str, Any]) -> bool:
+def report(data: dict[str, Any], name: str = "deploy", machine: dict[str, Any] | None = None) -> bool:
     from torchshrink.measure.bench import Target, markdown_table, write_results
 
     targets: list[Target] = []
@@ -134,7 +155,7 @@ def report(data: dict[str, Any]) -> bool:
                    ">=", 2.0, "x", f"{comp['chosen']} {comp['p50_ms']:.1f} ms vs {peer} {best:.1f} ms"
                    + _single(rows, "deploy(compressed)")),
             Target("MiniLM compressed, deployed: held-out cosine mean vs the original", comp.get("cosine_mean"), ">=", 0.97,
-                   "", f"min {comp.get('cosine_min', float('nan')):.4f}; {d['quality_data']}" + _ood(d)),
+                   "", f"min {comp.get('cosine_min', float('nan')):.4f}; {d['quality_data']}" + _ood(d, data.get("train"))),
             Target("MiniLM uncompressed, deployed (quality >= 0.995): speed vs the fastest peer", best / full["p50_ms"],
                    ">=", 1.0, "x", f"{full['chosen']} {full['p50_ms']:.1f} ms vs {peer} {best:.1f} ms; vs the fastest "
                    f"peer at cosine >= 0.995 ({peer_q}): {best_q / full['p50_ms']:.2f}x" + _single(rows, "deploy(uncompressed)")),
@@ -172,15 +193,18 @@ def report(data: dict[str, Any]) -> bool:
                                                                        r["error"], "", "", "", "", ""] for r in rows])
     if "train" in data:
         t = data["train"]
-        keys = [k for k in t if k not in ("history", "resumed_from")]
+        keys = [k for k in t if k not in ("history", "resumed_from", "machine")]
         stages, r = [], t
         while r is not None:  # the training it went on from, oldest last
             curve = [round(h["heldout_cosine"], 4) for h in r.get("history", [])] or r.get("history_heldout_cosine", [])
+            prose = [round(h["prose_cosine"], 4) for h in r.get("history", []) if "prose_cosine" in h]
             stages.append([r["epochs"], r["lr"], r.get("output_weight", 2.0), r.get("autocast", "none"),
-                           r["train_sentences"], round(r["train_seconds"]), ", ".join(map(str, curve))])
+                           r["train_sentences"], r.get("prose", "none"), round(r["train_seconds"]),
+                           ", ".join(map(str, curve)), ", ".join(map(str, prose)) or "-"])
             r = r.get("resumed_from")
         tables["the compressed MiniLM"] = markdown_table(keys, [[t[k] for k in keys]]) + "\n\n" + markdown_table(
-            ["epochs", "peak lr", "output loss weight", "autocast", "sentences", "seconds", "held-out cosine by epoch"],
+            ["epochs", "peak lr", "output loss weight", "autocast", "docstring sentences", "prose mixed in", "seconds",
+             "held-out cosine by epoch", "out-of-domain (Debian prose) cosine by epoch"],
             stages[::-1])
     if "widths" in data:
         d = data["widths"]
@@ -230,7 +254,7 @@ def report(data: dict[str, Any]) -> bool:
               + (f"; prompt path {r['quality']['prompt_path_perplexity']:.3f}" if "prompt_path_perplexity" in
                  r["quality"] else ""),
               r["note"] or "-"] for r in d["candidates"]])
-    return write_results("deploy", targets, tables, data, OUT)
+    return write_results(name, targets, tables, data, OUT, machine)
 
 
 WIDTHS = ((0.34, 0.5), (0.34, 0.4), (0.34, 0.3), (0.5, 0.3), (0.25, 0.4))
@@ -243,7 +267,6 @@ def widths(runs: int) -> dict[str, Any]:
     import tempfile
 
     import torchshrink as ts
-    from torchshrink.measure.machine import machine_info
     from torchshrink.measure.quality import fidelity
     from torchshrink.prune.structured import FfnPruneConfig, HeadPruneConfig
     from torchshrink.zoo.minilm import load_minilm, tokenize
@@ -282,7 +305,7 @@ def widths(runs: int) -> dict[str, Any]:
         r.update(t[f"h{r['heads']}/f{r['ffn']}"])
         r["speedup"] = t[peer]["p50_ms"] / r["p50_ms"]
         r["speedup_single_calls"] = min(t[k]["single_p50_ms"] for k in peers) / r["single_p50_ms"]
-    return {"machine": machine_info(), "example": "16 x 128 real tokens", "runs": runs,
+    return {"example": "16 x 128 real tokens", "runs": runs,
             "int8": how, "peer": f"{peer} {t[peer]['p50_ms']:.1f} ms",
             "rows": rows}
 
@@ -307,29 +330,11 @@ def _deploy_rows(r: Any) -> list[dict[str, Any]]:
     return [{k: v for k, v in row.items() if k != "build_s"} for row in r.rows()]
 
 
-def _prose_sentences(n: int = 500) -> tuple[list[str], str]:
-    """n sentences of Debian prose (the language-model evaluation documents; never distilled on), or [] and why not."""
-    import random
-    import re
-
-    from torchshrink.llm.text import prose_split
-    from torchshrink.zoo.text import _good
-
-    try:
-        _, ev, docs = prose_split()
-    except Exception as e:
-        return [], f"no Debian prose: {str(e).splitlines()[0][:120]}"
-    sents = [x.strip() for p in ev for x in re.split(r"(?<=[.!?])\s+", p) if _good(x.strip())]
-    random.Random(0).shuffle(sents)
-    return sents[:n], f"{min(n, len(sents))} sentences of Debian prose from {len(docs['evaluation'])} documents"
-
-
 def minilm(cache: Path, runs: int, quantize: bool = True) -> dict[str, Any]:
     import tempfile
 
     import torchshrink as ts
     from torchshrink.deploy import deploy
-    from torchshrink.measure.machine import machine_info
     from torchshrink.measure.quality import fidelity
     from torchshrink.zoo.minilm import load_minilm, tokenize
     from torchshrink.zoo.text import sentence_split
@@ -363,7 +368,7 @@ def minilm(cache: Path, runs: int, quantize: bool = True) -> dict[str, Any]:
         quality = {k: fidelity(v, m, held_b) for k, v in ok.items()}
         quality["deploy(compressed)"] = fidelity(comp.module, m, held_b)
         quality["deploy(uncompressed)"] = fidelity(full.module, m, held_b)
-        prose, prose_src = _prose_sentences()  # out of the distillation's domain (docstrings)
+        prose, prose_src = prose_sentences(500)  # Debian prose of documents never distilled on
         out_of_domain: dict[str, Any] = {"data": prose_src}
         if prose:
             prose_b = tokenize(prose, batch_size=100)
@@ -376,7 +381,7 @@ def minilm(cache: Path, runs: int, quantize: bool = True) -> dict[str, Any]:
                 **{q: v for q, v in quality.get(k, {}).items() if q.startswith("cosine")}} for k, t in times.items()}
     rows["deploy(uncompressed)"]["chosen"] = full.winner.name
     rows["deploy(compressed)"]["chosen"] = comp.winner.name
-    return {"machine": machine_info(), "example": "16 x 128 real tokens (16 held-out sentences padded to 128, mask 1)",
+    return {"example": "16 x 128 real tokens (16 held-out sentences padded to 128, mask 1)",
             "quality_data": f"{len(held)} held-out sentences, embedding cosine vs the uncompressed fp32 model",
             "rows": rows, "failed_peers": {k: v for k, v in peers.items() if isinstance(v, str)},
             "deploy_uncompressed": _deploy_rows(full), "deploy_compressed": _deploy_rows(comp),
@@ -396,7 +401,6 @@ def resnet50(runs: int) -> dict[str, Any]:
     import torchshrink as ts
     from torchshrink.deploy import deploy
     from torchshrink.measure.counts import count_macs
-    from torchshrink.measure.machine import machine_info
     from torchshrink.prune.structured import ChannelPruneConfig
 
     torch.set_num_threads(2)
@@ -424,7 +428,7 @@ def resnet50(runs: int) -> dict[str, Any]:
     rows = {k: {**t, "speedup_vs_fp32": base / t["p50_ms"]} for k, t in times.items()}
     rows["deploy(pruned)"].update(chosen=dep.winner.name, **dep.winner.quality)
     macs = count_macs(m, (x,))
-    return {"machine": machine_info(), "example": "1 x 3 x 224 x 224, random weights (none pretrained exist here)",
+    return {"example": "1 x 3 x 224 x 224, random weights (none pretrained exist here)",
             "rows": rows, "failed_peers": {k: v for k, v in peers.items() if isinstance(v, str)},
             "deploy_pruned": _deploy_rows(dep), "deploy_seconds": t_dep, "runs": runs,
             "macs_ratio": count_macs(pruned, (x,)) / macs, "quality_data": dep.provenance.get("quality", ""),
@@ -448,27 +452,39 @@ def main() -> int:
     ap.add_argument("--output-weight", type=float, default=2.0, help="train: weight of the embedding cosine loss "
                     "(each layer's hidden-state cosine weighs 0.5)")
     ap.add_argument("--seed", type=int, default=0, help="train: shuffling seed")
+    ap.add_argument("--prose-repeat", type=int, default=0, help="train: add the Debian prose of the calibration "
+                    "documents (never the evaluation ones the out-of-domain check reads) this many times to each epoch")
     ap.add_argument("--float-student", action="store_true", help="minilm: hand deploy the float student (deploy "
                     "then builds the INT8 candidates itself) instead of the recipe's INT8 one")
+    ap.add_argument("--results", default="deploy", help="results/<name>.json and .md to write (one per machine kind: "
+                    "parts measured on different CPUs are never mixed in one file)")
     ap.add_argument("--check", action="store_true", help="exit 1 when a target fails")
     args = ap.parse_args()
     from torchshrink.measure.bench import previous_results
+    from torchshrink.measure.machine import machine_info
 
+    if not all(c.isalnum() or c in "-_." for c in args.results) or args.results.startswith("."):
+        ap.error(f"--results {args.results!r}: a file name of letters, digits, '-', '_' and '.', not a path")
+    if args.part != "report":
+        _check_machine(args.results)
     if args.part == "train":
-        ok = _save("train", train(args.minutes, args.cache, args.sentences, args.heads, args.ffn, args.epochs,
-                                  args.autocast, args.resume, args.lr, args.output_weight, args.seed))
+        rows = train(args.minutes, args.cache, args.sentences, args.heads, args.ffn, args.epochs, args.autocast,
+                     args.resume, args.lr, args.output_weight, args.seed, args.prose_repeat)
     elif args.part == "minilm":
-        ok = _save("minilm", minilm(args.cache, args.runs, not args.float_student))
+        rows = minilm(args.cache, args.runs, not args.float_student)
     elif args.part == "resnet50":
-        ok = _save("resnet50", resnet50(args.runs))
+        rows = resnet50(args.runs)
     elif args.part == "onnx":
-        ok = _save("onnx", onnx_part())
+        rows = onnx_part()
     elif args.part == "smollm2":
-        ok = _save("smollm2", smollm2())
+        rows = smollm2()
     elif args.part == "widths":
-        ok = _save("widths", widths(args.runs))
+        rows = widths(args.runs)
+    if args.part == "report":
+        old = previous_results(args.results, OUT, True)  # rebuilt from what was stored, with the machine it names
+        ok = report({k: v for k, v in old.items() if k in PARTS}, args.results, old.get("machine"))
     else:
-        ok = report({k: v for k, v in previous_results("deploy", OUT, True).items() if k in PARTS})
+        ok = _save(args.part, {**rows, "machine": machine_info()}, args.results)
     return 1 if args.check and not ok else 0
 
 

@@ -37,22 +37,29 @@ def _normalize(t: object) -> tuple[str, str, bool]:
     return name, measured, _passed(t.get("passed", t.get("pass", False)))
 
 
+def _machine(m: dict) -> str:
+    cpu = f"{m.get('cpu')}" + (f" ({m['cpu_id']})" if m.get("cpu_id") else "")
+    return f"{cpu}, {', '.join(m.get('simd', []))}, torch {m.get('torch')}"
+
+
 def table() -> str:
-    rows = ["| benchmark | target | measured | result |", "|---|---|---|---|"]
-    machines = set()
+    """One row per target; each names the machine its file was measured on (results of different CPU kinds sit in
+    different files, e.g. deploy.json and deploy-epyc-zen5.json)."""
+    rows = ["| benchmark | machine | target | measured | result |", "|---|---|---|---|---|"]
+    machines: dict[str, str] = {}
     for path in sorted((ROOT / "benchmarks" / "results").glob("*.json")):
         data = json.loads(path.read_text())
         m = data.get("machine") or {}
-        if m:
-            machines.add(f"{m.get('cpu')} ({', '.join(m.get('simd', []))}), torch {m.get('torch')}")
+        tag = machines.setdefault(_machine(m), chr(ord("A") + len(machines))) if m else "?"
         targets = data.get("targets", [])
         if isinstance(targets, dict):  # {target: passed}
             targets = [[k, v, ""] for k, v in targets.items()]
         for t in targets:
             name, measured, passed = _normalize(t)
-            rows.append(f"| [{path.stem}](benchmarks/results/{path.stem}.md) | {name} | {measured} | {'PASS' if passed else 'FAIL'} |")
-    head = "Measured on: " + "; ".join(sorted(machines)) + "\n\n" if machines else ""
-    return head + "\n".join(rows) + "\n"
+            rows.append(f"| [{path.stem}](benchmarks/results/{path.stem}.md) | {tag} | {name} | {measured} | "
+                        f"{'PASS' if passed else 'FAIL'} |")
+    head = "".join(f"- machine {tag}: {m}\n" for m, tag in machines.items())
+    return ("Measured on:\n\n" + head + "\n" if machines else "") + "\n".join(rows) + "\n"
 
 
 def main() -> None:

@@ -107,3 +107,46 @@ def test_nonzeros_of_an_integer_model_follow_its_weights(digits_cnn):
     q = ts.quantize(digits_cnn, ts.config_from_dict({"kind": "int8-static"}), data=digits_task().calibration)
     nnz, params = count_nonzero(q), count_params(q)
     assert 0.9 * params < nnz <= params  # integer weights count, not 0 (they are buffers)
+
+
+ZEN4 = "processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 25\nmodel\t\t: 17\nmodel name\t: AMD EPYC\nstepping\t: 1\n\n" \
+       "processor\t: 1\nvendor_id\t: AuthenticAMD\ncpu family\t: 99\nmodel\t\t: 9\n"
+
+
+def test_cpu_id_tells_apart_cpus_that_share_a_model_name():
+    from torchshrink.measure.machine import machine_info, machine_markdown, parse_cpu_id, same_machine
+
+    assert parse_cpu_id(ZEN4) == "AuthenticAMD family 25 model 17 stepping 1"  # the first CPU's block only
+    assert parse_cpu_id("model name : something\n") == ""
+    here = machine_info()
+    zen4 = {**here, "cpu": "AMD EPYC", "cpu_id": parse_cpu_id(ZEN4)}
+    zen5 = {**zen4, "cpu_id": "AuthenticAMD family 26 model 2 stepping 1"}
+    assert same_machine(zen4, dict(zen4)) and not same_machine(zen4, zen5)
+    assert not same_machine({k: v for k, v in zen4.items() if k != "cpu_id"}, zen4)  # unknown CPU: never the same
+    assert not same_machine(zen4, {**zen4, "simd": zen4["simd"] + ["amx_int8"]})
+    assert "(AuthenticAMD family 25 model 17 stepping 1)" in machine_markdown(zen4)
+
+
+def test_write_results_keeps_the_machine_it_is_given(tmp_path):
+    import json
+
+    from torchshrink.measure.bench import write_results
+    from torchshrink.measure.machine import machine_info
+
+    other = {**machine_info(), "cpu": "Other CPU", "cpu_id": "GenuineIntel family 6 model 143 stepping 8"}
+    write_results("x", [], {"t": "| a |"}, {"part": 1}, tmp_path, other)
+    assert json.loads((tmp_path / "x.json").read_text())["machine"]["cpu"] == "Other CPU"
+    assert "Machine: Other CPU (GenuineIntel family 6 model 143" in (tmp_path / "x.md").read_text()
+
+
+def test_search_profile_key_changes_with_the_cpu(monkeypatch):
+    from torchshrink.search import profile as P
+    from torchshrink.search.space import SearchSpace
+
+    net = torch.nn.Sequential(torch.nn.Linear(4, 4))
+    space = SearchSpace(layers=(), options={})
+    x = [torch.randn(1, 4)]
+    a = P.profile_key(net, space, x, 1, False)
+    info = P.machine_info()
+    monkeypatch.setattr(P, "machine_info", lambda: {**info, "cpu_id": info["cpu_id"] + " (another stepping)"})
+    assert P.profile_key(net, space, x, 1, False) != a

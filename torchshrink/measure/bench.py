@@ -69,11 +69,14 @@ def _atomic_write(path: Path, text: str) -> None:
 
 
 def write_results(
-    name: str, targets: list[Target], tables: dict[str, str], data: dict[str, Any], out_dir: str | Path = "benchmarks/results"
+    name: str, targets: list[Target], tables: dict[str, str], data: dict[str, Any], out_dir: str | Path = "benchmarks/results",
+    machine: dict[str, Any] | None = None,
 ) -> bool:
-    """Write ``<name>.json`` and ``<name>.md``; returns True when every target passed."""
+    """Write ``<name>.json`` and ``<name>.md``; returns True when every target passed. ``machine``: the
+    :func:`machine_info` the figures were measured on (a report rebuilt from stored results keeps its machine);
+    default this one."""
     out = Path(out_dir)
-    info = machine_info()
+    info = machine or machine_info()
     md = [f"# {name}\n", machine_markdown(info), ""]
     if targets:
         md += ["## Targets\n", "| target | measured | required | result | note |", "|---|---:|---:|---|---|"]

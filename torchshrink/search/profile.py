@@ -112,7 +112,7 @@ def model_fingerprint(model: nn.Module) -> str:
 def profile_key(model: nn.Module, space: SearchSpace, inputs: Sequence[torch.Tensor], n_threads: int,
                 with_quality: bool, extra: str = "") -> str:
     info = machine_info()
-    parts = [info["cpu"], ",".join(info["simd"]), info["torch"], str(n_threads), model_fingerprint(model),
+    parts = [info["cpu"], info["cpu_id"], ",".join(info["simd"]), info["torch"], str(n_threads), model_fingerprint(model),
              ";".join(f"{tuple(t.shape)}:{t.dtype}" for t in inputs), str(with_quality), extra,
              json.dumps({k: [o.label for o in v] for k, v in space.options.items()}, sort_keys=True)]
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:20]
