@@ -195,5 +195,6 @@ def markdown(r: dict[str, Any]) -> str:
                      "(llama.cpp, ollama, LM Studio)")
     lines += [f"- greedy continuation before: {r['generation_before']!r}",
               f"- greedy continuation after: {r['generation_after']!r}",
-              f"- machine: {m['cpu']} ({', '.join(m['simd'])}), torch {m['torch']}, {m['torch_threads']} threads", ""]
+              f"- machine: {m['cpu']}" + (f" ({m['cpu_id']})" if m.get("cpu_id") else "")
+              + f" ({', '.join(m['simd'])}), torch {m['torch']}, {m['torch_threads']} threads", ""]
     return "\n".join(lines)
