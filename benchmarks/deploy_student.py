@@ -3,6 +3,7 @@ sentence distillation from it on docstring sentences disjoint from the held-out 
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 from pathlib import Path
@@ -43,6 +44,14 @@ PROSE_STEP = ("--part train --resume ~/.cache/torchshrink/deploy-minilm-h34-f40-
 
 
 
+@functools.cache
+def _prose_split() -> tuple[list[str], list[str], dict[str, list[str]]]:
+    """torchshrink.llm.text.prose_split, read once per process (train asks for both splits, the evaluation one twice)."""
+    from torchshrink.llm.text import prose_split
+
+    return prose_split()
+
+
 def prose_sentences(n: int | None = None, which: str = "evaluation") -> tuple[list[str], str]:
     """Sentences of Debian prose from the language-model benchmarks' ``which`` documents ("evaluation": the
     out-of-domain check, never distilled on; "calibration": other documents, which ``train(prose_repeat=)`` may mix
@@ -50,11 +59,10 @@ def prose_sentences(n: int | None = None, which: str = "evaluation") -> tuple[li
     import random
     import re
 
-    from torchshrink.llm.text import prose_split
     from torchshrink.zoo.text import _good
 
     try:
-        cal, ev, docs = prose_split()
+        cal, ev, docs = _prose_split()
     except Exception as e:
         return [], f"no Debian prose: {str(e).splitlines()[0][:120]}"
     paragraphs = ev if which == "evaluation" else cal

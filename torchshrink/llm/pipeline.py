@@ -181,6 +181,8 @@ def compress_lm(spec: str, preset: str, out_dir: str | Path, *, data: str | None
 
 
 def markdown(r: dict[str, Any]) -> str:
+    from torchshrink.measure.machine import cpu_label
+
     b, a = r["perplexity_before"], r["perplexity_after"]
     m = r["machine"]
     lines = [f"# {r['preset']} on {r['model']}", "",
@@ -195,6 +197,5 @@ def markdown(r: dict[str, Any]) -> str:
                      "(llama.cpp, ollama, LM Studio)")
     lines += [f"- greedy continuation before: {r['generation_before']!r}",
               f"- greedy continuation after: {r['generation_after']!r}",
-              f"- machine: {m['cpu']}" + (f" ({m['cpu_id']})" if m.get("cpu_id") else "")
-              + f" ({', '.join(m['simd'])}), torch {m['torch']}, {m['torch_threads']} threads", ""]
+              f"- machine: {cpu_label(m)} ({', '.join(m['simd'])}), torch {m['torch']}, {m['torch_threads']} threads", ""]
     return "\n".join(lines)

@@ -11,48 +11,50 @@ import torch
 
 
 @functools.cache
-def _cpuinfo() -> tuple[str, frozenset[str]]:
-    """(model name, feature flags) of the first CPU in /proc/cpuinfo; ("", {}) where there is none."""
-    name, flags = "", frozenset()
+def _first_cpu_block() -> str:
+    """The first CPU's block of /proc/cpuinfo (up to its blank line); "" where there is none."""
     try:
         with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name") and not name:
-                    name = line.split(":", 1)[1].strip()
-                elif line.startswith("flags"):
-                    flags = frozenset(line.split(":", 1)[1].split())
-                    break
+            return f.read(1 << 20).split("\n\n", 1)[0]
     except OSError:
-        pass
-    return name, flags
+        return ""
+
+
+def _field(block: str, key: str) -> str | None:
+    for line in block.splitlines():
+        k, _, value = line.partition(":")
+        if k.strip() == key:
+            return value.strip()
+    return None
 
 
 @functools.cache
+def _cpuinfo() -> tuple[str, frozenset[str]]:
+    """(model name, feature flags) of the first CPU in /proc/cpuinfo; ("", {}) where there is none."""
+    block = _first_cpu_block()
+    return _field(block, "model name") or "", frozenset((_field(block, "flags") or "").split())
+
+
 def cpu_id() -> str:
     """Vendor, family, model and stepping of the first CPU in /proc/cpuinfo ("AuthenticAMD family 26 model 2
     stepping 1"); "" where there is none. Model names alone do not tell machines apart: a cloud VM's "AMD EPYC" has
     been a Zen 4 (family 25) and a Zen 5 (family 26) here, with different fastest paths."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            return parse_cpu_id(f.read(1 << 20))
-    except OSError:
-        return ""
+    return parse_cpu_id(_first_cpu_block())
 
 
 def parse_cpu_id(cpuinfo: str) -> str:
     """:func:`cpu_id` of a /proc/cpuinfo text (its first CPU's block)."""
-    fields: dict[str, str] = {}
-    for line in cpuinfo.splitlines():
-        key, _, value = line.partition(":")
-        key = key.strip()
-        if not key and fields:  # the first CPU's block ends at a blank line
-            break
-        if key in ("vendor_id", "cpu family", "model", "stepping"):
-            fields.setdefault(key, value.strip())
+    block = cpuinfo.split("\n\n", 1)[0]
+    fields = {k: v for k in ("vendor_id", "cpu family", "model", "stepping") if (v := _field(block, k)) is not None}
     if "cpu family" not in fields:
         return ""
     ids = [f"{k.replace('cpu ', '')} {fields[k]}" for k in ("cpu family", "model", "stepping") if k in fields]
     return " ".join([fields.get("vendor_id", ""), *ids]).strip()
+
+
+def cpu_label(info: dict[str, Any]) -> str:
+    """A :func:`machine_info` record's CPU as reports name it: model name, then the id where it was recorded."""
+    return info["cpu"] + (f" ({info['cpu_id']})" if info.get("cpu_id") else "")
 
 
 def same_machine(a: dict[str, Any], b: dict[str, Any]) -> bool:
@@ -86,8 +88,7 @@ def machine_info() -> dict[str, Any]:
 
 def machine_markdown(info: dict[str, Any] | None = None) -> str:
     info = info or machine_info()
-    cpu = info["cpu"] + (f" ({info['cpu_id']})" if info.get("cpu_id") else "")
     return (
-        f"Machine: {cpu} | SIMD: {', '.join(info['simd']) or 'none'} | cores: {info['cores']} | "
+        f"Machine: {cpu_label(info)} | SIMD: {', '.join(info['simd']) or 'none'} | cores: {info['cores']} | "
         f"torch {info['torch']} | Python {info['python']}\n"
     )
