@@ -58,3 +58,30 @@ def test_surgery_get_and_set(tiny):
     assert isinstance(seq[0], torch.nn.Identity)
     with pytest.raises(LayerNotFoundError, match="no layer named 'fc9'"):
         get_module(tiny, "fc9")
+
+
+class ReadsWeight(torch.nn.Module):
+    """A parent that hands its child's weight to a function itself (as torchvision's Swin does with qkv)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = torch.nn.Linear(16, 16)
+        self.out = torch.nn.Linear(16, 4)
+
+    def forward(self, x):
+        return self.out(torch.nn.functional.linear(x, self.proj.weight, self.proj.bias).relu())
+
+
+def test_a_layer_whose_parent_reads_its_weight_is_not_swapped_and_the_model_still_runs():
+    import torchshrink as ts
+
+    torch.manual_seed(0)
+    m = ReadsWeight().eval()
+    assert names(m, None, ("Linear",)) == ["proj", "out"]  # chosen as usual when nothing is swapped
+    x = torch.randn(8, 16)
+    for cfg in (ts.Int8DynamicConfig(), ts.WeightOnlyConfig(bits=8, group_size=0), ts.SVDConfig(ratio=0.5)):
+        q = ts.apply(m, cfg)
+        assert type(q.proj) is torch.nn.Linear and type(q.out) is not torch.nn.Linear, cfg.kind
+        assert q(x).shape == (8, 4)
+        skipped = ts.report(q)[-1].skipped
+        assert skipped["proj"].startswith("ReadsWeight.forward reads self.proj.weight itself"), skipped

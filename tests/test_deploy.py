@@ -169,3 +169,68 @@ def test_onnxruntime_sessions_do_not_spin_between_runs(tmp_path):
     m = OrtModule(write_onnx(model, (data[0],), tmp_path / "m.onnx"), 2)
     assert m.session.get_session_options().get_session_config_entry("session.intra_op.allow_spinning") == "0"
     assert torch.allclose(torch.as_tensor(m(data[0])), model(data[0]), atol=1e-5)
+
+
+class DictTwoIn(nn.Module):
+    """Two inputs and a dict output: the shapes a user's own model has that no zoo model does."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.head = nn.Linear(32, 64), nn.Linear(8, 64), nn.Linear(64, 5)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
+        h = torch.relu(self.a(x) + self.b(y))
+        return {"logits": self.head(h), "features": h}
+
+
+@pytest.mark.skipif(not HAS_ORT, reason="onnxruntime not installed")
+def test_a_two_input_dict_output_model_deploys_and_its_artifact_reloads(tmp_path):
+    torch.manual_seed(0)
+    model = DictTwoIn().eval()
+    ex = (torch.randn(4, 32), torch.randn(4, 8))
+    r = deploy(model, ex, out=tmp_path / "d", runtimes=("torch", "onnxruntime"), threads=1, runs=2, warmup=1)
+    assert _row(r, "torch", "as given")["quality"]["agreement_mean"] == pytest.approx(1.0)
+    assert _row(r, "onnxruntime", "as given")["status"] == "passed"
+    assert (tmp_path / "d" / "deploy.json").is_file()
+    assert r.module(*ex) is not None
+
+
+def test_a_model_whose_output_cannot_be_judged_is_one_line_naming_why(tmp_path):
+    class Words(nn.Module):
+        def forward(self, x):
+            return {"words": ["a"] * len(x)}
+
+    with pytest.raises(DeployError, match="quality check could not run on the model as given: .*cannot find an output"):
+        deploy(Words(), (torch.randn(2, 3),), out=tmp_path / "w", runtimes=("torch",), threads=1, runs=1, warmup=0)
+    assert not (tmp_path / "w").exists()
+
+
+def test_when_the_fastest_artifact_cannot_be_written_the_next_one_is(tmp_path):
+    from torchshrink.deploy.api import _write_fastest
+
+    model, data = _mlp()
+    r = deploy(model, (data[0],), data=data, runtimes=("torch",), threads=1, runs=2, warmup=1, min_cosine=0.9)
+    ranked = sorted((c for c in r.candidates if c.status == "passed"), key=lambda c: c.timing.p50_ms)
+    assert len(ranked) >= 2
+
+    def refuse(folder):
+        raise TypeError("cannot save a graph that calls foo.bar: only listed tensor functions are saved")
+    ranked[0].write = refuse
+    with torch.inference_mode():  # as deploy writes
+        _write_fastest(r, ranked, tmp_path / "out", (data[0],))
+    assert r.winner is ranked[1] and ranked[0].status.startswith("passed; not written: TypeError: cannot save")
+    saved = json.loads((tmp_path / "out" / "deploy.json").read_text())
+    assert saved["chosen"] == ranked[1].name
+    # MLP is the test's own class: the folder loads into it, and the snippet says so
+    assert "ts.load('" + str(tmp_path / "out") + "/model', model=MLP(...))" in saved["snippet"]
+    with torch.inference_mode():
+        again = reload(r.winner, tmp_path / "out", 1, skeleton=MLP())
+        cos = torch.nn.functional.cosine_similarity(again(data[1]).float().flatten(), r.module(data[1]).float().flatten(),
+                                                    dim=0)
+    assert cos > 0.999
+    for c in ranked:
+        c.write = refuse
+    with pytest.raises(DeployError, match="no candidate that passed could be written; the fastest, .*cannot save"), \
+            torch.inference_mode():
+        _write_fastest(r, ranked, tmp_path / "out2", (data[0],))
+    assert not (tmp_path / "out2").exists() and sorted(p.name for p in tmp_path.iterdir()) == ["out"]

@@ -253,3 +253,23 @@ def test_an_input_that_does_not_fit_fails_in_one_line_without_a_partial_file(tmp
     with pytest.raises(UnsupportedLayerError, match="ONNX export of Sequential failed: RuntimeError") as e:
         export_onnx(q, (torch.randn(4, 100),), out)
     assert "\n" not in str(e.value) and not list(tmp_path.iterdir())
+
+
+def test_a_layer_used_twice_exports_its_packed_weight_once(tmp_path):
+    """ALBERT runs one block several times: the 4-bit weight becomes one INT4 initializer that both uses read."""
+    class Shared(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inp, self.block = nn.Linear(256, 128), nn.Linear(128, 128)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.block(torch.relu(self.block(self.inp(x))))
+
+    torch.manual_seed(0)
+    q = ts.apply(Shared().eval(), ts.WeightOnlyConfig(bits=4, group_size=64))
+    path = export_onnx(q, (CALIB,), tmp_path / "shared.onnx")
+    par = onnx_parity(q, path, (HELD_OUT,))
+    assert par["cosine"] > 0.9999, par
+    g = onnx.load(str(path)).graph
+    int4 = [t for t in g.initializer if t.data_type == onnx.TensorProto.INT4]
+    assert len(int4) == 2 and sum(n.op_type == "DequantizeLinear" for n in g.node) >= 3  # inp + block (twice)

@@ -150,3 +150,18 @@ def test_search_profile_key_changes_with_the_cpu(monkeypatch):
     info = P.machine_info()
     monkeypatch.setattr(P, "machine_info", lambda: {**info, "cpu_id": info["cpu_id"] + " (another stepping)"})
     assert P.profile_key(net, space, x, 1, False) != a
+
+
+def test_cosine_holds_at_any_output_scale():
+    from torchshrink.measure.quality import cosine_rows, fidelity, main_output
+
+    a = torch.randn(4, 10) * 1e-14  # a random-init EfficientNet's logits are this small
+    assert torch.allclose(cosine_rows(a, a), torch.ones(4, dtype=torch.float64))
+    assert torch.allclose(cosine_rows(a, 3e20 * a), torch.ones(4, dtype=torch.float64))
+    assert torch.allclose(cosine_rows(a, -a), -torch.ones(4, dtype=torch.float64))
+    z = torch.zeros(2, 5)
+    assert cosine_rows(z, z).tolist() == [1.0, 1.0] and cosine_rows(z, torch.ones(2, 5)).tolist() == [0.0, 0.0]
+    net = torch.nn.Linear(3, 3)
+    tiny = lambda x: {"y": net(x) * 1e-15, "aux": x}  # noqa: E731  (a plain dict output: its first value)
+    assert main_output(tiny(torch.ones(1, 3))).shape == (1, 3)
+    assert fidelity(tiny, tiny, [torch.randn(6, 3)])["cosine_min"] == pytest.approx(1.0)

@@ -110,3 +110,22 @@ def test_stage_order_is_checked_with_a_reason():
     (w,) = order_warnings(bad)
     assert "'kmeans' runs before 'unstructured'" in w and "prune first" in w
     assert order_warnings(load_recipe("deep-compression")) == []
+
+
+def test_no_data_task_keeps_every_input_of_a_two_input_model():
+    """Calibration batches are the model's inputs: two tensors never read as (inputs, labels)."""
+    from torchshrink.core.data import as_batch
+
+    class TwoIn(torch.nn.Module):
+        def forward(self, ids, mask):
+            return (ids * mask).float()
+
+    ids = torch.tensor([[3, 7, 9, 9], [11, 3, 7, 3]])
+    mask = torch.ones_like(ids)
+    task = generic_task(TwoIn(), (ids, mask))
+    for b in task.calibration:
+        b = as_batch(b)
+        assert len(b.inputs) == 2 and b.labels is None
+        assert set(b.inputs[0].unique().tolist()) <= {3, 7, 9, 11} and b.inputs[1].eq(1).all()
+    assert len({tuple(as_batch(b).inputs[0][0].tolist()) for b in task.calibration}) > 1  # not one row repeated
+    assert task.evaluate(TwoIn(), TwoIn())["agreement_min"] == pytest.approx(1.0)

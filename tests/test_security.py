@@ -214,3 +214,13 @@ def test_cli_report_refuses_a_tampered_report_in_one_line(tmp_path):
     lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
     assert r.returncode == 2 and len(lines) == 1 and "layout torchshrink writes" in lines[0], r.stderr[-2000:]
     assert not (tmp_path / "report.html").exists()
+
+
+def test_a_graph_calling_torchvision_stochastic_depth_round_trips(tmp_path):
+    """ConvNeXt / EfficientNet traced with fx call torchvision's stochastic_depth: a listed tensor function."""
+    tv_ops = pytest.importorskip("torchvision.ops")
+    gm = torch.fx.symbolic_trace(nn.Sequential(nn.Linear(8, 8), tv_ops.StochasticDepth(0.2, "row")).eval())
+    assert any("stochastic_depth" in str(n.target) for n in gm.graph.nodes if n.op == "call_function")
+    ts.save(gm, tmp_path / "g")
+    x = torch.randn(3, 8)
+    assert torch.equal(ts.load(tmp_path / "g").eval()(x), gm(x))

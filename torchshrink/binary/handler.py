@@ -106,7 +106,7 @@ def apply_binarize(model: nn.Module, config: BinarizeConfig, *, select: Select |
         bad = [t for t in select.types if t.rsplit(".", 1)[-1] not in SUPPORTED]
         if bad:
             raise UnsupportedLayerError(f"{config.kind} cannot binarize layers of type {bad[0]!r}; supported: {', '.join(SUPPORTED)}")
-    chosen = select_modules(model, select, SUPPORTED)
+    chosen = select_modules(model, select, SUPPORTED, replaces=True)
     all_layers = [n for n, m in model.named_modules() if n and type(m) in (nn.Linear, nn.Conv2d)]
     explicit = set(select.include) if select is not None else set()
     protected = {all_layers[0], all_layers[-1]} - explicit if config.keep_first_last and all_layers else set()

@@ -6,6 +6,8 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import fnmatch
+import functools
+import inspect
 import re
 from collections.abc import Iterable
 from typing import Any
@@ -123,8 +125,14 @@ def select_modules(
     default_types: Iterable[str | type] = ("Linear", "Conv2d"),
     *,
     allow_empty: bool = False,
+    replaces: bool = False,
 ) -> list[tuple[str, nn.Module]]:
-    """Return ``[(qualified_name, module)]`` chosen by ``select``, in model order."""
+    """Return ``[(qualified_name, module)]`` chosen by ``select``, in model order.
+
+    ``replaces``: the technique swaps each chosen module for another class. A module whose parent's ``forward``
+    reads its ``.weight`` / ``.bias`` itself (torchvision's Swin hands ``self.qkv.weight`` to a function, T5's
+    feed-forward checks ``self.wo.weight.dtype``) is then left out and reported as skipped: swapped, it would
+    either crash the model or be bypassed by it."""
     select = select or Select()
     types = select.types or tuple(default_types)
     check_names(model, select)
@@ -136,6 +144,11 @@ def select_modules(
             continue
         if any(name_matches(name, p) for p in select.exclude):
             continue
+        if replaces and (why := _read_by_parent(model, name)):
+            from torchshrink.core.report import current
+
+            current(model).skipped[name] = why
+            continue
         chosen.append((name, module))
     if not chosen and not allow_empty:
         tnames = ", ".join(t if isinstance(t, str) else t.__name__ for t in types)
@@ -144,6 +157,30 @@ def select_modules(
             f"include: {list(select.include) or 'all'}; exclude: {list(select.exclude) or 'none'})"
         )
     return chosen
+
+
+_PARAM_READ = r"self\.{}\.(weight|bias)\b"
+
+
+@functools.cache
+def _forward_source(cls: type) -> str:
+    try:
+        return inspect.getsource(cls.forward)
+    except (OSError, TypeError):  # defined where no source is kept (a REPL, a compiled extension)
+        return ""
+
+
+def _read_by_parent(model: nn.Module, name: str) -> str | None:
+    """Why ``name`` cannot be swapped for another module, when its parent's forward reads its parameters."""
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    if isinstance(parent, nn.Sequential | nn.ModuleList | nn.ModuleDict) or not child.isidentifier():
+        return None
+    found = re.search(_PARAM_READ.format(re.escape(child)), _forward_source(type(parent)))
+    if found is None:
+        return None
+    return (f"{type(parent).__name__}.forward reads self.{child}.{found.group(1)} itself: a swapped-in module would "
+            "break or be bypassed by it, so it stays as it is")
 
 
 def overrides_for(name: str, select: Select | None) -> dict[str, Any]:

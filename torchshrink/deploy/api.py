@@ -13,13 +13,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from torchshrink.core.data import as_batch
+from torchshrink.core.data import Batch, as_batch
 from torchshrink.core.errors import ConfigError, DataError, OutputExistsError, TorchshrinkError
 from torchshrink.deploy.candidates import AS_GIVEN, RUNTIMES, Candidate, Settings, build_all, one_line
 from torchshrink.measure.latency import Timing, time_interleaved
 from torchshrink.measure.latency import threads as pinned
 from torchshrink.measure.machine import machine_info
-from torchshrink.measure.quality import fidelity, main_output
+from torchshrink.measure.quality import cosine_rows, fidelity, main_output
 from torchshrink.recipe.task import Task, task_for
 
 MIN_SECONDS = 2.0
@@ -47,6 +47,7 @@ class DeployResult:
     threads: int
     out: Path | None = None
     files: list[str] = dataclasses.field(default_factory=list)
+    architecture: str | None = None  # the user's class the written torch folder loads into (None: rebuilt alone)
 
     @property
     def module(self) -> nn.Module:
@@ -59,7 +60,13 @@ class DeployResult:
         return base.p50_ms / c.timing.p50_ms if base and c.timing else None
 
     def snippet(self) -> str:
-        return self.winner.snippet.format(dir=str(self.out) if self.out else "OUT")
+        text = self.winner.snippet.format(dir=str(self.out) if self.out else "OUT")
+        if self.architecture:  # torchshrink cannot build the user's class from the folder: their code gives it
+            load = f"ts.load('{self.out if self.out else 'OUT'}/model')"
+            text = text.replace(load, f"{load[:-1]}, model={self.architecture}(...))  # {self.architecture}: your "
+                                      "class, built as you built the model you deployed; the folder holds its weights "
+                                      "and every change")
+        return text
 
     def rows(self) -> list[dict[str, Any]]:
         out = []
@@ -159,7 +166,7 @@ def deploy(model: nn.Module, example: Sequence[torch.Tensor] | None = None, *, d
     ex = tuple(example) if example is not None else tuple(task.inputs)
     n = threads or torch.get_num_threads()
     budget, passes = _judge(task, ref, min_cosine, max_drop)
-    calib = [as_batch(b) for b in (task.calibration or [])] or [as_batch(ex)]
+    calib = [as_batch(b) for b in (task.calibration or [])] or [Batch(ex)]  # ex: inputs, never (inputs, labels)
     with tempfile.TemporaryDirectory(prefix="torchshrink-deploy-") as scratch, pinned(n), torch.inference_mode():
         cands = build_all(model, ex, [b.inputs for b in calib], calib,
                           Settings(threads=n, runtimes=tuple(runtimes), compile=compile, scratch=Path(scratch)))
@@ -179,24 +186,41 @@ def deploy(model: nn.Module, example: Sequence[torch.Tensor] | None = None, *, d
         for c in cands:
             c.timing = times.get(c.name) if c.name in timed else None
         passed = [c for c in cands if c.status == "passed"]
+        given = next(c for c in cands if (c.runtime, c.precision) == ("torch", AS_GIVEN))
+        if given.status.startswith("failed"):  # the model itself could not be judged: say why, not "below budget"
+            raise DeployError(f"the quality check could not run on the model as given: {given.status[len('failed: '):]}")
         if not passed:
             raise DeployError(f"no candidate met the quality budget ({budget}); loosen it (--min-cosine / --max-drop) "
                               "or check the model")
-        winner = min(passed, key=lambda c: c.timing.p50_ms)
-        baseline = next(c for c in cands if (c.runtime, c.precision) == ("torch", AS_GIVEN))
-        result = DeployResult(cands, winner, baseline, times.get("reference"), budget, dict(task.provenance),
+        ranked = sorted(passed, key=lambda c: c.timing.p50_ms)
+        result = DeployResult(cands, ranked[0], given, times.get("reference"), budget, dict(task.provenance),
                               machine_info(), [list(t.shape) for t in ex], n)
         if out_path is not None:
-            from torchshrink.deploy.report import write_output
-
-            write_output(result, out_path, ex)
+            _write_fastest(result, ranked, out_path, ex)
     return result
+
+
+def _write_fastest(result: DeployResult, ranked: list[Candidate], out: Path, ex: tuple[torch.Tensor, ...]) -> None:
+    """Write the fastest candidate that can be written: one whose artifact cannot be saved or does not reproduce
+    (a graph calling a function torchshrink does not save, say) keeps its row, marked, and the next one is tried."""
+    from torchshrink.deploy.report import write_output
+
+    for c in ranked:
+        result.winner = c
+        try:
+            write_output(result, out, ex)
+            return
+        except (OutputExistsError, KeyboardInterrupt):
+            raise
+        except Exception as e:
+            c.status = f"passed; not written: {one_line(e)}"
+    raise DeployError(f"no candidate that passed could be written; the fastest, {ranked[0].name}: "
+                      f"{ranked[0].status.removeprefix('passed; not written: ')}")
 
 
 def outputs_match(a: Any, b: Any) -> float:
     """Cosine of two models' main outputs (flattened)."""
-    x, y = main_output(a).float().reshape(1, -1), main_output(b).float().reshape(1, -1)
-    return float(torch.nn.functional.cosine_similarity(x, y))
+    return float(cosine_rows(main_output(a).float().reshape(1, -1), main_output(b).float().reshape(1, -1))[0])
 
 
 __all__ = ["DeployError", "DeployResult", "deploy", "outputs_match"]

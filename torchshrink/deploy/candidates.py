@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from torchshrink.core.errors import UnsupportedLayerError
 from torchshrink.deploy import runtimes as rt
 from torchshrink.measure.machine import cpu_flags
 
@@ -89,9 +90,13 @@ def int8_model(model: nn.Module, calibration: list[Any], attention_bf16: bool = 
     encoders (``attention_bf16``: its attention kernel with bfloat16 products), dynamic INT8 Linears otherwise."""
     import torchshrink as ts
 
+    if any(isinstance(x, nn.Conv2d) for x in model.modules()):
+        try:
+            return ts.apply(copy.deepcopy(model), ts.Int8StaticConfig(calib_batches=max(1, len(calibration))),
+                            data=calibration, inplace=True)
+        except UnsupportedLayerError as e:  # static INT8 traces the model with torch.fx; a ViT does not trace
+            log.info("deploy: static INT8 does not fit (%s); dynamic INT8 instead", e)
     m = copy.deepcopy(model)
-    if any(isinstance(x, nn.Conv2d) for x in m.modules()):
-        return ts.apply(m, ts.Int8StaticConfig(calib_batches=max(1, len(calibration))), data=calibration, inplace=True)
     if _bert_like(m):
         from torchshrink.recipe import load_recipe
 
@@ -104,8 +109,6 @@ def int8_model(model: nn.Module, calibration: list[Any], attention_bf16: bool = 
 def int4_model(model: nn.Module) -> nn.Module:
     import torchshrink as ts
 
-    if not any(isinstance(x, nn.Linear) for x in model.modules()):
-        raise ValueError("no Linear layer to hold 4-bit weights")
     return ts.apply(copy.deepcopy(model), ts.WeightOnlyConfig(bits=4, group_size=128), inplace=True)
 
 
@@ -180,7 +183,8 @@ def torch_precisions(model: nn.Module, calibration: list[Any]) -> list[tuple[str
             ("fp16", fp16),
             ("int8 (torchshrink)", lambda: int8_model(model, calibration)),
             *([bf16_attention] if _bert_like(model) else []),
-            ("int4 weight-only", lambda: int4_model(model))]
+            ("int4 weight-only", (lambda: int4_model(model)) if any(isinstance(x, nn.Linear) for x in model.modules())
+             else "the model has no Linear layer to hold 4-bit weights")]
 
 
 def build_all(model: nn.Module, example: tuple[torch.Tensor, ...], calibration: list[tuple[torch.Tensor, ...]],

@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import shutil
 from collections.abc import Callable
@@ -13,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from torchshrink.core.errors import ModelLoadError
 from torchshrink.core.files import commit, temp_dir, write_atomic
 from torchshrink.deploy import runtimes as rt
 from torchshrink.measure.machine import machine_markdown
@@ -24,8 +26,9 @@ if TYPE_CHECKING:
 REPRODUCES = 0.999  # cosine the reloaded artifact must reach against the candidate it was written from
 
 
-def reload(c: Candidate, folder: Path, threads: int) -> nn.Module:
-    """The written artifact of ``c`` loaded back as its snippet loads it."""
+def reload(c: Candidate, folder: Path, threads: int, skeleton: nn.Module | None = None) -> nn.Module:
+    """The written artifact of ``c`` loaded back as its snippet loads it (``skeleton``: the user's architecture,
+    for a model of their own class that torchshrink cannot rebuild from the folder alone)."""
     if c.runtime == "onnxruntime":
         return rt.OrtModule(folder / "model.onnx", threads)
     if c.runtime == "openvino":
@@ -33,7 +36,7 @@ def reload(c: Candidate, folder: Path, threads: int) -> nn.Module:
         return rt.OvModule(rt.ov_read(folder / "model.xml"), threads, c.module.precision)
     import torchshrink as ts
 
-    m = ts.load(folder / "model").eval()
+    m = ts.load(folder / "model", model=copy.deepcopy(skeleton) if skeleton is not None else None).eval()
     inner = c.module.inner if isinstance(c.module, rt.Compiled) else c.module
     return rt.Cast(m, inner.dtype) if isinstance(inner, rt.Cast) else m
 
@@ -92,7 +95,15 @@ def write_output(result: DeployResult, out: Path, example: tuple[torch.Tensor, .
 
     def fill(tmp: Path) -> None:
         files = c.write(tmp)
-        cos = outputs_match(reload(c, tmp, result.threads)(*example), c.module(*example))
+        try:
+            again = reload(c, tmp, result.threads)
+            result.architecture = None
+        except ModelLoadError as e:  # the user's own class: the folder holds weights and changes, their code the class
+            if "is not one torchshrink rebuilds" not in str(e):
+                raise
+            again = reload(c, tmp, result.threads, skeleton=result.baseline.module)
+            result.architecture = type(result.baseline.module).__name__
+        cos = outputs_match(again(*example), c.module(*example))
         if not cos >= REPRODUCES:
             raise DeployError(f"the written {c.name} artifact does not reproduce its candidate (output cosine "
                               f"{cos:.5f}); nothing was written")

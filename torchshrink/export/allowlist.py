@@ -12,7 +12,8 @@ the object recorded here. The lists hold pure tensor computations only:
 - ``operator.NAME`` / ``math.NAME``: the arithmetic, comparison and indexing functions named below
   (never ``attrgetter`` / ``methodcaller`` / ``call``, which turn strings into calls);
 - ``builtins.getattr`` with an attribute from :data:`TENSOR_ATTRS` only;
-- ``torch.ops.NS.OP[.OVERLOAD]`` for the operator namespaces in :data:`OP_NAMESPACES`.
+- ``torch.ops.NS.OP[.OVERLOAD]`` for the operator namespaces in :data:`OP_NAMESPACES`;
+- the torchvision functions listed in ``_TORCHVISION`` (tensor functions its models call, kept as calls by fx).
 
 Methods (``call_method`` nodes) must be in :data:`METHODS`: the tensor methods ATen generates, less
 those that hand out raw memory or call back into Python.
@@ -21,6 +22,8 @@ those that hand out raw memory or call back into Python.
 from __future__ import annotations
 
 import functools
+import importlib
+import importlib.util
 import inspect
 import math
 import operator
@@ -43,6 +46,19 @@ _MATH = (
 _F_EXCLUDED = {"Optional", "boolean_dispatch", "handle_torch_function", "has_torch_function",
                "has_torch_function_unary", "has_torch_function_variadic", "assert_int_or_pair"}
 _TORCH_EXCLUDED = {"from_file"}
+# torchvision's pure tensor functions that its models call and that torch.fx keeps as calls (they are marked
+# torch.fx.wrap): a traced ConvNeXt / EfficientNet / Swin / MViT holds them. Fixed names, looked up in the modules
+# named here only when torchvision is installed; a saved graph picks among them, never names a module itself.
+_TORCHVISION = {
+    "torchvision.ops.stochastic_depth": ("stochastic_depth",),
+    "torchvision.ops.drop_block": ("drop_block2d", "drop_block3d"),
+    "torchvision.models.swin_transformer": ("_patch_merging_pad", "_get_relative_position_bias",
+                                            "shifted_window_attention"),
+    "torchvision.models.video.swin_transformer": ("_get_window_and_shift_size", "_get_relative_position_bias",
+                                                  "_compute_pad_size_3d", "_compute_attention_mask_3d",
+                                                  "shifted_window_attention_3d"),
+    "torchvision.models.video.mvit": ("_unsqueeze", "_squeeze"),
+}
 # attributes a graph may read with getattr(x, NAME): tensor metadata, nothing that reaches code
 TENSOR_ATTRS = frozenset(
     "shape dtype device ndim T mT H mH real imag data is_cuda is_sparse is_quantized layout requires_grad "
@@ -81,6 +97,11 @@ def _functions() -> dict[str, Any]:
         if n.startswith("_") or n in _F_EXCLUDED or not callable(obj) or inspect.isclass(obj) or inspect.ismodule(obj):
             continue
         table[f"torch.nn.functional.{n}"] = obj
+    if importlib.util.find_spec("torchvision") is not None:
+        for mod, names in _TORCHVISION.items():
+            module = importlib.import_module(mod)
+            for n in names:
+                table[f"{mod}.{n}"] = getattr(module, n)
     return table
 
 

@@ -31,11 +31,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from torchshrink.core.errors import UnsupportedLayerError
 from torchshrink.export import onnx_ops as ops
+from torchshrink.measure.quality import cosine_rows, main_output
 
 log = logging.getLogger(__name__)
 
@@ -114,13 +114,6 @@ class _Plain(nn.Module):
     def forward(self, *inputs: torch.Tensor) -> Any:
         y = self.model(*inputs)
         return y.to_tuple() if hasattr(y, "to_tuple") else y
-
-
-def main_output(y: Any) -> torch.Tensor:
-    """The first tensor of a model's output (a tensor, tuple / list or transformers ModelOutput)."""
-    while not isinstance(y, torch.Tensor):
-        y = y.to_tuple()[0] if hasattr(y, "to_tuple") else y[0]
-    return y
 
 
 def _check_opset(twin: nn.Module, opset: int) -> int:
@@ -221,7 +214,7 @@ def onnx_parity(model: nn.Module, path: str | os.PathLike[str], inputs: Sequence
         ref = main_output(model(*inputs))
     same = got.shape == ref.shape and bool(torch.equal(got.to(ref.dtype), ref))
     got, ref = got.float(), ref.float()
-    cos = F.cosine_similarity(got.reshape(1, -1), ref.reshape(1, -1)).item()
+    cos = float(cosine_rows(got.reshape(1, -1), ref.reshape(1, -1))[0])
     ops_used = {n.op_type for n in onnx.load(str(path)).graph.node}
     return {"cosine": cos, "max_abs_diff": float((got - ref).abs().max()), "identical": float(same),
             "qdq": float(bool(ops_used & {"DequantizeLinear", "DynamicQuantizeLinear", "QuantizeLinear"}))}

@@ -389,20 +389,24 @@ def finish_blocked(model: Any) -> None:
 
     graph = model.graph
     inits = {t.name: t for t in graph.initializer}
+    converted: dict[str, str] = {}  # a layer used several times (ALBERT shares its blocks) has one initializer
     for i, node in enumerate(list(graph.node)):
         if node.domain != DOMAIN:
             continue
-        if node.op_type != BLOCKED_OP or node.input[0] not in inits:
+        if node.op_type != BLOCKED_OP or (node.input[0] not in inits and node.input[0] not in converted):
             raise ValueError(f"unexpected placeholder node {node.op_type} on {node.input[0]!r}")
         attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-        stored = inits[node.input[0]]
-        raw = numpy_helper.to_array(stored).tobytes()
-        dtype = onnx.TensorProto.INT4 if attrs["bits"] == 4 else onnx.TensorProto.INT8
-        codes = helper.make_tensor(f"{stored.name}.codes", dtype, list(attrs["shape"]), raw, raw=True)
-        graph.initializer.remove(stored)
-        graph.initializer.append(codes)
+        if node.input[0] not in converted:
+            stored = inits[node.input[0]]
+            raw = numpy_helper.to_array(stored).tobytes()
+            dtype = onnx.TensorProto.INT4 if attrs["bits"] == 4 else onnx.TensorProto.INT8
+            codes = helper.make_tensor(f"{stored.name}.codes", dtype, list(attrs["shape"]), raw, raw=True)
+            graph.initializer.remove(stored)
+            graph.initializer.append(codes)
+            converted[stored.name] = codes.name
         kw = {"axis": attrs["axis"], **({"block_size": attrs["block_size"]} if attrs["block_size"] else {})}
-        dq = helper.make_node("DequantizeLinear", [codes.name, node.input[1]], list(node.output), name=node.name, **kw)
+        dq = helper.make_node("DequantizeLinear", [converted[node.input[0]], node.input[1]], list(node.output),
+                              name=node.name, **kw)
         graph.node.remove(node)
         graph.node.insert(i, dq)
     keep = [o for o in model.opset_import if o.domain != DOMAIN]

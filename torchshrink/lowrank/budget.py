@@ -109,7 +109,7 @@ class BudgetConfig(Config):
 
 def apply_budget(model: nn.Module, config: BudgetConfig, *, select: Select | None = None, data: Any = None,
                  **kwargs: Any) -> nn.Module:
-    layers = select_modules(model, select, ("Linear", "Conv2d"))
+    layers = select_modules(model, select, ("Linear", "Conv2d"), replaces=True)
     for name, module in layers:
         check_type(name, module, (nn.Linear, nn.Conv2d), "lowrank-budget")
     inputs = first_inputs(model, data)

@@ -174,7 +174,7 @@ class SVDConfig(LowRankConfig):
 
 def apply_svd(model: nn.Module, config: SVDConfig, *, select: Select | None = None, data: Any = None,
               **kwargs: Any) -> nn.Module:
-    layers = select_modules(model, select, ("Linear",))
+    layers = select_modules(model, select, ("Linear",), replaces=True)
     for name, module in layers:
         check_type(name, module, (nn.Linear,), "svd")
     names = [n for n, _ in layers]

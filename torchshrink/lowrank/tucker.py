@@ -212,7 +212,7 @@ def replace_convs(model: nn.Module, config: LowRankConfig, select: Select | None
                   plan: Any, build: Any, dense_macs: Any) -> nn.Module:
     """Shared loop of the conv techniques: ``plan(conv, cfg, name, q) -> setting``,
     ``build(conv, setting) -> Sequential``, ``dense_macs(conv, setting, q) -> (new, old)`` per pixel."""
-    layers = select_modules(model, select, ("Conv2d",))
+    layers = select_modules(model, select, ("Conv2d",), replaces=True)
     for name, module in layers:
         check_type(name, module, (nn.Conv2d,), kind)
     names = [n for n, _ in layers]

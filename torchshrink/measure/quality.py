@@ -21,7 +21,23 @@ def main_output(out: Any) -> torch.Tensor:
             return getattr(out, attr)
     if isinstance(out, tuple | list) and out and isinstance(out[0], torch.Tensor):
         return out[0]
+    if isinstance(out, dict) and out and isinstance(first := next(iter(out.values())), torch.Tensor):
+        return first  # a plain dict: its first value, which is also output 0 of its ONNX export
     raise DataError(f"cannot find an output tensor in a {type(out).__name__}")
+
+
+def cosine_rows(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Cosine of each row of ``a`` with the same row of ``b`` (rows flattened), whatever the outputs' scale.
+
+    ``F.cosine_similarity`` clamps the product of the norms at 1e-8: outputs of norm below 1e-4 (a random-init
+    EfficientNet's logits are ~1e-14) came out near 0 even against themselves. Each row is scaled by its own
+    largest magnitude first (cosine does not change) and computed in float64; two identical rows are 1.0 (two
+    all-zero rows included), a zero row against a non-zero one 0.0."""
+    a, b = a.reshape(a.shape[0], -1).double(), b.reshape(b.shape[0], -1).double()
+    same = (a == b).all(dim=1)
+    a = a / a.abs().amax(dim=1, keepdim=True).clamp_min(torch.finfo(torch.float64).tiny)
+    b = b / b.abs().amax(dim=1, keepdim=True).clamp_min(torch.finfo(torch.float64).tiny)
+    return torch.where(same, 1.0, F.cosine_similarity(a, b, dim=1))
 
 
 @torch.inference_mode()
@@ -67,7 +83,7 @@ def fidelity(
             raise DataError(f"model output {tuple(a.shape)} differs in shape from the reference's {tuple(b.shape)}")
         maxdiff = max(maxdiff, float((a - b).abs().max()))
         if metric == "cosine":
-            cos.append(F.cosine_similarity(a.reshape(a.shape[0], -1), b.reshape(b.shape[0], -1), dim=1))
+            cos.append(cosine_rows(a, b))
         else:
             kls.append(F.kl_div(F.log_softmax(a, -1), F.log_softmax(b, -1), log_target=True, reduction="none").sum(-1).reshape(-1))
     if metric == "cosine":

@@ -129,7 +129,7 @@ def resolve_reduce_range(cfg: Any) -> bool:
 
 def apply_int8_dynamic(model: nn.Module, config: Int8DynamicConfig, *, select: Select | None = None,
                        data: Any = None, **_: Any) -> nn.Module:
-    chosen = select_modules(model, select, ("Linear",))
+    chosen = select_modules(model, select, ("Linear",), replaces=True)
     eng = resolve_engine(config.engine)
     linears = [(n, m) for n, m in chosen if type(m) is nn.Linear]
     for n, m in chosen:

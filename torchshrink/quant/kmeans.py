@@ -159,7 +159,7 @@ def fold_batchnorms(model: nn.Module, conv_names: set[str]) -> list[str]:
 
 
 def apply_kmeans(model: nn.Module, config: KMeansConfig, *, select: Select | None = None, data: Any = None, **_: Any) -> nn.Module:
-    chosen = select_modules(model, select, ("Linear", "Conv2d"))
+    chosen = select_modules(model, select, ("Linear", "Conv2d"), replaces=True)
     if config.fold_bn and fold_batchnorms(model, {n for n, m in chosen if isinstance(m, nn.Conv2d)}):
         chosen = [(n, get_module(model, n)) for n, _ in chosen]
     for name, layer in chosen:

@@ -82,7 +82,7 @@ class QATLayer(nn.Module):
 def apply_qat(model: nn.Module, config: QATConfig, *, select: Select | None = None, data: Any = None,
               **_: Any) -> nn.Module:
     calib = calibration_batches(data, 8)  # initializes the steps; finalize calibrates again on its data
-    for name, m in select_modules(model, select, ("Conv2d", "Linear")):
+    for name, m in select_modules(model, select, ("Conv2d", "Linear"), replaces=True):
         if type(m) not in (nn.Conv2d, nn.Linear):
             continue
         cfg = config_for(name, config, select)

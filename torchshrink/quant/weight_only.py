@@ -21,7 +21,7 @@ log = logging.getLogger(__name__)
 
 def apply_weight_only(model: nn.Module, config: WeightOnlyConfig, *, select: Select | None = None,
                       data: Any = None, **_: Any) -> nn.Module:
-    for name, lin in select_modules(model, select, ("Linear",)):
+    for name, lin in select_modules(model, select, ("Linear",), replaces=True):
         cfg = config_for(name, config, select)
         if type(lin) is not nn.Linear:
             note_float(model, name, f"{type(lin).__name__} is not a plain Linear")

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from torchshrink.core import state
+from torchshrink.core.data import Batch
 from torchshrink.core.errors import DataError
 from torchshrink.measure.quality import accuracy, fidelity
 from torchshrink.models import example_inputs
@@ -100,14 +101,24 @@ def _random_like(model: nn.Module, inputs: tuple[torch.Tensor, ...], n: int, see
         return example_inputs(model, batch=n, seed=seed)
     g = torch.Generator().manual_seed(seed)
     return tuple(torch.randn(n, *t.shape[1:], generator=g, dtype=t.dtype) if t.is_floating_point()
-                 else t[:1].expand(n, *t.shape[1:]).clone() for t in inputs)
+                 else _random_ints(t, n, g) for t in inputs)
+
+
+def _random_ints(t: torch.Tensor, n: int, g: torch.Generator) -> torch.Tensor:
+    """``n`` rows of integers drawn from the values ``t`` holds (token ids stay in the vocabulary the example
+    used, a 0/1 mask stays 0/1, an all-ones mask all ones); bool stays bool."""
+    if t.dtype == torch.bool or t.numel() == 0:
+        return t[:1].expand(n, *t.shape[1:]).clone() if t.numel() else t.new_zeros(n, *t.shape[1:])
+    values = t.reshape(-1).unique()
+    return values[torch.randint(len(values), (n, *t.shape[1:]), generator=g)]
 
 
 def generic_task(model: nn.Module, inputs: tuple[torch.Tensor, ...] | None = None) -> Task:
     """No data: quality is agreement with the original on random inputs that calibration never sees."""
     inputs = inputs or example_inputs(model)
     judge = _random_like(model, inputs, N_AGREEMENT, seed=1)
-    calib = [_random_like(model, inputs, 8, seed=2 + i) for i in range(4)]
+    # Batch, not a bare tuple: a 2-tuple would read as (inputs, labels) and a two-input model would lose its second
+    calib = [Batch(_random_like(model, inputs, 8, seed=2 + i)) for i in range(4)]
     return Task(
         name="no-data",
         inputs=inputs,
