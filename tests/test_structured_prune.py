@@ -191,3 +191,36 @@ def test_a_pruned_convnext_reloads_with_its_resized_layernorm2d_and_layer_scale(
     back = torchshrink.load(tmp_path / "m").eval()
     with torch.no_grad():
         assert torch.allclose(back(x), p(x), atol=1e-5, rtol=1e-5)
+
+
+class _SizedFromOther(nn.Module):
+    """As torchvision's Swin: the qkv output is reshaped with a size read from the block's input (C), so pruning
+    the input's channels and not qkv's breaks the model; a second, independent MLP prunes fine."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Linear(12, 32)
+        self.qkv = nn.Linear(32, 96)
+        self.proj = nn.Linear(32, 32)
+        self.up, self.down = nn.Linear(32, 64), nn.Linear(64, 32)
+        self.head = nn.Linear(32, 3)
+
+    def forward(self, x):
+        h = self.stem(x)
+        c = h.size(-1)
+        q, k, v = self.qkv(h).reshape(h.shape[0], 3, 2, c // 2).unbind(1)
+        h = h + self.proj((q.softmax(-1) * k * v).reshape(h.shape[0], c))
+        h = h + self.down(torch.relu(self.up(h)))
+        return self.head(h)
+
+
+def test_a_macs_target_rolls_back_a_group_that_breaks_a_trial_copy():
+    """The MACs target bisects on pruned copies; one that does not run used to crash the whole prune."""
+    torch.manual_seed(0)
+    m, x = _SizedFromOther().eval(), torch.randn(4, 12)
+    p = torchshrink.prune(m, ChannelPruneConfig(amount=0.3, target="macs"), data=[x]).eval()
+    with torch.no_grad():
+        assert p(x).shape == (4, 3)
+    assert p.up.out_features < 64  # the MLP hidden channels were pruned
+    rolled = torchshrink.report(p)[-1].notes["rolled_back"]
+    assert rolled and any("stem" in r["layers"] for r in rolled) and "fails to run" in rolled[0]["reason"]

@@ -200,8 +200,18 @@ def _size_of(model: nn.Module, batch: Any, target: str) -> int:
     return batch_macs(model, batch)
 
 
+class _TrialBroke(Exception):
+    """A pruned copy tried while looking for the target ratio did not run: some group breaks the model."""
+
+    def __init__(self, ratio: float, why: str) -> None:
+        super().__init__(why)
+        self.ratio = ratio
+
+
 def _target_ratio(model: nn.Module, plan: Plan, config: ChannelPruneConfig, batch: Any) -> float:
-    """The channel ratio that meets a MACs / params target (bisection on pruned copies)."""
+    """The channel ratio that meets a MACs / params target (bisection on pruned copies). A copy that does
+    not run (a reshape sized from another tensor's channels, say) raises :class:`_TrialBroke`, so the caller
+    rolls back the groups that break it first."""
     base = _size_of(model, batch, config.target)
     goal = base * (1 - config.amount)
     plan.ratios = {}
@@ -210,7 +220,10 @@ def _target_ratio(model: nn.Module, plan: Plan, config: ChannelPruneConfig, batc
         mid = (lo + hi) / 2
         trial = copy.deepcopy(model)
         plan.apply(trial, plan.keep(mid, config))
-        size = _size_of(trial, batch, config.target)
+        try:
+            size = _size_of(trial, batch, config.target)
+        except Exception as e:  # the model's own code failing on pruned shapes: any type
+            raise _TrialBroke(mid, f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:160]}") from None
         if size <= goal:
             hi, best = mid, mid
         else:
@@ -267,10 +280,17 @@ def prune_channels(model: nn.Module, config: ChannelPruneConfig, *, select: Sele
     refs = reference(model, batch)
     plan = make_plan(model, config, select, data)
     rolled: list[tuple[list[str], str]] = []
-    for _attempt in range(2):
-        ratio = config.amount if config.target == "channels" else _target_ratio(model, plan, config, batch)
+    for _attempt in range(3):
+        broke = None
+        try:
+            ratio = config.amount if config.target == "channels" else _target_ratio(model, plan, config, batch)
+        except _TrialBroke as e:  # find the groups that broke that trial, roll them back, then size again
+            ratio, broke = e.ratio, str(e)
         keep = plan.keep(ratio, config)
         why = check_keep(model, plan, keep, refs) if keep and refs else None
+        if why is None and broke is not None:
+            raise UnsupportedLayerError(f"channel-prune refused: a pruned copy at channel ratio {ratio:.2f} failed "
+                                        f"({broke}) and no group could be found that causes it")
         if why is None:
             break
         bad = _broken_groups(model, plan, keep, refs)
