@@ -200,3 +200,24 @@ def test_a_torchvision_instance_saves_with_its_builder_and_reloads(name, tmp_pat
     ts.save(m, tmp_path / "m")
     assert json.loads((tmp_path / "m" / "manifest.json").read_text()).get("source") == f"torchvision:{name}"
     assert torch.equal(ts.load(tmp_path / "m")(x), m(x))
+
+
+def test_an_fx_graph_calling_a_dashed_module_round_trips(tmp_path):
+    """Static INT8 of torchvision's RegNet is an fx graph with call_module targets like "trunk.block1-0.f"."""
+    net = _dashed().eval()
+    gm = torch.fx.symbolic_trace(net)
+    assert any(n.op == "call_module" and n.target == "block1-0" for n in gm.graph.nodes)
+    ts.save(gm, tmp_path / "g")
+    x = torch.randn(2, 8)
+    assert torch.equal(ts.load(tmp_path / "g")(x), gm(x))
+
+
+def test_a_torchvision_instance_keeps_its_builder_through_svd(tmp_path):
+    """SVD puts Sequentials where the classifier's Linears were; the builder is named before, so the folder loads."""
+    tv = pytest.importorskip("torchvision")
+    m = tv.models.mobilenet_v3_small(weights=None).eval()
+    q = ts.apply(m, ts.SVDConfig(ratio=0.5)).eval()
+    ts.save(q, tmp_path / "m")
+    assert json.loads((tmp_path / "m" / "manifest.json").read_text()).get("source") == "torchvision:mobilenet_v3_small"
+    x = torch.randn(1, 3, 64, 64)
+    assert torch.equal(ts.load(tmp_path / "m")(x), q(x))

@@ -80,3 +80,24 @@ def test_a_head_pruned_bert_writes_only_for_torchshrinks_loader(tmp_path):
     p.save_pretrained(tmp_path / "hf", torchshrink_loader=True)
     back = from_pretrained(tmp_path / "hf")
     assert torch.allclose(back(**batch).last_hidden_state, p(**batch).last_hidden_state, atol=1e-5)
+
+
+def test_gpt2_conv1d_layers_are_reached_and_still_save_for_transformers(tmp_path):
+    """GPT-2's Conv1D layers (weights stored (in, out)) are the Linear layers they equal for every technique, so
+    INT8 reaches all of them, not just lm_head; a pruned GPT-2 still writes a folder transformers loads exactly."""
+    torch.manual_seed(0)
+    m = tf.GPT2LMHeadModel(tf.GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=4, bos_token_id=0,
+                                         eos_token_id=0)).eval()
+    ids = torch.randint(0, 64, (2, 12))
+    q = ts.quantize(m, ts.Int8DynamicConfig())
+    assert len(ts.report(q)[-1].changed) == 2 * 4 + 1  # c_attn, c_proj, c_fc, mlp.c_proj per block + lm_head
+    assert "conv1d_as_linear" in ts.report(q)[-1].notes
+    assert type(m.transformer.h[0].attn.c_attn).__name__ == "Conv1D"  # the input is untouched
+    with torch.no_grad():
+        assert torch.nn.functional.cosine_similarity(q(ids).logits.flatten(), m(ids).logits.flatten(), dim=0) > 0.99
+    p = ts.prune(m, ts.UnstructuredConfig(sparsity=0.5))
+    p.save_pretrained(tmp_path / "hf")
+    back = tf.GPT2LMHeadModel.from_pretrained(tmp_path / "hf").eval()
+    assert type(back.transformer.h[0].attn.c_attn).__name__ == "Conv1D"
+    with torch.no_grad():
+        assert torch.allclose(back(ids).logits, p(ids).logits, atol=1e-5)

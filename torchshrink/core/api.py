@@ -20,9 +20,11 @@ from __future__ import annotations
 import copy
 import difflib
 import inspect
+import sys
 from collections.abc import Callable
 from typing import Any
 
+import torch
 from torch import nn
 
 from torchshrink.core import state
@@ -30,6 +32,7 @@ from torchshrink.core.config import Config, Entry, get_entry, known_kinds
 from torchshrink.core.errors import ConfigError
 from torchshrink.core.report import carry, current, note_changes, open_report
 from torchshrink.core.select import Select
+from torchshrink.core.surgery import get_module, set_module
 
 StepHook = Callable[[nn.Module, int, int], None]
 Trainer = Callable[[nn.Module, StepHook], list[dict[str, float]]]
@@ -74,13 +77,43 @@ def prepare(model: nn.Module, config: Config, *, select: Select | dict[str, Any]
     _check_options(entry, config, options)
     sel = Select.from_dict(select) if isinstance(select, dict) else select
     work = model if inplace else copy.deepcopy(model)
-    open_report(work, config.kind)
+    rep = open_report(work, config.kind)
+    if converted := conv1d_as_linear(work):
+        rep.notes["conv1d_as_linear"] = (f"{len(converted)} Hugging Face Conv1D layer(s) (GPT-2's (in, out) weights) "
+                                         "re-expressed as the Linear layers they equal, so Linear techniques reach them")
     out = entry.handler(work, config, select=sel, data=data, **options)
     carry(work, out)
     state.inherit(model, out, ("source", "input", "recipe"))
+    if state.get(out, "source") is None and type(model).__module__.startswith("torchvision.models."):
+        # a torchvision model given as an instance: name its builder now, while its module tree is the builder's
+        # (once SVD / Tucker put Sequentials where its layers were, the saved folder could not name it)
+        from torchshrink.export.skeleton import guess_torchvision_source
+
+        state.put(out, source=guess_torchvision_source(model))
     state.put(out, pending=[*state.get(model, "pending", []), config],
               history=[*state.get(model, "history", []), config.to_dict()])
     return out
+
+
+def conv1d_as_linear(model: nn.Module) -> list[str]:
+    """Replace every Hugging Face ``Conv1D`` (GPT-2's layers: ``x @ W + b`` with W stored (in, out)) by the
+    ``nn.Linear`` it equals, in place; returns their names. Techniques that select Linear layers otherwise see
+    only GPT-2's lm_head."""
+    if "transformers" not in sys.modules:  # no transformers model can be here
+        return []
+    names = [n for n, m in model.named_modules() if n and type(m).__name__ == "Conv1D"
+             and type(m).__module__ == "transformers.pytorch_utils"]
+    for name in names:
+        old = get_module(model, name)
+        nx, nf = old.weight.shape
+        lin = nn.Linear(nx, nf, bias=old.bias is not None, device=old.weight.device, dtype=old.weight.dtype)
+        with torch.no_grad():
+            lin.weight.copy_(old.weight.t())
+            if old.bias is not None:
+                lin.bias.copy_(old.bias)
+        lin.train(old.training)
+        set_module(model, name, lin)
+    return names
 
 
 def step(model: nn.Module, step: int, total: int) -> None:

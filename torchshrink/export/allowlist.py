@@ -33,6 +33,10 @@ from typing import Any
 import torch
 
 IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
+# one part of a module path (manifest module names, a graph's call_module / get_attr targets): an identifier that
+# may hold '-' (torchvision's RegNet names its blocks "block1-0") or a number. Parts are looked up in the module
+# dicts; fx writes a part that is no identifier as getattr(module, "part"), a quoted string, never as code
+MODULE_PART = re.compile(r"(?:[A-Za-z_][A-Za-z0-9_-]*|[0-9]+)\Z")
 
 _OPERATOR = (
     "add sub mul truediv floordiv mod pow matmul neg pos abs invert not_ and_ or_ xor lshift rshift "

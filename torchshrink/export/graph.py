@@ -23,7 +23,7 @@ import torch
 from torch import fx, nn
 
 from torchshrink.core.errors import ModelLoadError
-from torchshrink.export.allowlist import IDENT, TENSOR_ATTRS, methods, name_of, resolve
+from torchshrink.export.allowlist import IDENT, MODULE_PART, TENSOR_ATTRS, methods, name_of, resolve
 from torchshrink.export.schema import DTYPES
 
 MAX_NODES = 1_000_000
@@ -50,8 +50,8 @@ def _module_path(root: nn.Module, s: Any, what: str, *, tensor_ok: bool) -> str:
     if not isinstance(s, str) or not s:
         raise _bad(f"{what} target must be a non-empty string")
     parts = s.split(".")
-    if not all((IDENT.match(p) or p.isdigit()) and not p.startswith("__") for p in parts):
-        raise _bad(f"{what} target {s[:60]!r} is not a dotted path of identifiers")
+    if not all(MODULE_PART.match(p) and not p.startswith("__") for p in parts):
+        raise _bad(f"{what} target {s[:60]!r} is not a dotted path of module names")
     mod: nn.Module = root
     for i, p in enumerate(parts):
         child = mod._modules.get(p)

@@ -18,6 +18,7 @@ model torchshrink hands back (``finalize``, ``quantize_lm(pack=True)``, ``w8a8_l
 
 from __future__ import annotations
 
+import copy
 import functools
 import shutil
 import tempfile
@@ -46,6 +47,7 @@ def _guarded_save(model: nn.Module, save_directory: str | Path, *args: Any, torc
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
     try:
+        model = _hf_layers(model)
         out = type(model).save_pretrained(model, str(tmp), *args, **kwargs)
         why, raised = _round_trip_problem(model, tmp)
         if why is not None and not (raised and torchshrink_loader):
@@ -61,6 +63,37 @@ def _guarded_save(model: nn.Module, save_directory: str | Path, *args: Any, torc
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _hf_layers(model: nn.Module) -> nn.Module:
+    """``model``, or a copy in which the Linear layers that torchshrink made of GPT-2's Conv1D layers (so Linear
+    techniques reach them) are Conv1D again: the layout transformers' class loads."""
+    linears = [n for n, m in model.named_modules() if type(m) is nn.Linear]
+    if not linears:
+        return model
+    try:
+        with torch.device("meta"):
+            fresh = type(model)(model.config)
+    except Exception:  # noqa: BLE001 - a class that cannot be built from its config alone keeps its layers
+        return model
+    conv = {n for n, m in fresh.named_modules() if type(m).__name__ == "Conv1D"}
+    todo = [n for n in linears if n in conv]
+    if not todo:
+        return model
+    from transformers.pytorch_utils import Conv1D
+
+    from torchshrink.core.surgery import get_module, set_module
+
+    out = copy.deepcopy(model)
+    for name in todo:
+        lin = get_module(out, name)
+        c = Conv1D(lin.out_features, lin.in_features)
+        with torch.no_grad():
+            c.weight = nn.Parameter(lin.weight.detach().t().contiguous(), requires_grad=lin.weight.requires_grad)
+            c.bias = nn.Parameter(lin.bias.detach().clone() if lin.bias is not None else
+                                  torch.zeros(lin.out_features, dtype=lin.weight.dtype))
+        set_module(out, name, c)
+    return out
 
 
 def _round_trip_problem(model: nn.Module, folder: Path) -> tuple[str | None, bool]:

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import inspect
 import os
-import re
 import types
 from pathlib import Path
 from typing import Any
@@ -31,6 +30,7 @@ from torch import nn
 
 from torchshrink.core import state
 from torchshrink.core.errors import ModelLoadError
+from torchshrink.export.allowlist import MODULE_PART
 from torchshrink.export.container import CONTAINER, read_container
 from torchshrink.export.formats import decode_tensor, known_format, numel_of
 from torchshrink.export.modules import build_module, init_args, type_name
@@ -44,7 +44,7 @@ MAX_MANIFEST_BYTES = 64 << 20
 # (a binarized model stores 1/32 of its fp32 skeleton), or 256 MiB
 SKELETON_FACTOR = 64
 SKELETON_FLOOR = 256 << 20
-_PART = re.compile(r"(?:[A-Za-z_][A-Za-z0-9_-]*|[0-9]+)\Z")  # torchvision RegNet names blocks "block1-0"
+_PART = MODULE_PART
 
 
 # module classes that moved since a file was written: the old path, as a manifest names it -> the new one

@@ -24,6 +24,7 @@ DynamicQuantizeMatMul, static Q/DQ groups -> QLinearConv / QGemm / QLinearAdd, b
 from __future__ import annotations
 
 import copy
+import inspect
 import logging
 import os
 from collections.abc import Sequence
@@ -105,15 +106,23 @@ def export_twin(model: nn.Module) -> nn.Module:
 class _Plain(nn.Module):
     """Calls the model with positional inputs only (the TorchScript tracer would fill the remaining
     parameters' defaults in positionally, which transformers' argument handling rejects) and returns
-    plain tensors (a transformers ModelOutput becomes its tuple)."""
+    plain tensors: a transformers ModelOutput becomes the tuple of its tensors. A model that takes ``use_cache``
+    (a causal LM) is called without its KV cache, which is an object, not tensors, in transformers 4.5x."""
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
         self.model = model
+        try:
+            takes = "use_cache" in inspect.signature(model.forward).parameters
+        except (TypeError, ValueError):
+            takes = False
+        self.kwargs = {"use_cache": False} if takes else {}
 
     def forward(self, *inputs: torch.Tensor) -> Any:
-        y = self.model(*inputs)
-        return y.to_tuple() if hasattr(y, "to_tuple") else y
+        y = self.model(*inputs, **self.kwargs)
+        if hasattr(y, "to_tuple"):
+            return tuple(t for t in y.to_tuple() if isinstance(t, torch.Tensor))
+        return y
 
 
 def _check_opset(twin: nn.Module, opset: int) -> int:
