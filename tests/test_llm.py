@@ -272,3 +272,29 @@ def test_a_group_that_divides_no_width_is_refused_and_the_model_untouched():
     with pytest.raises(ConfigError, match=r"group=128 divides no layer's input width \(32, 64\)"):
         quantize_lm(m, Grid(4, 128), method="rtn")
     assert torch.equal(m.model.layers[0].mlp.down_proj.weight, before)
+
+
+def test_lm_methods_reach_gpt2_conv1d_and_falcon_linear_layers():
+    """GPT-2 keeps its layers as Hugging Face Conv1D and Falcon as a Linear subclass: GPTQ / SparseGPT / W8A8
+    used to leave GPT-2 untouched (0 layers, perplexity unchanged) and W8A8 Falcon too."""
+    from torchshrink.llm.modules import PackedLinear
+    from torchshrink.llm.sparse import sparsify_lm
+    from torchshrink.llm.w8a8 import w8a8_lm
+    from torchshrink.quant.modules import Int8DynamicLinear
+
+    torch.manual_seed(0)
+    gpt2 = lambda: tf.GPT2LMHeadModel(tf.GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=4, n_positions=32,  # noqa: E731
+                                                   bos_token_id=0, eos_token_id=0)).eval()
+    rows = torch.randint(0, 64, (2, 16))
+    q = gpt2()
+    quantize_lm(q, Grid(bits=4, group=32), method="rtn", pack=True)
+    assert sum(isinstance(m, PackedLinear) for m in q.transformer.h.modules()) == 8
+    s = gpt2()
+    rep = sparsify_lm(s, method="wanda", sparsity=0.5, samples=rows)
+    assert len(rep["layers"]) == 8 and all(abs(v - 0.5) < 0.01 for v in rep["layers"].values())
+    falcon = tf.FalconForCausalLM(tf.FalconConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2,
+                                                  num_attention_heads=4)).eval()
+    assert w8a8_lm(falcon)["linears"] == 8
+    assert sum(isinstance(m, Int8DynamicLinear) for m in falcon.transformer.h.modules()) == 8
+    with torch.no_grad():
+        assert falcon(rows).logits.shape == (2, 16, 64)

@@ -174,6 +174,23 @@ def causal_lm(model: nn.Module) -> nn.Module:
     return model
 
 
+def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """(qualified name, stack) of a causal LM's decoder layers, whose Linear layers the LM methods (GPTQ, AWQ,
+    SparseGPT, Wanda, W8A8) rewrite in place. GPT-2's Hugging Face Conv1D layers are first re-expressed as the
+    Linear layers they equal (with them, every method silently did nothing: perplexity unchanged, 0 layers);
+    a stack with no Linear layer at all is one clear error."""
+    from torchshrink.core.api import conv1d_as_linear
+    from torchshrink.prune.structured.transformer import find_layers
+
+    causal_lm(model)
+    conv1d_as_linear(model)
+    prefix, layers = find_layers(model)
+    if not any(isinstance(m, nn.Linear) for layer in layers for m in layer.modules()):
+        raise UnsupportedLayerError(f"{type(model).__name__}: its decoder layers ({prefix}) hold no Linear layer "
+                                    "for the LM methods to rewrite")
+    return prefix, layers
+
+
 def full_attention_config(model: nn.Module, user: str) -> Any:
     """The config of a decoder-only causal LM whose every layer is plain full attention; else one line saying
     ``user`` (e.g. "the quantized KV cache") serves those only (sliding-window, hybrid, encoder-decoder)."""

@@ -227,14 +227,15 @@ def qat_lm(student: nn.Module, teacher: nn.Module, rows: torch.Tensor, grid: Any
     trained is what is stored. ``distill`` goes to :func:`distill_lm` (``seconds`` / ``steps`` budget, ...)."""
     from torch.nn.utils import parametrize
 
-    from torchshrink.llm.sequential import find_layers, quantize_lm
+    from torchshrink.llm.models import decoder_layers
+    from torchshrink.llm.sequential import quantize_lm
 
     if grid.clip:
         raise ConfigError("qat_lm trains against round-to-nearest without the clipping search; give a grid with clip=False")
     from torchshrink.core.errors import UnsupportedLayerError
 
     try:
-        _, layers = find_layers(causal_lm(student))
+        _, layers = decoder_layers(student)
     except UnsupportedLayerError:
         layers = []
     linears = [m for layer in layers for m in layer.modules() if isinstance(m, nn.Linear)]

@@ -17,10 +17,9 @@ from torch import nn
 from torchshrink.core.errors import ConfigError, DataError
 from torchshrink.core.surgery import set_module
 from torchshrink.llm.awq import awq_layer
-from torchshrink.llm.models import causal_lm
+from torchshrink.llm.models import decoder_layers
 from torchshrink.llm.modules import PackedLinear
 from torchshrink.llm.wquant import Grid, Quantized, gptq, layer_error, rtn
-from torchshrink.prune.structured.transformer import find_layers
 
 METHODS = ("rtn", "gptq", "awq", "awq+gptq")
 
@@ -83,8 +82,7 @@ def layer_steps(model: nn.Module, samples: torch.Tensor | None, what: str, *, da
     time). The caller changes ``step.layer`` in place; the next step's inputs are then that layer's
     outputs on its own inputs. Without ``data_aware`` no inputs are captured. The model is in eval mode
     during the walk and its training flag is restored after."""
-    causal_lm(model)
-    prefix, layers = find_layers(model)
+    prefix, layers = decoder_layers(model)
     if data_aware and (samples is None or samples.dim() != 2 or samples.shape[0] < 1):
         raise DataError(f"{what} needs calibration token rows [n_samples, seq_len]; give samples=")
 
@@ -152,7 +150,7 @@ def quantize_lm(model: nn.Module, grid: Grid, *, method: str = "gptq", samples: 
     :class:`~torchshrink.llm.modules.PackedLinear` holding its codes (what ``ts.save`` writes)."""
     if method not in METHODS:
         raise DataError(f"method={method!r}; allowed: {', '.join(METHODS)}")
-    _, layers = find_layers(causal_lm(model))
+    _, layers = decoder_layers(model)
     widths = sorted({m.in_features for layer in layers for m in layer.modules() if isinstance(m, nn.Linear)})
     if grid.group and widths and all(w % grid.group for w in widths):
         raise ConfigError(f"group={grid.group} divides no layer's input width ({', '.join(map(str, widths))}); "

@@ -16,8 +16,7 @@ from torch import nn
 
 from torchshrink.core.errors import ConfigError
 from torchshrink.core.surgery import set_module
-from torchshrink.llm.models import causal_lm
-from torchshrink.prune.structured.transformer import find_layers
+from torchshrink.llm.models import decoder_layers
 
 
 def _input_maxima(model: nn.Module, linears: dict[str, nn.Linear], samples: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -40,6 +39,10 @@ def _input_maxima(model: nn.Module, linears: dict[str, nn.Linear], samples: torc
     return amax
 
 
+def _own(m: nn.Module) -> bool:
+    return type(m).__module__.startswith("torchshrink.")
+
+
 def w8a8_lm(model: nn.Module, samples: torch.Tensor | None = None, *, smooth_alpha: float | None = None,
             reduce_range: bool | None = None, kernel: str = "linear_dynamic") -> dict[str, Any]:
     """Replace every decoder-layer Linear of ``model`` (in place) by a per-token W8A8 int8 Linear;
@@ -49,7 +52,6 @@ def w8a8_lm(model: nn.Module, samples: torch.Tensor | None = None, *, smooth_alp
     from torchshrink.quant.common import cpu_has_vnni
     from torchshrink.quant.modules import Int8DynamicLinear
 
-    causal_lm(model)
     if kernel not in ("linear_dynamic", "onednn"):
         raise ConfigError(f"kernel={kernel!r}; allowed: linear_dynamic, onednn")
     if smooth_alpha is not None and not 0.0 <= smooth_alpha <= 1.0:
@@ -57,9 +59,10 @@ def w8a8_lm(model: nn.Module, samples: torch.Tensor | None = None, *, smooth_alp
     if smooth_alpha is not None and (samples is None or samples.dim() != 2):
         raise ConfigError("SmoothQuant needs calibration token rows [n_samples, seq_len]; give samples=")
     rr = (not cpu_has_vnni()) if reduce_range is None else reduce_range
-    prefix, layers = find_layers(model)
+    prefix, layers = decoder_layers(model)
+    # a Linear subclass too (Falcon's FalconLinear, the same product), as GPTQ / SparseGPT take them
     linears = {f"{prefix}.{i}.{n}": m for i, layer in enumerate(layers)
-               for n, m in layer.named_modules() if type(m) is nn.Linear}
+               for n, m in layer.named_modules() if isinstance(m, nn.Linear) and not _own(m)}
     was = model.training
     model.eval()
     try:
