@@ -219,3 +219,51 @@ def test_a_local_bert_folder_with_a_sentence_file(bert_folder, recipe):
     report = json.loads((bert_folder / out / "report.json").read_text())
     assert "held-out 20% of sentences.txt (48 of 240 texts" in report["provenance"]["quality"]
     assert report["final"]["quality"]["cosine_mean"] > 0.5
+
+
+def _write_bad(tmp_path, name):
+    p = tmp_path / name
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(20, 4)).astype("float32")
+    if name == "latin1.csv":
+        p.write_bytes("a,b,c,d,label\n1,2,3,4,caf\xe9\n".encode("latin-1"))
+    elif name == "one-array.npz":  # np.save writes .npy bytes whatever the name says
+        with open(p, "wb") as f:
+            np.save(f, x)
+    elif name == "flat.npz":
+        np.savez(p, x=x[:, 0])
+    elif name == "float-labels.npz":
+        np.savez(p, x=x, y=rng.normal(size=20))
+    elif name == "negative.npz":
+        np.savez(p, x=x, y=-np.ones(20, dtype=int))
+    elif name == "short-labels.npz":
+        np.savez(p, x=x, y=np.zeros(5, dtype=int))
+    elif name == "seven.npz":
+        np.savez(p, x=rng.normal(size=(20, 7)).astype("float32"), y=np.zeros(20, dtype=int))
+    return p
+
+
+@pytest.mark.parametrize(("name", "needle"), [
+    ("latin1.csv", "is not UTF-8 text (invalid"),
+    ("one-array.npz", "is one array, not an .npz archive"),
+    ("flat.npz", "array 'x' has shape (20,): inputs are [samples, features...]"),
+    ("float-labels.npz", "holds labels of type float64 that are not class indices"),
+    ("negative.npz", "holds a negative label (-1)"),
+    ("short-labels.npz", "20 inputs ('x') but 5 labels ('y')"),
+    ("seven.npz", "the model cannot run on the data's inputs (each of shape (7,)): RuntimeError"),
+])
+def test_data_a_user_can_get_wrong_is_one_line(tmp_path, name, needle):
+    p = _write_bad(tmp_path, name)
+    with pytest.raises(DataError) as e:
+        task_from_data(DataSpec(str(p)), _mlp())
+    assert needle in str(e.value) and "\n" not in str(e.value)
+
+
+def test_cli_prints_an_error_quoting_brackets_as_text(tmp_path):
+    """The CLI's one error line is printed as text: '[samples, features...]' used to vanish as rich markup."""
+    p = _write_bad(tmp_path, "flat.npz")
+    r = _cli(tmp_path, "compress", "-m", "torchvision:resnet18", "-r", "int8-dynamic", "-d", str(p), "-o",
+             str(tmp_path / "out"))
+    lines = [x for x in r.stderr.splitlines() if x.strip()]
+    assert r.returncode == 2 and len(lines) == 1 and lines[0].endswith("inputs are [samples, features...]"), r.stderr
+    assert not (tmp_path / "out").exists()

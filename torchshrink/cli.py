@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from torchshrink.cli_support import DATA_HELP, TRUST_HELP, friendly, out, positive, progress_bar
@@ -126,10 +127,11 @@ def compress(
         out.print(f"resumed after stage {result.resumed_from}")
     for k, v in result.provenance.items():
         if k != "search":  # the data a search steers by: not a figure of this run
-            out.print(f"{k}: {v}")
+            out.print(f"{k}: {v}", markup=False)
     for w in result.warnings:
-        out.print(f"[yellow]warning:[/yellow] {w}")
-    out.print(f"{result.timing_note}\nwrote {out_dir}/ (model/, stages/, recipe.yaml, report.md, report.html, report.json)")
+        out.print(f"[yellow]warning:[/yellow] {escape(str(w))}")
+    out.print(f"{result.timing_note}\nwrote {out_dir}/ (model/, stages/, recipe.yaml, report.md, report.html, report.json)",
+              markup=False)
 
 
 @app.command()
@@ -138,7 +140,7 @@ def report(directory: Path = typer.Argument(..., help="output folder of `torchsh
     """Regenerate report.md and report.html from a run's report.json."""
     from torchshrink.recipe.report import regenerate
 
-    out.print(f"wrote {regenerate(directory)}")
+    out.print(f"wrote {regenerate(directory)}", markup=False)
 
 
 @app.command()

@@ -9,6 +9,7 @@ from typing import Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from torchshrink.core.errors import TorchshrinkError
@@ -25,7 +26,9 @@ def friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
         try:
             return fn(*args, **kwargs)
         except TorchshrinkError as e:
-            err.print(f"[red]error:[/red] {str(e).splitlines()[0] if str(e) else type(e).__name__}", highlight=False, soft_wrap=True)
+            # escaped: a message quoting a path or a shape ("[samples, features]") is text, not rich markup
+            line = str(e).splitlines()[0] if str(e) else type(e).__name__
+            err.print(f"[red]error:[/red] {escape(line)}", highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
         except KeyboardInterrupt:
             err.print("interrupted (an interrupted `compress` continues with --resume; other commands wrote nothing)")

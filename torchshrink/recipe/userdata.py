@@ -25,6 +25,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
+import zipfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -98,6 +99,13 @@ def task_from_data(spec: DataSpec, model: nn.Module, *, from_file: bool = False)
     path = Path(spec.path)
     if not path.exists():
         raise DataError(f"--data {spec.path}: no such file or folder; accepted: {FORMS}")
+    try:
+        return _read_task(spec, path, model)
+    except UnicodeDecodeError as e:
+        raise DataError(f"--data {spec.path} is not UTF-8 text ({e.reason} at byte {e.start:,})") from None
+
+
+def _read_task(spec: DataSpec, path: Path, model: nn.Module) -> Task:
     if path.is_dir():
         x_tr, y_tr, x_ev, y_ev, how = _images(spec, path, model)
     elif path.suffix.lower() in (".csv", ".npz"):
@@ -127,9 +135,27 @@ def _labels(values: list[str]) -> tuple[torch.Tensor, list[str]]:
     return torch.tensor([index[v] for v in values], dtype=torch.long), names
 
 
+def _int_labels(a: np.ndarray, what: str) -> torch.Tensor:
+    """Class labels 0..K-1 from an array: integers, or floats that are whole numbers; else one DataError."""
+    if a.dtype.kind not in "iub" and not (a.dtype.kind == "f" and np.isfinite(a).all() and (a == np.round(a)).all()):
+        raise DataError(f"{what} holds labels of type {a.dtype} that are not class indices (e.g. {a.reshape(-1)[:3]}); "
+                        "labels are integers 0..K-1 (leave them out for an output-similarity check)")
+    y = torch.from_numpy(a.astype(np.int64))
+    if y.numel() and int(y.min()) < 0:
+        raise DataError(f"{what} holds a negative label ({int(y.min())}); labels are class indices 0..K-1")
+    return y
+
+
 def _table(spec: DataSpec, path: Path) -> tuple[torch.Tensor, torch.Tensor | None]:
     if path.suffix.lower() == ".npz":
-        with np.load(path, allow_pickle=False) as z:  # never unpickles
+        try:
+            z = np.load(path, allow_pickle=False)  # never unpickles
+        except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
+            raise DataError(f"{path} is not a readable .npz archive of numeric arrays ({type(e).__name__}: "
+                            f"{(str(e).splitlines() or [''])[0][:120]})") from None
+        if not isinstance(z, np.lib.npyio.NpzFile):  # a single .npy array saved under an .npz name
+            raise DataError(f"{path} is one array, not an .npz archive: save it with np.savez(path, x=..., y=...)")
+        with z:
             names = list(z.files)
             xk = next((k for k in ("x", "X", "inputs", "data", "features") if k in names), names[0] if names else None)
             if xk is None:
@@ -137,8 +163,17 @@ def _table(spec: DataSpec, path: Path) -> tuple[torch.Tensor, torch.Tensor | Non
             yk = next((k for k in ("y", "Y", "labels", "label", "target", "targets") if k in names and k != xk), None)
             if yk is None and len(names) > 1:
                 yk = next(k for k in names if k != xk)
-            x = torch.from_numpy(np.asarray(z[xk], dtype=np.float32))
-            y = torch.from_numpy(np.asarray(z[yk]).astype(np.int64)) if yk is not None else None
+            try:
+                x = torch.from_numpy(np.asarray(z[xk], dtype=np.float32))
+                y = _int_labels(np.asarray(z[yk]), f"{path} array {yk!r}") if yk is not None else None
+            except DataError:
+                raise
+            except ValueError as e:  # object arrays (refused: no unpickling), strings where numbers belong
+                raise DataError(f"{path}: arrays must be numeric ({(str(e).splitlines() or [''])[0][:120]})") from None
+        if x.dim() < 2:
+            raise DataError(f"{path} array {xk!r} has shape {tuple(x.shape)}: inputs are [samples, features...]")
+        if y is not None and len(y) != len(x):
+            raise DataError(f"{path}: {len(x):,} inputs ({xk!r}) but {len(y):,} labels ({yk!r})")
     else:
         with open(path, newline="", encoding="utf-8") as f:
             rows = list(csv.reader(f))
@@ -237,10 +272,14 @@ def _batches(x: torch.Tensor, y: torch.Tensor | None, size: int) -> list[Any]:
 
 
 def _is_classifier(model: nn.Module, x: torch.Tensor, y: torch.Tensor | None) -> bool:
+    try:
+        with torch.inference_mode():
+            out = main_output(model.eval()(x[:2]))
+    except Exception as e:  # noqa: BLE001 - the user's model on the user's data: whatever it raises is one line
+        raise DataError(f"the model cannot run on the data's inputs (each of shape {tuple(x.shape[1:])}): "
+                        f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:160]}") from None
     if y is None:
         return False
-    with torch.inference_mode():
-        out = main_output(model.eval()(x[:2]))
     return out.dim() == 2 and out.shape[1] > int(y.max())
 
 
