@@ -234,3 +234,19 @@ def test_when_the_fastest_artifact_cannot_be_written_the_next_one_is(tmp_path):
             torch.inference_mode():
         _write_fastest(r, ranked, tmp_path / "out2", (data[0],))
     assert not (tmp_path / "out2").exists() and sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_an_input_that_does_not_fit_or_is_too_large_is_one_line(tmp_path):
+    from torchshrink.core.errors import InputShapeError, ModelLoadError
+    from torchshrink.models import parse_shape
+
+    model, _ = _mlp()
+    with pytest.raises(InputShapeError, match=r"MLP cannot run on input \(2, 7\):float32: mat1 and mat2"):
+        deploy(model, (torch.randn(2, 7),), out=tmp_path / "o", runtimes=("torch",), threads=1, runs=1)
+    assert not (tmp_path / "o").exists()
+    assert parse_shape("1x3x8x8") == [1, 3, 8, 8] and parse_shape(" 2, 64 ") == [2, 64]
+    for bad in ("1,x", "0,4", "", "1,,4", "-1,4", "1,2,3,4,5,6,7,8,9"):
+        with pytest.raises(ModelLoadError, match="invalid input shape"):
+            parse_shape(bad)
+    with pytest.raises(ModelLoadError, match="has 399,999,999,996 elements; at most"):
+        parse_shape("1,4,99999999999")

@@ -21,7 +21,9 @@ names code that loading would import or call (see torchshrink/export/loading.py)
 from __future__ import annotations
 
 import importlib
+import math
 import os
+import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -208,11 +210,16 @@ def example_inputs(model: nn.Module, batch: int | None = None, seq: int | None =
     return (torch.randn(*shape, generator=g, dtype=getattr(torch, inp.get("dtype", "float32"))),)
 
 
+MAX_INPUT_ELEMENTS = 1 << 28  # an example input of at most 1 GiB in float32
+
+
 def parse_shape(text: str) -> list[int]:
-    try:
-        shape = [int(x) for x in text.replace("x", ",").split(",") if x.strip()]
-    except ValueError:
-        shape = []
-    if not shape or any(s <= 0 for s in shape):
-        raise ModelLoadError(f"invalid input shape {text!r}; write it like 1,3,224,224")
+    """``1,3,224,224`` (or ``1x3x224x224``) as a list; anything else, a zero, more than 8 dimensions or more than
+    MAX_INPUT_ELEMENTS elements is one error (an example input is allocated: 1,4,99999999999 is refused, not tried)."""
+    parts = [p.strip() for p in re.split(r"[,x]", text.strip())]
+    if not parts or not all(p.isdigit() for p in parts) or len(parts) > 8 or any(int(p) == 0 for p in parts):
+        raise ModelLoadError(f"invalid input shape {text!r}; write it like 1,3,224,224 (1 to 8 whole numbers >= 1)")
+    shape = [int(p) for p in parts]
+    if math.prod(shape) > MAX_INPUT_ELEMENTS:
+        raise ModelLoadError(f"input shape {text!r} has {math.prod(shape):,} elements; at most {MAX_INPUT_ELEMENTS:,}")
     return shape

@@ -16,6 +16,7 @@ from torch import nn
 from torchshrink.core.data import Batch, as_batch
 from torchshrink.core.errors import ConfigError, DataError, OutputExistsError, TorchshrinkError
 from torchshrink.deploy.candidates import AS_GIVEN, RUNTIMES, Candidate, Settings, build_all, one_line
+from torchshrink.measure.counts import run_model
 from torchshrink.measure.latency import Timing, time_interleaved
 from torchshrink.measure.latency import threads as pinned
 from torchshrink.measure.machine import machine_info
@@ -164,6 +165,7 @@ def deploy(model: nn.Module, example: Sequence[torch.Tensor] | None = None, *, d
     ref = (reference if reference is not None else model).eval()
     task = _task(model, tuple(example) if example is not None else None, data)
     ex = tuple(example) if example is not None else tuple(task.inputs)
+    run_model(model, ex)  # an input that does not fit the model is one InputShapeError line, before any candidate
     n = threads or torch.get_num_threads()
     budget, passes = _judge(task, ref, min_cosine, max_drop)
     calib = [as_batch(b) for b in (task.calibration or [])] or [Batch(ex)]  # ex: inputs, never (inputs, labels)
