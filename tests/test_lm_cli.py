@@ -8,6 +8,7 @@ import torch
 from typer.testing import CliRunner
 
 from torchshrink.cli import app
+from torchshrink.core import native
 
 tf = pytest.importorskip("transformers")
 tokenizers = pytest.importorskip("tokenizers")
@@ -84,6 +85,7 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path):
     assert not list(tmp_path.glob("*.partial*"))
 
 
+@pytest.mark.skipif(native.library() is None, reason="no native library: the decode engine needs it")
 def test_generate_runs_a_compressed_folder_on_the_decode_kernels(tmp_path):
     model, text, out = _folder(tmp_path), _text(tmp_path), tmp_path / "out"
     assert run("compress", "-m", model, "-r", "llm-w4", "--method", "rtn", "--group", 32, "--data", text, "-o", out,
