@@ -74,10 +74,20 @@ def test_int4_group128_linear_bytes_shrink():
 
 
 def test_weight_only_mixed_precision_and_fallback():
-    m = nn.Sequential(nn.Linear(64, 32), nn.Linear(32, 30), nn.Linear(30, 8))
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(64, 32), nn.Linear(32, 30), nn.Linear(30, 9), nn.Linear(9, 4))
     q = torchshrink.quantize(m, WeightOnlyConfig(bits=4, group_size=32), select={"overrides": {"1": {"bits": 8}}})
-    assert q[0].bits == 4 and q[1].bits == 8
-    assert type(q[2]) is nn.Linear and "group_size" in torchshrink.report(q)[-1].skipped["2"]
+    assert q[0].bits == 4 and q[1].bits == 8 and q[0].group_size == 32
+    # a group that does not divide the layer's width: the largest half of it that does (>= 16), else per channel
+    assert isinstance(q[2], WeightOnlyLinear) and q[2].group_size == 0
+    assert "per channel: group_size=32 does not divide in_features=30" in torchshrink.report(q)[-1].notes["group_size"]["2"]
+    assert type(q[3]) is nn.Linear and "odd" in torchshrink.report(q)[-1].skipped["3"]  # int4 packs two per byte
+    x = torch.randn(5, 64)
+    assert torch.nn.functional.cosine_similarity(q(x).flatten(), m(x).flatten(), dim=0) > 0.98
+    from torchshrink.quant.weight_only import fitting_group
+
+    assert [fitting_group(128, n) for n in (256, 64, 96, 48, 40, 30)] == [128, 64, 32, 16, 0, 0]
+    assert fitting_group(0, 64) == 0
 
 
 def test_bad_configs_raise_config_errors():

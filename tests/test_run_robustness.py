@@ -210,3 +210,22 @@ def test_counts_below_one_are_refused(tmp_path, args):
     code, _, err = run(*[str(tmp_path / "o") if a == "OUT" else a for a in args])
     one_line_error(code, err, f"{flag} {args[-1]}", "1 or more")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_stage_that_fails_on_the_model_leaves_no_partial_or_keeps_the_finished_stages(tmp_path):
+    """A stage that refuses the model (SVD pointed at Conv2d layers) is one line. As the first stage nothing is left
+    behind (a .partial used to be, and blocked the next run); after a finished stage, .partial is kept for --resume
+    and the line says so."""
+    first = "stages:\n  - kind: svd\n    select: {types: [Conv2d]}\n"
+    code, _, err = compress(tmp_path / "a", recipe=str(_recipe(tmp_path, "a.yaml", first)))
+    one_line_error(code, err, "svd")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.yaml"]
+    second = "stages:\n  - kind: cast\n    dtype: bfloat16\n    select: {include: [fc1]}\n" + first[len("stages:\n"):]
+    code, _, err = compress(tmp_path / "b", recipe=str(_recipe(tmp_path, "b.yaml", second)))
+    one_line_error(code, err, "svd", "stage(s) 1-1 are kept in", ".b.partial: --resume continues")
+    assert (tmp_path / ".b.partial" / "stages").is_dir() and not (tmp_path / "b").exists()
+
+
+def _recipe(d: Path, name: str, text: str) -> Path:
+    (d / name).write_text(text)
+    return d / name

@@ -11,12 +11,22 @@ from torch import nn
 
 from torchshrink.core.config import Config, register
 from torchshrink.core.errors import ConfigError
+from torchshrink.core.report import current
 from torchshrink.core.select import Select, config_for, select_modules
 from torchshrink.core.surgery import set_module
 from torchshrink.quant.common import note_float
 from torchshrink.quant.modules import WeightOnlyLinear
 
 log = logging.getLogger(__name__)
+
+
+def fitting_group(group_size: int, in_features: int) -> int:
+    """``group_size`` when it divides ``in_features``; else the largest half of it (down to 16) that does; else 0
+    (one scale per output channel)."""
+    g = group_size
+    while g >= 16 and in_features % g:
+        g //= 2
+    return g if g >= 16 and group_size else 0
 
 
 def apply_weight_only(model: nn.Module, config: WeightOnlyConfig, *, select: Select | None = None,
@@ -26,13 +36,14 @@ def apply_weight_only(model: nn.Module, config: WeightOnlyConfig, *, select: Sel
         if type(lin) is not nn.Linear:
             note_float(model, name, f"{type(lin).__name__} is not a plain Linear")
             continue
-        if cfg.group_size and lin.in_features % cfg.group_size:
-            note_float(model, name, f"in_features={lin.in_features} is not a multiple of group_size={cfg.group_size}")
-            continue
         if cfg.bits == 4 and lin.in_features % 2:
             note_float(model, name, f"in_features={lin.in_features} is odd; int4 packs two values per byte")
             continue
-        set_module(model, name, WeightOnlyLinear.from_float(lin, bits=cfg.bits, group_size=cfg.group_size))
+        group = fitting_group(cfg.group_size, lin.in_features)
+        if group != cfg.group_size:  # a small layer (in_features 64 under group 128) gets smaller groups, not float
+            current(model).notes.setdefault("group_size", {})[name] = (
+                f"{group or 'per channel'}: group_size={cfg.group_size} does not divide in_features={lin.in_features}")
+        set_module(model, name, WeightOnlyLinear.from_float(lin, bits=cfg.bits, group_size=group))
     return model
 
 

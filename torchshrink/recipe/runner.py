@@ -55,6 +55,7 @@ from torchshrink.recipe.workdir import (
     folder_bytes,
     plan_work,
     read_run_key,
+    stage_errors,
     start_work,
     work_dir,
     writing,
@@ -296,6 +297,30 @@ def compress(
         current = _resumed_model(work, resumed_from - 1, recipe.stages[resumed_from - 1], original)
         prev_meas = stages[-1].measurement
     kept: list[str] = []  # variants kept because the whole model timed faster
+    with stage_errors(out_path, created, stages):
+        current, prev_meas = _run_stages(recipe, resumed_from, current, prev_meas, stages, kept, task, original,
+                                         threads, seed, progress, work, out_path, created, writer)
+    if writer is not None:
+        writer.close()
+    if progress:
+        progress("final timing", 0, 1)
+    lo, lf = _timed_pair(original, current, task, threads)
+    kill_point("final:timed")
+    before = dataclasses.replace(base, latency=lo)
+    final = dataclasses.replace(stages[-1].measurement if stages else base, latency=lf)
+    note = (f"latency: batch {task.inputs[0].shape[0]}, {lo.threads} thread(s), original and final timed "
+            f"interleaved in one run, median of {lo.runs} runs after warm-up")
+    result = RunResult(current, before, final, stages, compare(before, final), out_path, note, task.primary, resumed_from,
+                       dict(task.provenance), [*kept, *run_warnings(stages, before, final, task)])
+    if work is not None and out_path is not None:
+        with writing(out_path, created):
+            _finish(result, recipe, str(spec), work, out_path)
+    return result
+
+
+def _run_stages(recipe: Recipe, resumed_from: int, current: nn.Module, prev_meas: Any, stages: list[StageResult],
+                kept: list[str], task: Task, original: nn.Module, threads: int | None, seed: int, progress: Any,
+                work: Path | None, out_path: Path | None, created: Path | None, writer: Any) -> tuple[nn.Module, Any]:
     for i, stage in enumerate(recipe.stages[resumed_from:], start=resumed_from):
         label = f"{i + 1}/{len(recipe.stages)} {stage.config.kind}"
         if progress:
@@ -321,22 +346,7 @@ def compress(
         current, prev_meas = new, res.measurement
         if progress:
             progress(label, i + 1, len(recipe.stages))
-    if writer is not None:
-        writer.close()
-    if progress:
-        progress("final timing", 0, 1)
-    lo, lf = _timed_pair(original, current, task, threads)
-    kill_point("final:timed")
-    before = dataclasses.replace(base, latency=lo)
-    final = dataclasses.replace(stages[-1].measurement if stages else base, latency=lf)
-    note = (f"latency: batch {task.inputs[0].shape[0]}, {lo.threads} thread(s), original and final timed "
-            f"interleaved in one run, median of {lo.runs} runs after warm-up")
-    result = RunResult(current, before, final, stages, compare(before, final), out_path, note, task.primary, resumed_from,
-                       dict(task.provenance), [*kept, *run_warnings(stages, before, final, task)])
-    if work is not None and out_path is not None:
-        with writing(out_path, created):
-            _finish(result, recipe, str(spec), work, out_path)
-    return result
+    return current, prev_meas
 
 
 def _task(model: nn.Module, data: DataSpec | str | None, recipe: Recipe) -> Task:

@@ -225,3 +225,22 @@ def writing(out: Path, remove: Path | None) -> Iterator[None]:
         where = f" ({e.filename})" if e.filename else ""
         advice = _ADVICE.get(e.errno or 0, "choose another --out")
         raise OutputWriteError(f"cannot write the output {out}: {what}{where}; {advice}{kept}") from None
+
+
+@contextlib.contextmanager
+def stage_errors(out: Path | None, created: Path | None, stages: list[Any]) -> Iterator[None]:
+    """A stage that fails on the user's input (a layer a technique does not handle, data it cannot use) leaves no
+    half-written output: the work folder this run made is removed when no stage finished; when some did, it is
+    kept for --resume and the error line says so."""
+    try:
+        yield
+    except TorchshrinkError as e:
+        if out is None:
+            raise
+        if created is not None and not stages:
+            shutil.rmtree(created, ignore_errors=True)
+            sweep_beside(out)
+            raise
+        line = (str(e).splitlines() or [type(e).__name__])[0]
+        raise type(e)(f"{line}; stage(s) 1-{len(stages)} are kept in {work_dir(out)}: --resume continues after "
+                      "the fix, --force starts over") from None
