@@ -164,3 +164,24 @@ def test_distill_verb_builds_students_from_the_teacher():
     assert torch.equal(student.encoder.layer[0].output.dense.weight, teacher.encoder.layer[1].output.dense.weight)
     with pytest.raises(ConfigError, match="student='given'"):
         ts.distill(teacher, ts.config_from_dict({"kind": "distill", "student": "given"}))
+
+
+def test_shrink_width_takes_layernorm_groupnorm_grouped_and_depthwise_convs():
+    """A user's MLP with LayerNorm and a CNN with grouped / depthwise convs and GroupNorm used to be refused."""
+    from torchshrink.distill.students import shrink_width
+
+    torch.manual_seed(0)
+    mlp = nn.Sequential(nn.Linear(4, 64), nn.LayerNorm(64), nn.GELU(), nn.Linear(64, 64), nn.GELU(), nn.Linear(64, 3))
+    s = shrink_width(mlp, 0.5, torch.randn(2, 4))
+    assert s[0].out_features == 32 and tuple(s[1].normalized_shape) == (32,) and s[5].out_features == 3
+    cnn = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.GroupNorm(4, 16), nn.ReLU(),
+                        nn.Conv2d(16, 16, 3, padding=1, groups=16), nn.ReLU(),   # depthwise
+                        nn.Conv2d(16, 32, 3, padding=1, groups=4), nn.ReLU(),    # grouped
+                        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 5))
+    x = torch.randn(2, 3, 8, 8)
+    s = shrink_width(cnn, 0.5, x)
+    assert (s[0].out_channels, s[1].num_channels) == (8, 8)
+    assert (s[3].groups, s[3].in_channels, s[3].out_channels) == (8, 8, 8)
+    assert s[5].groups == 4 and s[5].out_channels == 16 and s(x).shape == (2, 5)
+    with pytest.raises(UnsupportedLayerError, match=r"GroupNorm '1' \(4 groups\) cannot take the shrunk layer's 6 channels"):
+        shrink_width(cnn, 0.4, x)

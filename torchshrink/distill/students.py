@@ -101,7 +101,7 @@ def shrink_width(teacher: nn.Module, width: float, example: Sequence[torch.Tenso
     handles = [
         m.register_forward_hook(lambda mod, _i, _o: order.append(names[mod]))
         for m in teacher.modules()
-        if isinstance(m, nn.Conv2d | nn.Linear | nn.BatchNorm2d | nn.BatchNorm1d)
+        if isinstance(m, nn.Conv2d | nn.Linear | nn.BatchNorm2d | nn.BatchNorm1d | nn.LayerNorm | nn.GroupNorm)
     ]
     try:
         with torch.no_grad():
@@ -124,13 +124,20 @@ def shrink_width(teacher: nn.Module, width: float, example: Sequence[torch.Tenso
         m = get_module(teacher, name)
         last = name == weights[-1]
         if isinstance(m, nn.Conv2d):
-            if m.groups != 1:
-                raise UnsupportedLayerError(f"shrink_width does not handle grouped convolution {name!r} (groups={m.groups})")
             cin = m.in_channels if prev_new is None else prev_new
             if prev_old is not None and m.in_channels != prev_old:
                 raise UnsupportedLayerError(f"layer {name!r} does not take the previous layer's output: not a chain network")
             cout = m.out_channels if last else _scaled(m.out_channels, width)
-            new: nn.Module = nn.Conv2d(cin, cout, m.kernel_size, m.stride, m.padding, m.dilation, 1, m.bias is not None, m.padding_mode)
+            groups = m.groups
+            if groups > 1 and groups == m.in_channels:  # depthwise: one group per (now fewer) input channel
+                groups, cout = cin, cin * (m.out_channels // m.in_channels)
+            elif groups > 1:  # g groups stay g groups: both widths rounded up to a multiple of g
+                if cin % groups:
+                    raise UnsupportedLayerError(f"grouped convolution {name!r} (groups={groups}) takes {cin} channels "
+                                                f"after shrinking, not a multiple of its groups: give another width")
+                cout = m.out_channels if last else -(-cout // groups) * groups
+            new: nn.Module = nn.Conv2d(cin, cout, m.kernel_size, m.stride, m.padding, m.dilation, groups,
+                                       m.bias is not None, m.padding_mode)
             prev_old, prev_new = m.out_channels, cout
         elif isinstance(m, nn.Linear):
             if prev_old is None or m.in_features == prev_old:
@@ -142,6 +149,16 @@ def shrink_width(teacher: nn.Module, width: float, example: Sequence[torch.Tenso
             fout = m.out_features if last else _scaled(m.out_features, width)
             new = nn.Linear(fin, fout, m.bias is not None)
             prev_old, prev_new = m.out_features, fout
+        elif isinstance(m, nn.LayerNorm):
+            if prev_old is None or tuple(m.normalized_shape) != (prev_old,):
+                raise UnsupportedLayerError(f"LayerNorm {name!r} does not normalize the previous layer's features: "
+                                            "not a chain network")
+            new = nn.LayerNorm(prev_new, m.eps, m.elementwise_affine, bias=m.bias is not None)
+        elif isinstance(m, nn.GroupNorm):
+            if prev_old is None or m.num_channels != prev_old or prev_new % m.num_groups:
+                raise UnsupportedLayerError(f"GroupNorm {name!r} ({m.num_groups} groups) cannot take the shrunk "
+                                            f"layer's {prev_new} channels: give another width")
+            new = nn.GroupNorm(m.num_groups, prev_new, m.eps, m.affine)
         else:
             if prev_old is None or m.num_features != prev_old:
                 raise UnsupportedLayerError(f"normalization {name!r} does not follow a shrunk layer: not a chain network")
