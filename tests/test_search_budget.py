@@ -54,3 +54,23 @@ def test_cli_search_rejects_a_bad_budget_with_an_example(tmp_path):
                                    "--out", str(tmp_path / "o")])
     assert res.exit_code == 2
     assert "is not a size" in res.output and "--max-accuracy-drop 1.0" in res.output
+
+
+def test_the_rerun_line_names_the_data_and_input_the_search_measured_on(tmp_path, monkeypatch):
+    """A search on the user's data printed a rerun command without --data / --input-shape, so the rerun measured
+    something else (random inputs) than the search reported."""
+    import numpy as np
+    from typer.testing import CliRunner
+
+    from torchshrink.cli import app
+
+    monkeypatch.chdir(tmp_path)
+    g = np.random.default_rng(0)
+    np.savez(tmp_path / "d.npz", x=g.normal(size=(40, 3, 4, 4)).astype("float32"), y=g.integers(0, 10, 40))
+    res = CliRunner().invoke(app, ["search", "--model", "tests.conftest:tiny_net", "--data", "d.npz", "--input-shape",
+                                   "2,3,4,4", "--budget", "--max-size 0.9x", "--method", "greedy", "--trials", "1",
+                                   "--out", "s", "--threads", "1"])
+    assert res.exit_code == 0, res.stderr
+    line = " ".join(res.stdout.split())
+    assert "rerun with: torchshrink compress --model tests.conftest:tiny_net --recipe s/recipe.yaml --data d.npz " \
+           "--input-shape 2,3,4,4 --out OUT" in line

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shlex
 from pathlib import Path
 
 import typer
@@ -76,5 +77,9 @@ def register(app: typer.Typer) -> None:
             err.print(f"the closest point's recipe is in {out_dir / 'recipe.yaml'}")
             raise typer.Exit(3)
         out.print(result.message)
-        out.print(f"wrote {out_dir}/ (recipe.yaml, search.json, report.md); rerun with: "
-                  f"torchshrink compress --model {model} --recipe {out_dir / 'recipe.yaml'} --out OUT")
+        # the rerun measures on the data and input the search used, or its figures would not be the search's
+        extra = ([f"--data {shlex.quote(data)}"] if data not in ("auto", "digits", "sentences") else []) + (
+            [f"--input-shape {shlex.quote(input_shape)}"] if input_shape else [])
+        out.print(f"wrote {out_dir}/ (recipe.yaml, search.json, report.md); rerun with: torchshrink compress --model "
+                  f"{shlex.quote(model)} --recipe {shlex.quote(str(out_dir / 'recipe.yaml'))} {' '.join(extra)} --out OUT"
+                  .replace("  ", " "), markup=False)
