@@ -221,3 +221,38 @@ def test_a_torchvision_instance_keeps_its_builder_through_svd(tmp_path):
     assert json.loads((tmp_path / "m" / "manifest.json").read_text()).get("source") == "torchvision:mobilenet_v3_small"
     x = torch.randn(1, 3, 64, 64)
     assert torch.equal(ts.load(tmp_path / "m")(x), q(x))
+
+
+class _LayerNorm2d(torch.nn.LayerNorm):
+    """As torchvision's ConvNeXt: a LayerNorm subclass fx traces into, so its weight becomes a get_attr."""
+
+    def forward(self, x):
+        x = x.permute(0, 2, 3, 1)
+        x = torch.nn.functional.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+        return x.permute(0, 3, 1, 2)
+
+
+class _Scaled(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.norm = _LayerNorm2d(8)
+        self.layer_scale = torch.nn.Parameter(torch.full((8, 1, 1), 0.5))
+
+    def forward(self, x):
+        return self.norm(self.conv(x)) * self.layer_scale
+
+
+def test_an_fx_graph_reading_weights_of_plain_holders_round_trips(tmp_path):
+    """fx keeps a traced-into module's weights on bare nn.Module holders (static INT8 of ConvNeXt): the loader
+    refused the graph ('get_attr target ... names nothing in the saved module tree')."""
+    torch.manual_seed(0)
+    gm = torch.fx.symbolic_trace(_Scaled().eval())
+    targets = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
+    assert {"norm.weight", "layer_scale"} <= targets and type(gm.norm) is torch.nn.Module
+    ts.save(gm, tmp_path / "g")
+    back = ts.load(tmp_path / "g")
+    x = torch.randn(2, 3, 6, 6)
+    assert torch.equal(back(x), gm(x))
+    ts.save(back, tmp_path / "again")
+    assert (tmp_path / "g" / "model.safetensors").read_bytes() == (tmp_path / "again" / "model.safetensors").read_bytes()

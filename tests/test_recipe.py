@@ -129,3 +129,17 @@ def test_no_data_task_keeps_every_input_of_a_two_input_model():
         assert set(b.inputs[0].unique().tolist()) <= {3, 7, 9, 11} and b.inputs[1].eq(1).all()
     assert len({tuple(as_batch(b).inputs[0][0].tolist()) for b in task.calibration}) > 1  # not one row repeated
     assert task.evaluate(TwoIn(), TwoIn())["agreement_min"] == pytest.approx(1.0)
+
+
+def test_no_data_task_judges_on_the_inputs_given_not_the_declared_ones():
+    """deploy(resnet, (x96,)) timed 96x96 but judged on the 224x224 the model declares: every ONNX candidate
+    (exported at 96x96) then failed its quality check."""
+    from torchshrink.core import state
+    from torchshrink.core.data import as_batch
+
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
+    state.put(net, input={"shape": [1, 3, 16, 16], "dtype": "float32"})
+    given = generic_task(net, (torch.randn(1, 3, 6, 6),))
+    assert {tuple(as_batch(b).inputs[0].shape[1:]) for b in given.calibration} == {(3, 6, 6)}
+    declared = generic_task(net)
+    assert {tuple(as_batch(b).inputs[0].shape[1:]) for b in declared.calibration} == {(3, 16, 16)}

@@ -56,8 +56,9 @@ def compressed(model: nn.Module) -> bool:
 
 
 def one_line(e: BaseException) -> str:
-    """An exception as the one line a table row shows."""
-    return f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:160]}"
+    """An exception as the one line a table row shows: its text with line breaks folded (ONNX Runtime puts the
+    detail -- which index, got what, expected what -- on the lines after its first), at most 200 characters."""
+    return f"{type(e).__name__}: {' '.join(str(e).split())[:200]}"
 
 
 def _build(runtime: str, precision: str, make: Callable[[], tuple[nn.Module, Callable[[Path], list[Path]], str]]

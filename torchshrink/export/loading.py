@@ -30,7 +30,7 @@ from torch import nn
 
 from torchshrink.core import state
 from torchshrink.core.errors import ModelLoadError
-from torchshrink.export.allowlist import MODULE_PART
+from torchshrink.export.allowlist import IDENT, MODULE_PART
 from torchshrink.export.container import CONTAINER, read_container
 from torchshrink.export.formats import decode_tensor, known_format, numel_of
 from torchshrink.export.modules import build_module, init_args, type_name
@@ -163,6 +163,26 @@ def _set_attr(m: nn.Module, name: str, k: str, v: Any) -> None:
     cur = getattr(m, k, None)
     if (list(cur) if isinstance(cur, tuple) else cur) != v:
         object.__setattr__(m, k, tuple(v) if isinstance(cur, tuple) and isinstance(v, list) else v)
+
+
+def _graph_attrs(root: nn.Module, declared: dict[str, Any]) -> None:
+    """The tensors an fx graph reads with get_attr from plain attribute holders (a traced ConvNeXt keeps its
+    LayerNorm2d weight and layer_scale on bare ``nn.Module`` containers, which no constructor rebuilds): registered
+    as meta placeholders of their declared shape, so the graph's targets check out; the weights are assigned next."""
+    for key, info in declared.items():
+        owner_name, _, attr = key.rpartition(".")
+        owner = _lookup(root, owner_name) if owner_name else root
+        if owner is None or type(owner) is not nn.Module or not IDENT.match(attr) or attr.startswith("__"):
+            continue
+        if attr in owner._parameters or attr in owner._buffers or attr in owner._modules:
+            continue
+        if info.get("format") == "alias":  # one step, as decode_state resolves them: never a chain followed
+            info = declared.get(str(info.get("of")), {})
+            if not isinstance(info, dict):
+                continue
+        shape, dtype = info.get("shape"), DTYPES.get(str(info.get("dtype")))
+        if isinstance(shape, list) and all(isinstance(n, int) and n >= 0 for n in shape) and dtype is not None:
+            owner.register_buffer(attr, torch.empty(shape, dtype=dtype, device="meta"))
 
 
 def rebuild(skeleton: nn.Module, records: list[dict[str, Any]], declared: dict[str, Any] | None = None) -> nn.Module:
@@ -320,6 +340,7 @@ def load(directory: str | os.PathLike[str], *, model: nn.Module | None = None) -
         from torchshrink.export.graph import graph_from_json
 
         root = rebuild(nn.Module(), manifest["modules"], declared)
+        _graph_attrs(root, declared)
         net: nn.Module = fx.GraphModule(root, graph_from_json(manifest["fx_graph"], root))
         _order_like(net, manifest["modules"])
     else:

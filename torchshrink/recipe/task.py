@@ -96,8 +96,11 @@ def sentences_task(model: nn.Module, batch: int = 16, seq: int = 128, n_train: i
 N_AGREEMENT = 64  # random inputs the no-data agreement is measured on
 
 
-def _random_like(model: nn.Module, inputs: tuple[torch.Tensor, ...], n: int, seed: int) -> tuple[torch.Tensor, ...]:
-    if state.get(model, "input") is not None:
+def _random_like(model: nn.Module, inputs: tuple[torch.Tensor, ...] | None, n: int, seed: int
+                 ) -> tuple[torch.Tensor, ...]:
+    """``n`` random samples shaped like ``inputs`` (what the caller will time: a ResNet given a 96x96 example is
+    judged on 96x96, not on the 224x224 it declares), else like the model's declared input."""
+    if inputs is None:
         return example_inputs(model, batch=n, seed=seed)
     g = torch.Generator().manual_seed(seed)
     return tuple(torch.randn(n, *t.shape[1:], generator=g, dtype=t.dtype) if t.is_floating_point()
@@ -115,10 +118,11 @@ def _random_ints(t: torch.Tensor, n: int, g: torch.Generator) -> torch.Tensor:
 
 def generic_task(model: nn.Module, inputs: tuple[torch.Tensor, ...] | None = None) -> Task:
     """No data: quality is agreement with the original on random inputs that calibration never sees."""
+    given = inputs
     inputs = inputs or example_inputs(model)
-    judge = _random_like(model, inputs, N_AGREEMENT, seed=1)
+    judge = _random_like(model, given, N_AGREEMENT, seed=1)
     # Batch, not a bare tuple: a 2-tuple would read as (inputs, labels) and a two-input model would lose its second
-    calib = [Batch(_random_like(model, inputs, 8, seed=2 + i)) for i in range(4)]
+    calib = [Batch(_random_like(model, given, 8, seed=2 + i)) for i in range(4)]
     return Task(
         name="no-data",
         inputs=inputs,
