@@ -273,3 +273,17 @@ def test_a_layer_used_twice_exports_its_packed_weight_once(tmp_path):
     g = onnx.load(str(path)).graph
     int4 = [t for t in g.initializer if t.data_type == onnx.TensorProto.INT4]
     assert len(int4) == 2 and sum(n.op_type == "DequantizeLinear" for n in g.node) >= 3  # inp + block (twice)
+
+
+def test_a_file_that_computes_something_else_in_onnx_runtime_is_refused(tmp_path, monkeypatch):
+    """export_onnx runs the written file in ONNX Runtime on the export inputs: below cosine 0.99 it is refused and
+    removed (found: a channel-pruned static-INT8 ShuffleNetV2 gave 0.03 there while torch's was exact)."""
+    import torchshrink.export.onnx as ox
+
+    model = nn.Sequential(nn.Linear(256, 16)).eval()
+    assert export_onnx(model, (CALIB,), tmp_path / "ok.onnx").is_file()  # the check passes on a faithful file
+    monkeypatch.setattr(ox, "onnx_parity", lambda *a, **k: {"cosine": 0.03})
+    with pytest.raises(UnsupportedLayerError, match=r"computes something else in ONNX Runtime \(output cosine 0.0300"):
+        export_onnx(model, (CALIB,), tmp_path / "bad.onnx")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ok.onnx"]
+    assert export_onnx(model, (CALIB,), tmp_path / "unchecked.onnx", check=False).is_file()
