@@ -237,9 +237,10 @@ def stage_errors(out: Path | None, created: Path | None, stages: list[Any]) -> I
     except TorchshrinkError as e:
         if out is None:
             raise
-        if created is not None and not stages:
-            shutil.rmtree(created, ignore_errors=True)
-            sweep_beside(out)
+        if not stages:  # nothing finished: what this run created goes (a resumed folder stays as it was)
+            if created is not None:
+                shutil.rmtree(created, ignore_errors=True)
+                sweep_beside(out)
             raise
         line = (str(e).splitlines() or [type(e).__name__])[0]
         raise type(e)(f"{line}; stage(s) 1-{len(stages)} are kept in {work_dir(out)}: --resume continues after "
