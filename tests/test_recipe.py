@@ -3,7 +3,7 @@ import json
 import pytest
 import torch
 
-from torchshrink.core.errors import ConfigError, OutputExistsError
+from torchshrink.core.errors import ConfigError, OutputExistsError, UnsupportedLayerError
 from torchshrink.recipe import Finetune, compress, finetune, load_recipe, recipe_from_yaml
 from torchshrink.recipe.task import generic_task
 
@@ -143,3 +143,19 @@ def test_no_data_task_judges_on_the_inputs_given_not_the_declared_ones():
     assert {tuple(as_batch(b).inputs[0].shape[1:]) for b in given.calibration} == {(3, 6, 6)}
     declared = generic_task(net)
     assert {tuple(as_batch(b).inputs[0].shape[1:]) for b in declared.calibration} == {(3, 16, 16)}
+
+
+def test_a_static_int8_stage_on_a_model_fx_cannot_trace_is_refused_before_any_stage_runs(tmp_path):
+    """prune-distill-quantize on a Hugging Face encoder trained its pruning stage, then failed at int8-static."""
+    class Branchy(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = torch.nn.Linear(4, 4)
+
+        def forward(self, x):
+            return self.fc(x) if x.mean() > 0 else -self.fc(x)  # data-dependent Python: fx cannot trace it
+
+    recipe = recipe_from_yaml("stages:\n  - kind: cast\n    dtype: bfloat16\n  - kind: int8-static\n")
+    with pytest.raises(UnsupportedLayerError, match=r"stage 2 \(int8-static\): static INT8 needs a torch.fx-traceable"):
+        compress(Branchy().eval(), recipe, tmp_path / "run", task=generic_task(Branchy(), (torch.randn(2, 4),)))
+    assert not list(tmp_path.iterdir())

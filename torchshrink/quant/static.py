@@ -201,6 +201,18 @@ def convert_graph(gm: fx.GraphModule, observers: dict[str, Observer], engine: st
     return gm
 
 
+def fx_trace(model: nn.Module) -> fx.GraphModule:
+    """``model`` traced with torch.fx, or the one UnsupportedLayerError static INT8 gives for a model that does not
+    trace (Hugging Face transformers, data-dependent Python): the compress runner asks before any stage runs."""
+    try:
+        return fx.symbolic_trace(model)
+    except Exception as e:  # fx raises many types for untraceable code
+        raise UnsupportedLayerError(
+            f"static INT8 needs a torch.fx-traceable model; tracing {type(model).__name__} failed: "
+            f"{(str(e).splitlines() or [type(e).__name__])[0]}. Use int8-dynamic or weight-only for this model"
+        ) from None
+
+
 def apply_int8_static(model: nn.Module, config: Int8StaticConfig, *, select: Select | None = None,
                       data: Any = None, **_: Any) -> nn.Module:
     batches = calibration_batches(data, config.calib_batches)
@@ -217,13 +229,7 @@ def apply_int8_static(model: nn.Module, config: Int8StaticConfig, *, select: Sel
             floats[name] = f"{type(m).__name__} has no static INT8 kernel here (Conv2d with zero padding and Linear only)"
             continue
         bits[name] = config_for(name, config, select).weight_bits
-    try:
-        gm = fx.symbolic_trace(model)
-    except Exception as e:  # fx raises many types for untraceable code
-        raise UnsupportedLayerError(
-            f"static INT8 needs a torch.fx-traceable model; tracing {type(model).__name__} failed: {str(e).splitlines()[0]}. "
-            "Use int8-dynamic or weight-only for this model"
-        ) from None
+    gm = fx_trace(model)
     carry(model, gm)  # notes about this kind land in its report
     gm = fuse_graph(gm, targets)
     watch: dict[str, Observer] = {}

@@ -34,7 +34,7 @@ from torch import nn
 
 from torchshrink.core import state
 from torchshrink.core.api import prepare, run, trains
-from torchshrink.core.errors import ConfigError
+from torchshrink.core.errors import ConfigError, UnsupportedLayerError
 from torchshrink.core.files import commit, kill_point, temp_dir, write_atomic
 from torchshrink.core.select import check_names
 from torchshrink.export.io import load, write_model_files
@@ -280,6 +280,13 @@ def compress(
             task.require_train(f"{kind} fine-tunes: it")
         elif stage.config.family == "distill" or trains(stage.config):
             task.require_train(f"{kind} trains: it")
+        if stage.config.kind == "int8-static":  # it traces the model with torch.fx: a transformer does not trace,
+            from torchshrink.quant.static import fx_trace  # and finding out after the earlier stages' training
+
+            try:
+                fx_trace(original)
+            except UnsupportedLayerError as e:
+                raise UnsupportedLayerError(f"{kind}: {e}") from None
     for warning in order_warnings(recipe):
         log.warning("%s", warning)
     kill_point("validated")
