@@ -15,6 +15,7 @@ from typing import Any
 from torch import nn
 
 from torchshrink.core.errors import ConfigError, LayerNotFoundError
+from torchshrink.core.surgery import parent_of
 
 _WILDCARDS = set("*?[")
 
@@ -172,8 +173,7 @@ def _forward_source(cls: type) -> str:
 
 def _read_by_parent(model: nn.Module, name: str) -> str | None:
     """Why ``name`` cannot be swapped for another module, when its parent's forward reads its parameters."""
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
+    parent, child = parent_of(model, name)
     if isinstance(parent, nn.Sequential | nn.ModuleList | nn.ModuleDict) or not child.isidentifier():
         return None
     found = re.search(_PARAM_READ.format(re.escape(child)), _forward_source(type(parent)))

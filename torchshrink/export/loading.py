@@ -44,7 +44,6 @@ MAX_MANIFEST_BYTES = 64 << 20
 # (a binarized model stores 1/32 of its fp32 skeleton), or 256 MiB
 SKELETON_FACTOR = 64
 SKELETON_FLOOR = 256 << 20
-_PART = MODULE_PART
 
 
 # module classes that moved since a file was written: the old path, as a manifest names it -> the new one
@@ -114,7 +113,7 @@ def decode_state(flat: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[st
 
 
 def _check_name(name: Any) -> str:
-    if not isinstance(name, str) or (name and not all(_PART.match(p) and not p.startswith("__") for p in name.split("."))):
+    if not isinstance(name, str) or (name and not all(MODULE_PART.match(p) and not p.startswith("__") for p in name.split("."))):
         raise ModelLoadError(f"module name {str(name)[:80]!r} in the manifest is not a dotted path of identifiers")
     return name
 

@@ -39,10 +39,6 @@ def _input_maxima(model: nn.Module, linears: dict[str, nn.Linear], samples: torc
     return amax
 
 
-def _own(m: nn.Module) -> bool:
-    return type(m).__module__.startswith("torchshrink.")
-
-
 def w8a8_lm(model: nn.Module, samples: torch.Tensor | None = None, *, smooth_alpha: float | None = None,
             reduce_range: bool | None = None, kernel: str = "linear_dynamic") -> dict[str, Any]:
     """Replace every decoder-layer Linear of ``model`` (in place) by a per-token W8A8 int8 Linear;
@@ -62,7 +58,7 @@ def w8a8_lm(model: nn.Module, samples: torch.Tensor | None = None, *, smooth_alp
     prefix, layers = decoder_layers(model)
     # a Linear subclass too (Falcon's FalconLinear, the same product), as GPTQ / SparseGPT take them
     linears = {f"{prefix}.{i}.{n}": m for i, layer in enumerate(layers)
-               for n, m in layer.named_modules() if isinstance(m, nn.Linear) and not _own(m)}
+               for n, m in layer.named_modules() if isinstance(m, nn.Linear)}
     was = model.training
     model.eval()
     try:
