@@ -157,6 +157,35 @@ def test_static_int8_cnn_runs_on_onnxruntime_int8_kernels(tmp_path):
     assert par["cosine"] >= 0.9999 and par["max_abs_diff"] < 0.05, par
 
 
+def test_a_bias_too_large_for_int32_on_a_tiny_activation_grid_still_matches(tmp_path):
+    """Activations of ~1e-6 (a randomly initialised, channel-pruned ShuffleNetV2's classifier input) put the
+    classifier's bias at ~1e9 steps of in_scale x w_scale: past int32 once the accumulation is added. Those
+    channels take a coarser weight scale, so the file still runs on ONNX Runtime's integer kernels with parity."""
+    from torchshrink.export.onnx_static import fit_int32_bias
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(256, 64), nn.ReLU(), nn.Linear(64, 10)).eval()
+    with torch.no_grad():
+        model[0].weight.mul_(1e-6)
+        model[0].bias.zero_()
+        model[2].bias.uniform_(-0.1, 0.1)
+    q = compress("int8-static", model, CALIB)
+    path = export_onnx(q, (CALIB,), tmp_path / "tiny.onnx")  # refused (cosine < 0.99) without the coarser scale
+    assert "QGemm" in ort_ops(path)
+    par = onnx_parity(q, path, (HELD_OUT,))
+    assert par["cosine"] >= 0.9999, par
+    biases = [onnx.numpy_helper.to_array(t) for t in onnx.load(str(path)).graph.initializer
+              if t.data_type == onnx.TensorProto.INT32]
+    assert max(int(abs(b.astype("int64")).max()) for b in biases) < 2**31 - 255 * 128 * 64  # the classifier reads 64 inputs
+
+    qw = torch.tensor([[100, -50], [3, 4]], dtype=torch.int8)
+    scale = torch.tensor([1e-3, 1e-3], dtype=torch.float64)
+    w2, s2 = fit_int32_bias(qw, scale, torch.tensor([0.0, 1.0], dtype=torch.float64), in_scale=1e-9)
+    assert torch.equal(w2[0], qw[0]) and s2[0] == scale[0]  # a channel that fits is bit-identical
+    assert s2[1] > scale[1] and 1.0 / (1e-9 * float(s2[1])) <= 2**31 - 255 * 128 * 2
+    assert torch.allclose(w2[1].double() * s2[1], qw[1].double() * scale[1], atol=float(s2[1]) / 2 + 1e-12)
+
+
 def test_csr_sparse_layers_export_dense(tmp_path):
     from torchshrink.core.surgery import set_module
     from torchshrink.prune.sparse import SparseLinear
