@@ -126,3 +126,32 @@ def test_a_gguf_with_an_unknown_tensor_type_is_one_clear_error(tmp_path, monkeyp
     with pytest.raises(ModelLoadError, match="bad.gguf is not a GGUF file transformers can read"):
         load_causal_lm(str(bad))
     assert not any((tmp_path / "cache").rglob("config.json"))
+
+
+def test_a_gguf_declaring_a_model_far_larger_than_its_file_is_refused_before_allocating(tmp_path, monkeypatch):
+    """A 1 kB GGUF whose metadata declares 200 layers of width 65536 (55 TB in float32) ran on for minutes in
+    transformers; it is now refused from its metadata, built on the meta device, and nothing is cached."""
+    from torchshrink.llm import load_causal_lm
+
+    monkeypatch.setenv("TORCHSHRINK_CACHE", str(tmp_path / "cache"))
+    path = tmp_path / "huge.gguf"
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_context_length(128)
+    w.add_embedding_length(1 << 16)
+    w.add_block_count(200)
+    w.add_feed_forward_length(1 << 18)
+    w.add_head_count(64)
+    w.add_head_count_kv(64)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_tokenizer_model("gpt2")
+    w.add_token_list([f"t{i}" for i in range(VOCAB)])
+    w.add_token_types([1] * VOCAB)
+    w.add_token_merges([])
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    assert path.stat().st_size < 4096
+    with pytest.raises(ModelLoadError, match=r"huge.gguf declares a model of [\d,]+ bytes with [\d,]+ bytes of weights"):
+        load_causal_lm(str(path))
+    assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").rglob("config.json"))

@@ -267,3 +267,44 @@ def test_cli_prints_an_error_quoting_brackets_as_text(tmp_path):
     lines = [x for x in r.stderr.splitlines() if x.strip()]
     assert r.returncode == 2 and len(lines) == 1 and lines[0].endswith("inputs are [samples, features...]"), r.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_an_npz_declaring_more_than_it_stores_is_refused_before_numpy_allocates(tmp_path):
+    """numpy sizes an array from its .npy header, then fills it: a 1 kB archive declaring a 2^40-value array must
+    be refused from the header (no allocation), as must one within the cap but larger than its stored bytes."""
+    import zipfile
+
+    from numpy.lib import format as npy
+
+    def archive(name, shape):
+        p = tmp_path / name
+        with zipfile.ZipFile(p, "w") as zf, zf.open("x.npy", "w") as f:
+            npy.write_array_header_1_0(f, {"descr": "<f4", "fortran_order": False, "shape": shape})
+            f.write(b"\0" * 64)
+        return p
+
+    for name, shape in (("huge.npz", (1 << 20, 1 << 20)), ("short.npz", (1000, 4))):
+        with pytest.raises(DataError) as e:
+            task_from_data(DataSpec(str(archive(name, shape))), _mlp())
+        assert f"array 'x' declares shape {shape}" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_files_are_read_only_as_far_as_they_can_be_used(tmp_path, monkeypatch):
+    """A table or text file with more rows than torchshrink reads, or an image larger than it decodes, is refused
+    while reading (one line), not after holding all of it in memory."""
+    import torchshrink.recipe.userdata as ud
+
+    monkeypatch.setattr(ud, "MAX_SAMPLES", 10)
+    with pytest.raises(DataError, match="holds more than 10 rows"):
+        task_from_data(DataSpec(str(_csv(tmp_path / "t.csv", n=50))), _mlp())
+    (tmp_path / "t.txt").write_text("\n".join(f"sentence {i}" for i in range(50)))
+    with pytest.raises(DataError, match="holds more than 10 texts"):
+        ud._text_task(DataSpec(str(tmp_path / "t.txt")), tmp_path / "t.txt", _mlp())
+    monkeypatch.setattr(ud, "MAX_IMAGE_PIXELS", 100)
+    for k in ("a", "b"):
+        (tmp_path / "img" / k).mkdir(parents=True)
+        Image.new("RGB", (20, 20)).save(tmp_path / "img" / k / "x.png")
+    m = _mlp()
+    state.put(m, input={"shape": [1, 3, 8, 8], "dtype": "float32"})
+    with pytest.raises(DataError, match=r"x.png is 20x20 pixels; images of at most 100 pixels are read"):
+        task_from_data(DataSpec(str(tmp_path / "img")), m)

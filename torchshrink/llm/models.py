@@ -67,6 +67,16 @@ def _gguf_cache(path: Path) -> Path:
     return cache_dir() / "gguf" / f"{path.stem}-{key}"
 
 
+def _check_gguf_size(cfg: Any, path: Path) -> None:
+    """Refuse a GGUF file whose metadata declares a model far larger than the file (built on the meta device to
+    count), before transformers allocates it: a 1 kB file declaring 200 layers of width 65536 otherwise ran on."""
+    from torchshrink.export.loading import check_skeleton_size
+
+    with torch.device("meta"):
+        probe = causal_lm_class(cfg)._from_config(cfg)
+    check_skeleton_size(probe, path.stat().st_size, path.name)
+
+
 def _from_gguf(path: Path) -> tuple[nn.Module, Any]:
     tf = _transformers()
     if importlib.util.find_spec("gguf") is None or importlib.util.find_spec("accelerate") is None:
@@ -76,8 +86,9 @@ def _from_gguf(path: Path) -> tuple[nn.Module, Any]:
         return _from_folder(cached)
     log.info("dequantizing %s (once; cached in %s)", path, cached)
     try:
-        tok = tf.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
         cfg = tf.AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
+        _check_gguf_size(cfg, path)
+        tok = tf.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
         model = causal_lm_class(cfg).from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
     except ModelLoadError:
         raise

@@ -26,7 +26,7 @@ import csv
 import dataclasses
 import json
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +42,8 @@ from torchshrink.recipe.task import Task
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 NORMALIZE = {"none": None, "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))}
 MAX_SAMPLES = 200_000
+MAX_ARRAY_ELEMENTS = 1 << 30  # one .npz array (4 GiB as float32): a declared shape is checked before it is read
+MAX_IMAGE_PIXELS = 1 << 26  # one image (67 M pixels), read from its header before it is decoded
 FORMS = ("package.module:factory, an image folder (CLASS/*.png), a .csv / .npz table, "
          "or a .txt / .jsonl text file")
 
@@ -148,6 +150,7 @@ def _int_labels(a: np.ndarray, what: str) -> torch.Tensor:
 
 def _table(spec: DataSpec, path: Path) -> tuple[torch.Tensor, torch.Tensor | None]:
     if path.suffix.lower() == ".npz":
+        _check_npz_shapes(path)
         try:
             z = np.load(path, allow_pickle=False)  # never unpickles
         except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
@@ -176,7 +179,8 @@ def _table(spec: DataSpec, path: Path) -> tuple[torch.Tensor, torch.Tensor | Non
             raise DataError(f"{path}: {len(x):,} inputs ({xk!r}) but {len(y):,} labels ({yk!r})")
     else:
         with open(path, newline="", encoding="utf-8") as f:
-            rows = list(csv.reader(f))
+            rows = _at_most(csv.reader(f), MAX_SAMPLES + 1, f"{path} holds more than {MAX_SAMPLES:,} rows; "
+                            f"torchshrink reads at most {MAX_SAMPLES:,} samples")
         if len(rows) < 3:
             raise DataError(f"{path} needs a header row and at least two data rows")
         header, body = rows[0], [r for r in rows[1:] if r]
@@ -193,6 +197,48 @@ def _table(spec: DataSpec, path: Path) -> tuple[torch.Tensor, torch.Tensor | Non
     if len(x) > MAX_SAMPLES:
         raise DataError(f"{path} holds {len(x):,} samples; torchshrink reads at most {MAX_SAMPLES:,}")
     return x, y
+
+
+def _at_most(items: Iterable[Any], limit: int, message: str) -> list[Any]:
+    """The items as a list, refused (one DataError) as soon as there are more than ``limit``: a file is read only
+    as far as it can be used."""
+    out = []
+    for item in items:
+        if len(out) >= limit:
+            raise DataError(message)
+        out.append(item)
+    return out
+
+
+def _check_npz_shapes(path: Path) -> None:
+    """Read every array's .npy header in the archive and refuse one whose declared shape is larger than its stored
+    bytes or than MAX_ARRAY_ELEMENTS, before numpy allocates it (numpy sizes the array from the header, then fills
+    it from the compressed stream: a few kB could otherwise declare terabytes)."""
+    from numpy.lib import format as npy
+
+    try:
+        with zipfile.ZipFile(path) as zf:
+            for info in zf.infolist():
+                if not info.filename.endswith(".npy"):
+                    continue
+                with zf.open(info) as f:
+                    version = npy.read_magic(f)
+                    if version == (1, 0):
+                        shape, _, dtype = npy.read_array_header_1_0(f, max_header_size=10_000)
+                    else:
+                        shape, _, dtype = npy.read_array_header_2_0(f, max_header_size=10_000)
+                count = 1
+                for d in shape:
+                    count *= int(d)
+                if count > MAX_ARRAY_ELEMENTS or count * dtype.itemsize > info.file_size:
+                    raise DataError(f"{path} array {info.filename[:-4]!r} declares shape {tuple(shape)} ({count:,} "
+                                    f"values) with {info.file_size:,} bytes stored; at most {MAX_ARRAY_ELEMENTS:,} "
+                                    "values per array, backed by the file")
+    except zipfile.BadZipFile:
+        return  # not an archive: np.load reads it (a lone .npy) or says what it is
+    except (ValueError, OSError, EOFError) as e:
+        raise DataError(f"{path} is not a readable .npz archive of numeric arrays ({type(e).__name__}: "
+                        f"{(str(e).splitlines() or [''])[0][:120]})") from None
 
 
 def _image_shape(model: nn.Module) -> tuple[int, int, int]:
@@ -220,9 +266,12 @@ def _read_image_folder(root: Path, size: tuple[int, int, int], classes: list[str
                 raise DataError(f"{root} holds more than {MAX_SAMPLES:,} images")
             try:
                 with Image.open(p) as im:
+                    if im.width * im.height > MAX_IMAGE_PIXELS:
+                        raise DataError(f"{p} is {im.width}x{im.height} pixels; images of at most "
+                                        f"{MAX_IMAGE_PIXELS:,} pixels are read (resize it first)")
                     im = im.convert("L" if c == 1 else "RGB").resize((w, h), Image.BILINEAR)
                     a = np.asarray(im, dtype=np.float32) / 255.0
-            except OSError as e:
+            except (OSError, Image.DecompressionBombError) as e:
                 raise DataError(f"{p} is not a readable image ({e})") from None
             xs.append(torch.from_numpy(a.reshape(h, w, -1)).permute(2, 0, 1).contiguous())
             ys.append(k)
@@ -369,10 +418,14 @@ def _text_task(spec: DataSpec, path: Path, model: nn.Module) -> Task:
                     if not isinstance(rec, dict) or not isinstance(rec.get(spec.text_field), str):
                         raise DataError(f"{path}:{i + 1} has no string field {spec.text_field!r}")
                     texts.append(rec[spec.text_field])
+                    if len(texts) > MAX_SAMPLES:
+                        break
     else:
-        texts = [t.strip() for t in path.read_text(encoding="utf-8").splitlines() if t.strip()]
+        with open(path, encoding="utf-8") as f:
+            texts = _at_most((t.strip() for t in f if t.strip()), MAX_SAMPLES, f"{path} holds more than "
+                             f"{MAX_SAMPLES:,} texts; torchshrink reads at most {MAX_SAMPLES:,}")
     if len(texts) > MAX_SAMPLES:
-        raise DataError(f"{path} holds {len(texts):,} texts; torchshrink reads at most {MAX_SAMPLES:,}")
+        raise DataError(f"{path} holds more than {MAX_SAMPLES:,} texts; torchshrink reads at most {MAX_SAMPLES:,}")
     ev_idx, tr_idx, how = _held_out(spec, len(texts), path.name, "texts")
     ev, tr = [texts[i] for i in ev_idx.tolist()], [texts[i] for i in tr_idx.tolist()]
     tok = _tokenizer(model)
