@@ -49,3 +49,25 @@ def test_config_is_frozen():
 def test_yaml_does_not_construct_arbitrary_objects():
     with pytest.raises(ConfigError, match="not a valid torchshrink config YAML: could not determine a constructor"):
         ts.config_from_yaml("!!python/object/apply:os.system ['echo hi']")
+
+
+def test_a_yaml_alias_bomb_is_refused_at_once_and_errors_quote_values_briefly():
+    """Nine levels of ten aliases each are 10^9 values: quoting that value in an error took 88 s. The config is
+    refused by its size before any field is read, and every error quotes a value cut to a line."""
+    import time
+
+    levels = ['- &a ["x","x","x","x","x","x","x","x","x","x"]']
+    for i in range(1, 9):
+        prev, cur = chr(ord("a") + i - 1), chr(ord("a") + i)
+        levels.append(f"- &{cur} [" + ",".join([f"*{prev}"] * 10) + "]")
+    text = "kind: unstructured\nsparsity:\n" + "\n".join("  " + s for s in levels) + "\n"
+    start = time.perf_counter()
+    with pytest.raises(ConfigError, match="holds more than 100,000 values"):
+        ts.config_from_yaml(text)
+    assert time.perf_counter() - start < 5
+    with pytest.raises(ConfigError) as e:
+        ts.config_from_yaml("kind: unstructured\nsparsity: [" + ",".join(["0.5"] * 5000) + "]\n")
+    assert "unstructured.sparsity=" in str(e.value) and len(str(e.value)) < 300
+    with pytest.raises(UnknownKindError) as e:
+        ts.config_from_yaml("kind: " + "k" * 100_000 + "\n")
+    assert len(str(e.value)) < 1000

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import reprlib
 import types
 import typing
 from collections.abc import Callable
@@ -21,6 +22,33 @@ import yaml
 from torchshrink.core.errors import ConfigError, UnknownKindError
 
 C = TypeVar("C", bound="Config")
+
+MAX_DEPTH = 50  # a config / recipe is a few levels deep; thousands of levels would overflow Python's stack
+MAX_VALUES = 100_000  # YAML aliases can repeat a subtree exponentially often
+_SHORT = reprlib.Repr()
+_SHORT.maxlevel, _SHORT.maxlist, _SHORT.maxtuple, _SHORT.maxdict, _SHORT.maxstring, _SHORT.maxother = 3, 6, 6, 6, 80, 80
+
+
+def short(value: Any) -> str:
+    """repr() cut to a line: an error message quoting a value read from a file must not print all of it (a
+    YAML alias bomb's repr took 88 s)."""
+    return _SHORT.repr(value)
+
+
+def too_big(data: Any) -> bool:
+    """Nested deeper than MAX_DEPTH (an alias cycle is infinitely deep) or more than MAX_VALUES values,
+    found without recursion."""
+    todo, seen = [(data, 1)], 0
+    while todo:
+        item, depth = todo.pop()
+        seen += 1
+        if depth > MAX_DEPTH or seen > MAX_VALUES:
+            return True
+        if isinstance(item, dict):
+            todo += [(v, depth + 1) for v in item.values()]
+        elif isinstance(item, list | tuple):
+            todo += [(v, depth + 1) for v in item]
+    return False
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -89,10 +117,10 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
                 return _coerce(value, a, where)
             except ConfigError as e:
                 errors.append(str(e))
-        raise ConfigError(errors[0] if errors else f"{where}: invalid value {value!r}")
+        raise ConfigError(errors[0] if errors else f"{where}: invalid value {short(value)}")
     if origin is Literal:
         if value not in args:
-            raise ConfigError(f"{where}={value!r} is not allowed; allowed: {', '.join(map(repr, args))}")
+            raise ConfigError(f"{where}={short(value)} is not allowed; allowed: {', '.join(map(repr, args))}")
         return value
     if origin is tuple and isinstance(value, list | tuple):
         inner = args[0] if args and (len(args) == 2 and args[1] is Ellipsis) else Any
@@ -103,10 +131,10 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
         try:
             return float(value)  # YAML 1.1 reads "1e-3" as a string
         except ValueError:
-            raise ConfigError(f"{where}={value!r} is not a number") from None
+            raise ConfigError(f"{where}={short(value)} is not a number") from None
     if hint in (int, float, str, bool):
         if not isinstance(value, hint) or (hint is not bool and isinstance(value, bool)):
-            raise ConfigError(f"{where}={value!r} must be of type {hint.__name__}")
+            raise ConfigError(f"{where}={short(value)} must be of type {hint.__name__}")
     return value
 
 
@@ -160,7 +188,7 @@ def _unknown(kind: Any) -> UnknownKindError:
     known = known_kinds()
     close = difflib.get_close_matches(str(kind), known, n=1)
     hint = f" (did you mean {close[0]!r}?)" if close else ""
-    return UnknownKindError(f"unknown kind {kind!r}{hint}; known kinds: {', '.join(known)}")
+    return UnknownKindError(f"unknown kind {short(kind)}{hint}; known kinds: {', '.join(known)}")
 
 
 def get_config_class(kind: str) -> type[Config]:
@@ -186,8 +214,11 @@ def get_handler(config: Config) -> Handler:
 def config_from_dict(data: dict[str, Any]) -> Config:
     if not isinstance(data, dict):
         raise ConfigError(f"a config must be a mapping with a 'kind', got {type(data).__name__}")
+    if too_big(data):
+        raise ConfigError(f"a config is nested more than {MAX_DEPTH} levels deep or holds more than {MAX_VALUES:,} "
+                          "values; a technique's fields are a few numbers and names")
     if "kind" not in data:
-        raise ConfigError(f"config {data!r} has no 'kind'; known kinds: {', '.join(known_kinds())}")
+        raise ConfigError(f"config {short(data)} has no 'kind'; known kinds: {', '.join(known_kinds())}")
     cls = get_config_class(data["kind"])
     fields = {f.name for f in dataclasses.fields(cls) if f.init}
     extra = [k for k in data if k != "kind" and k not in fields]
@@ -195,7 +226,7 @@ def config_from_dict(data: dict[str, Any]) -> Config:
         close = difflib.get_close_matches(extra[0], sorted(fields), n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
         raise ConfigError(
-            f"unknown field {extra[0]!r} for kind {cls.kind!r}{hint}; allowed fields: "
+            f"unknown field {short(extra[0])} for kind {cls.kind!r}{hint}; allowed fields: "
             f"{', '.join(sorted(fields)) or '(none)'}"
         )
     try:
@@ -213,6 +244,8 @@ def config_from_yaml(text: str) -> Config:
         data = yaml.safe_load(text)
     except yaml.YAMLError as e:  # includes tags that would construct Python objects
         raise ConfigError(f"not a valid torchshrink config YAML: {str(e).splitlines()[0]}") from None
+    except RecursionError:
+        raise ConfigError(f"a config is nested too deeply to read; at most {MAX_DEPTH} levels") from None
     return config_from_dict(data)
 
 
@@ -234,10 +267,10 @@ def check_range(
     ok_hi = value < hi if hi_open else value <= hi
     if not (ok_lo and ok_hi):
         interval = f"{'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
-        raise ConfigError(f"{where}={value!r} is outside the allowed range {interval}")
+        raise ConfigError(f"{where}={short(value)} is outside the allowed range {interval}")
 
 
 def check_choice(where: str, value: Any, allowed: typing.Iterable[Any]) -> None:
     allowed = list(allowed)
     if value not in allowed:
-        raise ConfigError(f"{where}={value!r} is not allowed; allowed: {', '.join(map(repr, allowed))}")
+        raise ConfigError(f"{where}={short(value)} is not allowed; allowed: {', '.join(map(repr, allowed))}")

@@ -9,7 +9,7 @@ from typing import Any
 
 import yaml
 
-from torchshrink.core.config import Config, config_from_dict
+from torchshrink.core.config import MAX_DEPTH, MAX_VALUES, Config, config_from_dict, too_big
 from torchshrink.core.errors import ConfigError, TorchshrinkError
 from torchshrink.core.select import Select
 from torchshrink.core.train import Finetune
@@ -82,26 +82,6 @@ def _stage_lines(text: str) -> list[int]:
     return []
 
 
-MAX_DEPTH = 50  # a recipe is a few levels deep; thousands of levels would overflow Python's stack
-MAX_VALUES = 100_000  # YAML aliases can repeat a subtree exponentially often
-
-
-def _too_big(data: Any) -> bool:
-    """Nested deeper than MAX_DEPTH (an alias cycle is infinitely deep) or more than MAX_VALUES values,
-    found without recursion."""
-    todo, seen = [(data, 1)], 0
-    while todo:
-        item, depth = todo.pop()
-        seen += 1
-        if depth > MAX_DEPTH or seen > MAX_VALUES:
-            return True
-        if isinstance(item, dict):
-            todo += [(v, depth + 1) for v in item.values()]
-        elif isinstance(item, list):
-            todo += [(v, depth + 1) for v in item]
-    return False
-
-
 def recipe_from_yaml(text: str, *, source: str = "recipe") -> Recipe:
     try:
         data = yaml.safe_load(text)
@@ -109,7 +89,7 @@ def recipe_from_yaml(text: str, *, source: str = "recipe") -> Recipe:
         raise RecipeError(f"{source} is not valid YAML: {str(e).splitlines()[0]}") from None
     except RecursionError:
         raise RecipeError(f"{source} is nested too deeply to read; a recipe needs at most {MAX_DEPTH} levels") from None
-    if _too_big(data):
+    if too_big(data):
         raise RecipeError(f"{source} is nested more than {MAX_DEPTH} levels deep or holds more than {MAX_VALUES:,} values; "
                           "a recipe needs only a few levels")
     if isinstance(data, list):
