@@ -256,3 +256,42 @@ def test_an_fx_graph_reading_weights_of_plain_holders_round_trips(tmp_path):
     assert torch.equal(back(x), gm(x))
     ts.save(back, tmp_path / "again")
     assert (tmp_path / "g" / "model.safetensors").read_bytes() == (tmp_path / "again" / "model.safetensors").read_bytes()
+
+
+class _AttnNet(torch.nn.Module):
+    """A user's model with layers torchshrink does not build from arguments (MultiheadAttention) next to ones it does
+    (ConvTranspose1d, GRU), traced into a static-INT8 graph where they stay as they are."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = torch.nn.Linear(8, 16)
+        self.attn = torch.nn.MultiheadAttention(16, 2, batch_first=True)
+        self.up = torch.nn.ConvTranspose1d(16, 4, 4, stride=2, padding=1)
+        self.rnn = torch.nn.GRU(4, 6, batch_first=True)
+        self.head = torch.nn.Linear(6, 3)
+
+    def forward(self, x):
+        h = self.proj(x)
+        h = self.attn(h, h, h, need_weights=False)[0]
+        h = self.up(h.transpose(1, 2)).transpose(1, 2)
+        return self.head(self.rnn(h)[0][:, -1])
+
+
+def test_a_graph_model_keeps_a_users_own_layers_through_save_and_load(tmp_path):
+    """int8-static rewrites the model into an fx graph; layers of types torchshrink cannot build from arguments
+    (MultiheadAttention) are taken from the model given to load, by name; ConvTranspose / GRU / Conv3d /
+    EmbeddingBag ... are rebuilt from the file. Without the model, one line says what to pass."""
+    torch.manual_seed(0)
+    x = torch.randn(4, 5, 8)
+    q = ts.quantize(_AttnNet().eval(), ts.Int8StaticConfig(), data=[x])
+    ts.save(q, tmp_path / "m")
+    with pytest.raises(ModelLoadError, match=r"cannot rebuild layer 'attn' of type .*MultiheadAttention from the file.*"
+                                             r"torchshrink.load\(dir, model=MyModel\(...\)\)"):
+        ts.load(tmp_path / "m")
+    back = ts.load(tmp_path / "m", model=_AttnNet())
+    with torch.no_grad():
+        assert torch.equal(back(x), q(x))
+    assert type(back.get_submodule("up")) is torch.nn.ConvTranspose1d and back.get_submodule("attn") is not None
+    man = json.loads((tmp_path / "m" / "manifest.json").read_text())
+    init = {r["name"]: r["init"] for r in man["modules"]}
+    assert init["up"]["output_padding"] == [0] and init["rnn"]["hidden_size"] == 6 and init["attn"] is None

@@ -316,3 +316,32 @@ def test_a_file_that_computes_something_else_in_onnx_runtime_is_refused(tmp_path
         export_onnx(model, (CALIB,), tmp_path / "bad.onnx")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ok.onnx"]
     assert export_onnx(model, (CALIB,), tmp_path / "unchecked.onnx", check=False).is_file()
+
+
+def test_a_model_built_on_torch_transformer_layers_exports_and_keeps_running(tmp_path):
+    """nn.TransformerEncoderLayer's inference fast path (aten::_transformer_encoder_layer_fwd) has no ONNX form: every
+    model built on it failed to export. It exports on the layers' composite path, with parity. Its fast path also
+    reads linear1 / linear2 / norm weights itself, so swapping kinds (cast included: it crashed on norm1.eps) leave
+    those layers as they are and say why."""
+    torch.manual_seed(0)
+
+    class Enc(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.enc = nn.TransformerEncoder(nn.TransformerEncoderLayer(32, 4, 64, dropout=0.0, batch_first=True), 2)
+            self.head = nn.Linear(32, 5)
+
+        def forward(self, x):
+            return self.head(self.enc(x).mean(1))
+
+    x = torch.randn(3, 7, 32)
+    for kind in ("int8-dynamic", "cast"):
+        q = compress(kind, Enc().eval(), x)
+        with torch.no_grad():
+            assert q(x).shape == (3, 5)
+        skipped = ts.report(q)[-1].skipped
+        assert "enc.layers.0.linear1" in skipped and "reads self.linear1.weight itself" in skipped["enc.layers.0.linear1"]
+    q = compress("int8-dynamic", Enc().eval(), x)
+    path = export_onnx(q, (x,), tmp_path / "enc.onnx")
+    assert onnx_parity(q, path, (torch.randn(5, 7, 32),))["cosine"] > 0.9999
+    assert torch.backends.mha.get_fastpath_enabled()  # restored after the export

@@ -18,6 +18,7 @@ What loading does with each part of a folder (the trust model, see the README):
 
 from __future__ import annotations
 
+import copy
 import inspect
 import os
 import types
@@ -184,7 +185,11 @@ def _graph_attrs(root: nn.Module, declared: dict[str, Any]) -> None:
             owner.register_buffer(attr, torch.empty(shape, dtype=dtype, device="meta"))
 
 
-def rebuild(skeleton: nn.Module, records: list[dict[str, Any]], declared: dict[str, Any] | None = None) -> nn.Module:
+def rebuild(skeleton: nn.Module, records: list[dict[str, Any]], declared: dict[str, Any] | None = None,
+            donor: nn.Module | None = None) -> nn.Module:
+    """The skeleton with every layer the manifest records in place. A layer whose type torchshrink cannot build from
+    arguments is taken (a copy) from ``donor`` -- the model the caller passed to ``load`` -- under the same name and
+    type: a graph model keeps the user's own layers (ConvTranspose, MultiheadAttention, ...) under their names."""
     declared = declared or {}
     keep = set()
     for rec in records:
@@ -196,15 +201,19 @@ def rebuild(skeleton: nn.Module, records: list[dict[str, Any]], declared: dict[s
         same = cur is not None and type_name(cur) == rec["type"] and (rec["init"] is None or init_args(cur) == rec["init"])
         if same:
             continue
-        if rec["init"] is None:
+        given = _lookup(donor, name) if donor is not None and donor is not skeleton else None
+        if rec["init"] is None and (given is None or type_name(given) != rec["type"]):
             raise ModelLoadError(
-                f"cannot rebuild layer {name!r} of type {rec['type'][:120]}: the architecture differs from its "
-                "source and this type is not registered with torchshrink"
-            )
+                f"cannot rebuild layer {name!r} of type {rec['type'][:120]} from the file (torchshrink builds "
+                "torch.nn and its own layer types); give the model it came from: torchshrink.load(dir, "
+                "model=MyModel(...))")
         parent_name, _, child = name.rpartition(".")
         parent = _lookup(skeleton, parent_name)
         if parent is None:
             raise ModelLoadError(f"layer {name!r} comes before its parent {parent_name!r} in the manifest")
+        if rec["init"] is None:
+            parent._modules[child] = copy.deepcopy(given)
+            continue
         _probe(name, rec["type"], rec["init"], declared)
         parent._modules[child] = build_module(rec["type"], rec["init"])
     # drop modules the saved model no longer has (e.g. pruned layers), parents first
@@ -338,7 +347,7 @@ def load(directory: str | os.PathLike[str], *, model: nn.Module | None = None) -
 
         from torchshrink.export.graph import graph_from_json
 
-        root = rebuild(nn.Module(), manifest["modules"], declared)
+        root = rebuild(nn.Module(), manifest["modules"], declared, donor=model)
         _graph_attrs(root, declared)
         net: nn.Module = fx.GraphModule(root, graph_from_json(manifest["fx_graph"], root))
         _order_like(net, manifest["modules"])

@@ -57,12 +57,30 @@ def _ln_args(m: nn.Module) -> dict[str, Any]:
 
 _conv = _attrs("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups", "bias", "padding_mode")
 _bn = _attrs("num_features", "eps", "momentum", "affine", "track_running_stats")
+_deconv = _attrs("in_channels", "out_channels", "kernel_size", "stride", "padding", "output_padding", "groups", "bias",
+                 "dilation", "padding_mode")
+_rnn = _attrs("input_size", "hidden_size", "num_layers", "bias", "batch_first", "dropout", "bidirectional")
 for _cls, _fn in [
     (nn.Linear, _attrs("in_features", "out_features", "bias")),
     (nn.Conv1d, _conv),
     (nn.Conv2d, _conv),
+    (nn.Conv3d, _conv),
+    (nn.ConvTranspose1d, _deconv),
+    (nn.ConvTranspose2d, _deconv),
+    (nn.ConvTranspose3d, _deconv),
     (nn.BatchNorm1d, _bn),
     (nn.BatchNorm2d, _bn),
+    (nn.BatchNorm3d, _bn),
+    (nn.InstanceNorm1d, _bn),
+    (nn.InstanceNorm2d, _bn),
+    (nn.InstanceNorm3d, _bn),
+    (nn.GRU, _rnn),
+    (nn.LSTM, _attrs("input_size", "hidden_size", "num_layers", "bias", "batch_first", "dropout", "bidirectional",
+                     "proj_size")),
+    (nn.RNN, _attrs("input_size", "hidden_size", "num_layers", "nonlinearity", "bias", "batch_first", "dropout",
+                    "bidirectional")),
+    (nn.EmbeddingBag, _attrs("num_embeddings", "embedding_dim", "max_norm", "norm_type", "scale_grad_by_freq", "mode",
+                             "include_last_offset", "padding_idx")),
     (nn.LayerNorm, _ln_args),
     (nn.GroupNorm, _attrs("num_groups", "num_channels", "eps", "affine")),
     (nn.Embedding, _attrs("num_embeddings", "embedding_dim", "padding_idx")),

@@ -23,12 +23,13 @@ DynamicQuantizeMatMul, static Q/DQ groups -> QLinearConv / QGemm / QLinearAdd, b
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import importlib.util
 import inspect
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -157,6 +158,23 @@ def _finish(path: Path, opset: int) -> None:
 PARITY = 0.99  # output cosine the written file must reach in ONNX Runtime against the model, on the export inputs
 
 
+@contextlib.contextmanager
+def plain_attention() -> Iterator[None]:
+    """torch's fused inference path for nn.TransformerEncoderLayer / nn.MultiheadAttention
+    (aten::_transformer_encoder_layer_fwd, _native_multi_head_attention) has no ONNX form: every model built from
+    them failed to export. While exporting, the layers take their composite path -- the same math in plain ops."""
+    mha = getattr(torch.backends, "mha", None)
+    if mha is None:
+        yield
+        return
+    was = mha.get_fastpath_enabled()
+    mha.set_fastpath_enabled(False)
+    try:
+        yield
+    finally:
+        mha.set_fastpath_enabled(was)
+
+
 def export_onnx(model: nn.Module, inputs: Sequence[torch.Tensor], path: str | os.PathLike[str], *,
                 input_names: Sequence[str] | None = None, opset: int = MAX_OPSET,
                 dynamic_axes: dict[str, dict[int, str]] | None = None, check: bool = True) -> Path:
@@ -174,7 +192,7 @@ def export_onnx(model: nn.Module, inputs: Sequence[torch.Tensor], path: str | os
     axes = dynamic_axes if dynamic_axes is not None else {n: {0: "batch"} for n in names}
     tmp = out.with_name(f".{out.name}.tmp")
     try:
-        with torch.no_grad():
+        with torch.no_grad(), plain_attention():
             torch.onnx.export(_Plain(twin), tuple(inputs), str(tmp), input_names=names, output_names=["output"],
                               dynamic_axes=axes, opset_version=min(opset, _TORCH_MAX_OPSET), dynamo=False,
                               do_constant_folding=False,
@@ -216,7 +234,8 @@ def export_program(model: nn.Module, inputs: Sequence[torch.Tensor]) -> torch.ex
                 "or export to ONNX (torchshrink.export.onnx.export_onnx)"
             )
     try:
-        return torch.export.export(model, tuple(inputs))
+        with plain_attention():
+            return torch.export.export(model, tuple(inputs))
     except Exception as e:
         raise UnsupportedLayerError(f"torch.export of {type(model).__name__} failed: {type(e).__name__}: "
                                     f"{(str(e).splitlines() or [''])[0][:200]}") from None

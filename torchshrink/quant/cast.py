@@ -50,7 +50,7 @@ def _castable(m: nn.Module) -> bool:
 
 
 def apply_cast(model: nn.Module, config: CastConfig, *, select: Select | None = None, data: Any = None, **_: Any) -> nn.Module:
-    for name, m in select_modules(model, select, ("Linear", "Conv1d", "Conv2d", "Embedding", "LayerNorm")):
+    for name, m in select_modules(model, select, ("Linear", "Conv1d", "Conv2d", "Embedding", "LayerNorm"), replaces=True):
         if _castable(m):
             set_module(model, name, CastWrapper(m, config.dtype))
     return model
