@@ -75,8 +75,9 @@ def fit_int32_bias(qweight: torch.Tensor, w_scale: torch.Tensor, bias: torch.Ten
     the smallest that fits the bias with room for the largest accumulation -- and their int8 weights are re-rounded
     to it, as ONNX Runtime's own quantizer does. Other channels stay bit-identical."""
     k = qweight[0].numel()
-    room = float(_INT32_MAX - 255 * 128 * k)  # the largest |sum (x - zp) * w| an int8 weight row can reach
-    need = bias.abs() / (in_scale * room)
+    # leave room for the largest |sum (x - zp) * w| an int8 weight row can reach (at least half the range)
+    room = float(max(_INT32_MAX - 255 * 128 * k, _INT32_MAX // 2))
+    need = bias.abs() / (in_scale * room) if in_scale > 0 else torch.zeros_like(w_scale)
     grow = need > w_scale
     if not bool(grow.any()):
         return qweight.clone(), w_scale.clone()

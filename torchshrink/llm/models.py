@@ -73,7 +73,7 @@ def _check_gguf_size(cfg: Any, path: Path) -> None:
     from torchshrink.export.loading import check_skeleton_size
 
     with torch.device("meta"):
-        probe = causal_lm_class(cfg)._from_config(cfg)
+        probe = causal_lm_class(cfg)(cfg)
     check_skeleton_size(probe, path.stat().st_size, path.name)
 
 
