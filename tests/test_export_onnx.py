@@ -318,11 +318,12 @@ def test_a_file_that_computes_something_else_in_onnx_runtime_is_refused(tmp_path
     assert export_onnx(model, (CALIB,), tmp_path / "unchecked.onnx", check=False).is_file()
 
 
-def test_a_model_built_on_torch_transformer_layers_exports_and_keeps_running(tmp_path):
-    """nn.TransformerEncoderLayer's inference fast path (aten::_transformer_encoder_layer_fwd) has no ONNX form: every
-    model built on it failed to export. It exports on the layers' composite path, with parity. Its fast path also
-    reads linear1 / linear2 / norm weights itself, so swapping kinds (cast included: it crashed on norm1.eps) leave
-    those layers as they are and say why."""
+def test_a_model_built_on_torch_transformer_layers_is_compressed_exported_and_reloaded(tmp_path):
+    """nn.TransformerEncoderLayer's inference fast path hands linear1 / linear2 / norm weights to one fused kernel
+    (aten::_transformer_encoder_layer_fwd, which has no ONNX form: every such model failed to export), bypassing the
+    layers: swapping kinds used to skip them (cast crashed on norm1.eps). They are now swapped and the layer (and its
+    nn.TransformerEncoder, whose nested-tensor path reads the first layer's weights when a padding mask is given)
+    runs torch's composite path, kept through save / load; the FFN is compressed, with and without a mask."""
     torch.manual_seed(0)
 
     class Enc(nn.Module):
@@ -331,17 +332,32 @@ def test_a_model_built_on_torch_transformer_layers_exports_and_keeps_running(tmp
             self.enc = nn.TransformerEncoder(nn.TransformerEncoderLayer(32, 4, 64, dropout=0.0, batch_first=True), 2)
             self.head = nn.Linear(32, 5)
 
-        def forward(self, x):
-            return self.head(self.enc(x).mean(1))
+        def forward(self, x, pad=None):
+            h = self.enc(x, src_key_padding_mask=pad)
+            keep = torch.ones(h.shape[:2]) if pad is None else (~pad).float()
+            return self.head((h * keep[..., None]).sum(1) / keep.sum(1, keepdim=True))
 
     x = torch.randn(3, 7, 32)
-    for kind in ("int8-dynamic", "cast"):
-        q = compress(kind, Enc().eval(), x)
+    pad = torch.zeros(3, 7, dtype=torch.bool)
+    pad[:, 5:] = True
+    for kind, swapped in (("int8-dynamic", "Int8DynamicLinear"), ("weight-only", "WeightOnlyLinear"),
+                          ("cast", "CastWrapper")):
+        model = Enc().eval()
         with torch.no_grad():
-            assert q(x).shape == (3, 5)
-        skipped = ts.report(q)[-1].skipped
-        assert "enc.layers.0.linear1" in skipped and "reads self.linear1.weight itself" in skipped["enc.layers.0.linear1"]
-    q = compress("int8-dynamic", Enc().eval(), x)
-    path = export_onnx(q, (x,), tmp_path / "enc.onnx")
-    assert onnx_parity(q, path, (torch.randn(5, 7, 32),))["cosine"] > 0.9999
+            ref, ref_pad = model(x), model(x, pad)
+        q = compress(kind, model, x)
+        assert type(q.get_submodule("enc.layers.1.linear2")).__name__ == swapped
+        assert "composite_path" in ts.report(q)[-1].notes
+        with torch.no_grad():
+            out, out_pad = q(x), q(x, pad)
+        assert torch.nn.functional.cosine_similarity(out.flatten(), ref.flatten(), dim=0) > 0.99
+        assert torch.nn.functional.cosine_similarity(out_pad.flatten(), ref_pad.flatten(), dim=0) > 0.99
+        ts.save(q, tmp_path / kind)
+        back = ts.load(tmp_path / kind, model=Enc()).eval()
+        with torch.no_grad():
+            assert torch.equal(back(x), out) and torch.equal(back(x, pad), out_pad)
+        path = export_onnx(q, (x,), tmp_path / f"{kind}.onnx")
+        assert onnx_parity(q, path, (torch.randn(5, 7, 32),))["cosine"] > 0.9999
+    skipped = ts.report(q)[-1].skipped
+    assert "enc.layers.0.self_attn.out_proj" in skipped  # MultiheadAttention reads it on every path
     assert torch.backends.mha.get_fastpath_enabled()  # restored after the export

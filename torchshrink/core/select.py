@@ -15,7 +15,7 @@ from typing import Any
 from torch import nn
 
 from torchshrink.core.errors import ConfigError, LayerNotFoundError
-from torchshrink.core.surgery import parent_of
+from torchshrink.core.surgery import FAST_PATH_CHILDREN, parent_of
 
 _WILDCARDS = set("*?[")
 
@@ -176,6 +176,8 @@ def _read_by_parent(model: nn.Module, name: str) -> str | None:
     parent, child = parent_of(model, name)
     if isinstance(parent, nn.Sequential | nn.ModuleList | nn.ModuleDict) or not child.isidentifier():
         return None
+    if isinstance(parent, nn.TransformerEncoderLayer) and child in FAST_PATH_CHILDREN:
+        return None  # read only on its fused fast path, which set_module switches off for a swapped child
     found = re.search(_PARAM_READ.format(re.escape(child)), _forward_source(type(parent)))
     if found is None:
         return None

@@ -381,6 +381,24 @@ def dense_linear(m: nn.Module) -> nn.Linear:
     return lin.eval()
 
 
+def _skip_initializer_identities(graph: Any, inits: dict[str, Any]) -> None:
+    """The exporter stores equal initializers once and feeds the copies through Identity nodes (the layers of a
+    fresh nn.TransformerEncoder are deep copies of one layer): readers of such a copy read the initializer itself,
+    and the Identity nodes go."""
+    outputs = {o.name for o in graph.output}
+    alias = {n.output[0]: n.input[0] for n in graph.node
+             if n.op_type == "Identity" and n.input[0] in inits and n.output[0] not in outputs}
+    if not alias:
+        return
+    for n in list(graph.node):
+        if n.op_type == "Identity" and n.output[0] in alias:
+            graph.node.remove(n)
+            continue
+        for k, name in enumerate(n.input):
+            if name in alias:
+                n.input[k] = alias[name]
+
+
 def finish_blocked(model: Any) -> None:
     """Rewrite every ``torchshrink::DequantizeBlocked`` placeholder of an ONNX ModelProto (in place) into an
     opset-21 DequantizeLinear on an int8 or INT4 initializer of the codes' shape."""
@@ -389,6 +407,7 @@ def finish_blocked(model: Any) -> None:
 
     graph = model.graph
     inits = {t.name: t for t in graph.initializer}
+    _skip_initializer_identities(graph, inits)
     converted: dict[str, str] = {}  # a layer used several times (ALBERT shares its blocks) has one initializer
     for i, node in enumerate(list(graph.node)):
         if node.domain != DOMAIN:
