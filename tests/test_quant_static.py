@@ -11,3 +11,38 @@ def test_fused_layers_keep_the_users_names_through_save_and_load(digits_cnn, tmp
     assert names[0] == "features.0+features.1+features.2 (fused)"
     ts.save(q, tmp_path / "m")
     assert [r["layer"] for r in layer_summary(ts.load(tmp_path / "m"))] == names
+
+
+def test_layers_whose_int8_kernel_saturates_get_7_bit_weights(tmp_path):
+    """x86's 3x3 depthwise INT8 kernel sums uint8 x int8 pairs in int16 and saturates near full range (even with VNNI;
+    on CPUs without VNNI any GEMM may): a layer measured off its exact integer result gets 7-bit weights, so torch's
+    INT8 output follows the exact math here on every CPU; a layer that does not saturate is untouched."""
+    import torch
+    from torch import nn
+
+    import torchshrink as ts
+    from torchshrink.export.onnx import export_twin
+    from torchshrink.quant.modules import Int8Conv2d
+
+    torch.manual_seed(0)
+    dw = nn.Conv2d(144, 144, 3, padding=1, groups=144, bias=False)
+    full = nn.Conv2d(144, 16, 1, bias=False)
+    model = nn.Sequential(dw, full).eval()
+    nn.init.uniform_(dw.weight, -1, 1)
+    x = torch.rand(2, 144, 28, 28) * 4
+    q = ts.quantize(model, ts.Int8StaticConfig(), data=[x])
+
+    def cos(a, b):
+        return float(torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0))
+
+    with torch.no_grad():
+        assert cos(q(x), model(x)) > 0.9995
+        assert cos(q(x), export_twin(q)(x)) > 0.9999  # torch's INT8 follows the exact integer math (ONNX's graph)
+    layers = [m for m in q.modules() if isinstance(m, Int8Conv2d)]
+    narrowed = ts.report(q)[-1].notes.get("narrowed_weights", {})
+    assert layers[1].qweight.abs().max() == 127  # the 1x1 conv does not saturate: its 8-bit weights are kept
+    if narrowed:
+        assert layers[0].qweight.abs().max() <= 64 and "7-bit weights" in next(iter(narrowed.values()))
+    ts.save(q, tmp_path / "m")
+    with torch.no_grad():
+        assert torch.equal(ts.load(tmp_path / "m")(x), q(x))

@@ -28,7 +28,7 @@ from torchshrink.binary.modules import to_packed
 from torchshrink.core.data import calibrate
 from torchshrink.core.errors import UnsupportedLayerError
 from torchshrink.core.report import current
-from torchshrink.core.select import Select, config_for, select_modules
+from torchshrink.core.select import Select, config_for, is_plain, select_modules
 from torchshrink.core.surgery import get_module, set_module
 
 if TYPE_CHECKING:
@@ -39,7 +39,7 @@ SUPPORTED = ("Linear", "Conv2d")
 
 
 def _unsupported_reason(m: nn.Module) -> str | None:
-    if type(m) not in (nn.Linear, nn.Conv2d):
+    if not is_plain(m, nn.Linear, nn.Conv2d):
         return f"{type(m).__name__} is not a plain Linear or Conv2d (supported: {', '.join(SUPPORTED)})"
     if isinstance(m, nn.Conv2d):
         if isinstance(m.padding, str):
@@ -107,7 +107,7 @@ def apply_binarize(model: nn.Module, config: BinarizeConfig, *, select: Select |
         if bad:
             raise UnsupportedLayerError(f"{config.kind} cannot binarize layers of type {bad[0]!r}; supported: {', '.join(SUPPORTED)}")
     chosen = select_modules(model, select, SUPPORTED, replaces=True)
-    all_layers = [n for n, m in model.named_modules() if n and type(m) in (nn.Linear, nn.Conv2d)]
+    all_layers = [n for n, m in model.named_modules() if n and is_plain(m, nn.Linear, nn.Conv2d)]
     explicit = set(select.include) if select is not None else set()
     protected = {all_layers[0], all_layers[-1]} - explicit if config.keep_first_last and all_layers else set()
     report: dict[str, Any] = {"binarized": [], "kept_float": [], "skipped": {}}
@@ -205,9 +205,9 @@ def store_kept_layers(model: nn.Module, names: list[str], keep_dtype: str) -> di
         return done
     for name in names:
         m = get_module(model, name)
-        if type(m) is nn.Linear and keep_dtype == "int8":
+        if is_plain(m, nn.Linear) and keep_dtype == "int8":
             new: nn.Module = WeightOnlyLinear.from_float(m, bits=8, group_size=0)
-        elif type(m) in (nn.Linear, nn.Conv2d):
+        elif is_plain(m, nn.Linear, nn.Conv2d):
             new = CastWrapper(m, "float16")
         else:
             continue

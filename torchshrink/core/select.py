@@ -12,6 +12,8 @@ import re
 from collections.abc import Iterable
 from typing import Any
 
+import torch
+import torch.nn.functional as F
 from torch import nn
 
 from torchshrink.core.errors import ConfigError, LayerNotFoundError
@@ -158,6 +160,41 @@ def select_modules(
             f"include: {list(select.include) or 'all'}; exclude: {list(select.exclude) or 'none'})"
         )
     return chosen
+
+
+def is_plain(m: nn.Module, *classes: type[nn.Module]) -> bool:
+    """``m`` is one of ``classes`` (nn.Linear, nn.Conv2d) or a subclass measured to compute the same: libraries wrap
+    nn.Linear with the same math (timm's ``Linear`` casts for AMP; its ``Conv2dSame`` pads differently and fails the
+    check). Compressed replacements reproduce the plain layer's math, so a subclass that computes anything else
+    (another padding, an extra scale) is left alone."""
+    if type(m) in classes:
+        return True
+    base = next((c for c in classes if isinstance(m, c)), None)
+    if base is None or not isinstance(getattr(m, "weight", None), torch.Tensor) or m.weight.device.type == "meta":
+        return False
+    if type(m).forward is base.forward:
+        return True
+    return _computes_like(m, base)
+
+
+def _computes_like(m: nn.Module, base: type[nn.Module]) -> bool:
+    g = torch.Generator().manual_seed(0)
+    w = m.weight
+    try:
+        with torch.no_grad():
+            if base is nn.Linear:
+                x = torch.randn(3, w.shape[1], generator=g).to(w.dtype)
+                ref = F.linear(x, w, m.bias)
+            elif base is nn.Conv2d and m.padding_mode == "zeros":
+                k = max(d * (s - 1) + 1 for d, s in zip(m.dilation, m.kernel_size, strict=True))
+                x = torch.randn(1, m.in_channels, k + 5, k + 6, generator=g).to(w.dtype)
+                ref = F.conv2d(x, w, m.bias, m.stride, m.padding, m.dilation, m.groups)
+            else:
+                return False
+            out = m(x)
+    except Exception:  # noqa: BLE001 - a layer that cannot run the probe is not taken for a plain one
+        return False
+    return isinstance(out, torch.Tensor) and out.shape == ref.shape and bool(torch.allclose(out, ref, rtol=1e-4, atol=1e-5))
 
 
 _PARAM_READ = r"self\.{}\.(weight|bias)\b"

@@ -13,6 +13,7 @@ the object recorded here. The lists hold pure tensor computations only:
   (never ``attrgetter`` / ``methodcaller`` / ``call``, which turn strings into calls);
 - ``builtins.getattr`` with an attribute from :data:`TENSOR_ATTRS` only;
 - ``torch.ops.NS.OP[.OVERLOAD]`` for the operator namespaces in :data:`OP_NAMESPACES`;
+- ``torch._assert`` (fx's traceable assert: raises AssertionError, nothing else);
 - the torchvision functions listed in ``_TORCHVISION`` (tensor functions its models call, kept as calls by fx).
 
 Methods (``call_method`` nodes) must be in :data:`METHODS`: the tensor methods ATen generates, less
@@ -84,7 +85,9 @@ def _functions() -> dict[str, Any]:
     import torch.functional as tf
     import torch.nn.functional as F
 
-    table: dict[str, Any] = {"builtins.getattr": builtins.getattr}
+    # torch._assert: fx's traceable assert (raises AssertionError when its condition is false; nothing else).
+    # timm's models call it on input sizes, so their traced static-INT8 graphs hold it
+    table: dict[str, Any] = {"builtins.getattr": builtins.getattr, "torch._assert": torch._assert}
     for n in _OPERATOR:
         if hasattr(operator, n):
             table[f"operator.{n}"] = getattr(operator, n)

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from torchshrink.core.report import current
+from torchshrink.core.select import is_plain
 from torchshrink.core.surgery import set_module
 from torchshrink.export.formats import Encoded, Format, register_format
 from torchshrink.export.modules import register_module
@@ -194,7 +195,7 @@ def use_sparse_kernels(model: nn.Module, *, batch: int = 1, threads: int | None 
     in ``ts.report(model)[-1].notes['sparse_kernels']``, a record per candidate layer."""
     report: dict[str, dict] = {}
     for name, m in list(model.named_modules()):
-        if type(m) is not nn.Linear or m.weight.numel() < min_numel:
+        if not is_plain(m, nn.Linear) or m.weight.numel() < min_numel:
             continue
         sp = _sparsity(m.weight.detach())
         if sp < min_sparsity:

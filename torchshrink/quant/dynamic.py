@@ -17,7 +17,7 @@ from torch import nn
 from torchshrink.core.config import Config, check_range, register
 from torchshrink.core.data import Batch
 from torchshrink.core.report import current
-from torchshrink.core.select import Select, config_for, select_modules
+from torchshrink.core.select import Select, config_for, is_plain, select_modules
 from torchshrink.core.surgery import set_module
 from torchshrink.measure.latency import time_interleaved
 from torchshrink.quant.common import (
@@ -131,9 +131,9 @@ def apply_int8_dynamic(model: nn.Module, config: Int8DynamicConfig, *, select: S
                        data: Any = None, **_: Any) -> nn.Module:
     chosen = select_modules(model, select, ("Linear",), replaces=True)
     eng = resolve_engine(config.engine)
-    linears = [(n, m) for n, m in chosen if type(m) is nn.Linear]
+    linears = [(n, m) for n, m in chosen if is_plain(m, nn.Linear)]
     for n, m in chosen:
-        if type(m) is not nn.Linear:
+        if not is_plain(m, nn.Linear):
             note_float(model, n, f"{type(m).__name__} has no INT8 dynamic kernel (Linear only)")
     gelu_after = gelu_followers(model)
     choices: dict[tuple, str] = {}

@@ -20,7 +20,7 @@ from torch import nn
 
 from torchshrink.core.config import Config, check_range, register
 from torchshrink.core.report import carry, current
-from torchshrink.core.select import Select, config_for, select_modules
+from torchshrink.core.select import Select, config_for, is_plain, select_modules
 from torchshrink.core.surgery import set_module
 from torchshrink.quant.common import calibration_batches
 from torchshrink.quant.static import Int8StaticConfig, apply_int8_static
@@ -83,7 +83,7 @@ def apply_qat(model: nn.Module, config: QATConfig, *, select: Select | None = No
               **_: Any) -> nn.Module:
     calib = calibration_batches(data, 8)  # initializes the steps; finalize calibrates again on its data
     for name, m in select_modules(model, select, ("Conv2d", "Linear"), replaces=True):
-        if type(m) not in (nn.Conv2d, nn.Linear):
+        if not is_plain(m, nn.Conv2d, nn.Linear):
             continue
         cfg = config_for(name, config, select)
         set_module(model, name, QATLayer(m, cfg.weight_bits, cfg.act_bits))

@@ -12,7 +12,7 @@ from torch import nn
 from torchshrink.core.config import Config, register
 from torchshrink.core.errors import ConfigError
 from torchshrink.core.report import current
-from torchshrink.core.select import Select, config_for, select_modules
+from torchshrink.core.select import Select, config_for, is_plain, select_modules
 from torchshrink.core.surgery import set_module
 from torchshrink.quant.common import note_float
 from torchshrink.quant.modules import WeightOnlyLinear
@@ -33,7 +33,7 @@ def apply_weight_only(model: nn.Module, config: WeightOnlyConfig, *, select: Sel
                       data: Any = None, **_: Any) -> nn.Module:
     for name, lin in select_modules(model, select, ("Linear",), replaces=True):
         cfg = config_for(name, config, select)
-        if type(lin) is not nn.Linear:
+        if not is_plain(lin, nn.Linear):
             note_float(model, name, f"{type(lin).__name__} is not a plain Linear")
             continue
         if cfg.bits == 4 and lin.in_features % 2:
