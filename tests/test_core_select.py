@@ -85,3 +85,35 @@ def test_a_layer_whose_parent_reads_its_weight_is_not_swapped_and_the_model_stil
         assert q(x).shape == (8, 4)
         skipped = ts.report(q)[-1].skipped
         assert skipped["proj"].startswith("ReadsWeight.forward reads self.proj.weight itself"), skipped
+
+
+def test_a_linear_or_conv_subclass_counts_as_plain_only_when_it_computes_the_same():
+    """Libraries subclass nn.Linear with the same math (timm's Linear casts for AMP): measured equal on a probe,
+    it is compressed like a Linear; a subclass that computes something else (a scale, another padding) is not."""
+    import torch.nn.functional as F
+    from torch import nn
+
+    import torchshrink as ts
+    from torchshrink.core.select import is_plain
+
+    class SameLinear(nn.Linear):
+        def forward(self, x):
+            return F.linear(x, self.weight.to(x.dtype), self.bias)
+
+    class ScaledLinear(nn.Linear):
+        def forward(self, x):
+            return 2 * super().forward(x)
+
+    class SamePadConv(nn.Conv2d):  # pads asymmetrically, as TF-style 'same' convolutions do
+        def forward(self, x):
+            return F.conv2d(F.pad(x, [0, 1, 0, 1]), self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
+
+    torch.manual_seed(0)
+    assert is_plain(nn.Linear(4, 3), nn.Linear) and is_plain(SameLinear(4, 3), nn.Linear)
+    assert not is_plain(ScaledLinear(4, 3), nn.Linear) and not is_plain(nn.Linear(4, 3), nn.Conv2d)
+    assert is_plain(nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d)
+    assert not is_plain(SamePadConv(3, 4, 2, stride=2), nn.Conv2d)
+    model = nn.Sequential(SameLinear(16, 16), nn.ReLU(), ScaledLinear(16, 4)).eval()
+    q = ts.quantize(model, ts.Int8DynamicConfig(), data=[torch.randn(8, 16)])
+    assert type(q[0]).__name__ == "Int8DynamicLinear" and type(q[2]) is ScaledLinear
+    assert "ScaledLinear has no INT8 dynamic kernel" in ts.report(q)[-1].skipped["2"]

@@ -295,3 +295,23 @@ def test_a_graph_model_keeps_a_users_own_layers_through_save_and_load(tmp_path):
     man = json.loads((tmp_path / "m" / "manifest.json").read_text())
     init = {r["name"]: r["init"] for r in man["modules"]}
     assert init["up"]["output_padding"] == [0] and init["rnn"]["hidden_size"] == 6 and init["attn"] is None
+
+
+def test_an_fx_graph_calling_torch_assert_round_trips(tmp_path):
+    """timm's models check input sizes with torch._assert, which fx keeps as a call: on the saved-graph allowlist
+    (it raises AssertionError, nothing else), so their static-INT8 graphs save and load."""
+
+    class Checked(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = torch.nn.Linear(8, 3)
+
+        def forward(self, x):
+            torch._assert(x.shape[-1] == 8, "expected 8 features")
+            return self.fc(x)
+
+    q = ts.quantize(Checked().eval(), ts.Int8StaticConfig(), data=[torch.randn(4, 8)])
+    assert any(n.op == "call_function" and n.target is torch._assert for n in q.graph.nodes)
+    ts.save(q, tmp_path / "m")
+    x = torch.randn(2, 8)
+    assert torch.equal(ts.load(tmp_path / "m")(x), q(x))
