@@ -315,3 +315,36 @@ def test_an_fx_graph_calling_torch_assert_round_trips(tmp_path):
     ts.save(q, tmp_path / "m")
     x = torch.randn(2, 8)
     assert torch.equal(ts.load(tmp_path / "m")(x), q(x))
+
+
+def test_a_graph_keeps_the_non_persistent_buffers_and_partial_modules_it_reads(tmp_path):
+    """fx copies a non-persistent buffer the graph reads onto a plain holder (timm's LeViT: attention_bias_idxs),
+    which no constructor rebuilds: it is saved. A module the graph only reads a tensor of after static INT8 fused
+    the module itself (timm's EdgeNeXt: token_projection.weight, for a dtype) is saved as loading rebuilds it,
+    not whole (its bias had nowhere to go)."""
+
+    class Gather(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("order", torch.tensor([3, 1, 2, 0, 7, 5, 6, 4]), persistent=False)
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = torch.nn.Conv2d(3, 8, 1)
+            self.mix = Gather()
+            self.register_buffer("flip", torch.tensor([1, 0]), persistent=False)
+            self.fc = torch.nn.Linear(8, 2)
+
+        def forward(self, x):
+            h = self.proj(x).to(self.proj.weight.dtype).mean((2, 3))
+            return self.fc(h[:, self.mix.order])[:, self.flip]
+
+    torch.manual_seed(0)
+    x = torch.randn(4, 3, 6, 6)
+    q = ts.quantize(Net().eval(), ts.Int8StaticConfig(), data=[x])
+    assert {n.target for n in q.graph.nodes if n.op == "get_attr"} >= {"mix.order", "flip", "proj.weight"}
+    ts.save(q, tmp_path / "m")
+    back = ts.load(tmp_path / "m")
+    assert torch.equal(back(x), q(x))
+    assert isinstance(q.get_submodule("proj"), torch.nn.Conv2d)  # the user's quantized model is left as it was

@@ -8,6 +8,7 @@ module whose type or shape changed, drops removed modules, and assigns the saved
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
@@ -116,6 +117,35 @@ def build_manifest(model: nn.Module, tensors: dict[str, Any], recipe: Any = None
     }
 
 
+def _graph_as_loaded(model: nn.Module) -> nn.Module:
+    """A torch.fx graph as loading rebuilds it: ``fx.GraphModule(root, graph)`` keeps only what the graph calls or
+    reads, so a module it only reads one tensor of (timm's EdgeNeXt reads ``token_projection.weight`` for a dtype
+    after static INT8 fused the conv itself) becomes a plain holder of that tensor. Saving the module whole wrote
+    tensors (its bias) the rebuilt graph has no place for. The user's model is not changed; modules and tensors are
+    shared, not copied."""
+    if not isinstance(model, torch.fx.GraphModule):
+        return model
+    out = torch.fx.GraphModule(model, copy.deepcopy(model.graph), class_name=type(model).__name__)
+    state.inherit(model, out)
+    return out
+
+
+def _saved_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The state dict, plus -- in a torch.fx graph -- the non-persistent buffers that fx copied onto its plain holder
+    modules (timm's LeViT reads ``attention_bias_idxs`` with get_attr): no constructor rebuilds a holder, so the
+    graph would read nothing after loading. Other modules' non-persistent buffers come back from their constructors."""
+    out = dict(model.state_dict(keep_vars=False))
+    if isinstance(model, torch.fx.GraphModule):
+        for mname, m in model.named_modules():
+            if type(m) is not nn.Module and m is not model:
+                continue
+            for bname in sorted(m._non_persistent_buffers_set):
+                b = m._buffers.get(bname)
+                if isinstance(b, torch.Tensor):
+                    out.setdefault(f"{mname}.{bname}" if mname else bname, b)
+    return out
+
+
 def _encode_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     preferred: dict[str, str] = {}
     for mname, m in model.named_modules():
@@ -125,7 +155,7 @@ def _encode_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, 
     meta: dict[str, Any] = {}
     seen: dict[tuple, str] = {}
     storages: set[int] = set()
-    for key, t in model.state_dict(keep_vars=False).items():
+    for key, t in _saved_tensors(model).items():
         if not isinstance(t, torch.Tensor):
             continue
         ident = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype)
@@ -152,6 +182,7 @@ def _entropy_coded(meta: dict[str, Any]) -> bool:
 def write_model_files(model: nn.Module, directory: Path, recipe: Any = None) -> None:
     """An entropy-coded model goes into the compact container (``model.tsz`` + a stub manifest);
     any other into ``model.safetensors`` + ``manifest.json``."""
+    model = _graph_as_loaded(model)
     flat, meta = _encode_state(model)
     manifest = build_manifest(model, meta, recipe)
     if _entropy_coded(meta):
