@@ -46,3 +46,31 @@ def test_layers_whose_int8_kernel_saturates_get_7_bit_weights(tmp_path):
     ts.save(q, tmp_path / "m")
     with torch.no_grad():
         assert torch.equal(ts.load(tmp_path / "m")(x), q(x))
+
+
+def test_static_int8_after_a_stage_that_left_csr_layers_keeps_them_as_calls(tmp_path):
+    """prune-quantize on timm's EfficientNet-B0: the prune stage timed CSR faster for the classifier and made it a
+    SparseLinear, whose forward branches on the batch size; the int8-static stage then failed to trace, after the
+    prune stage's training. torchshrink's own modules are leaves of static INT8's trace: it quantizes the rest, keeps
+    the CSR layer as a call, and the graph saves and loads."""
+    import torch
+    from torch import nn
+
+    import torchshrink as ts
+    from torchshrink.prune.sparse import SparseLinear
+    from torchshrink.quant.modules import Int8Conv2d
+
+    torch.manual_seed(0)
+    head = nn.Linear(8 * 4 * 4, 5)
+    with torch.no_grad():
+        head.weight.mul_(torch.rand_like(head.weight) > 0.9)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Flatten(), SparseLinear.from_linear(head)).eval()
+    x = torch.randn(4, 3, 4, 4)
+    q = ts.quantize(model, ts.Int8StaticConfig(), data=[x])
+    assert isinstance(q.get_submodule("3"), SparseLinear) and any(isinstance(m, Int8Conv2d) for m in q.modules())
+    with torch.no_grad():
+        assert torch.nn.functional.cosine_similarity(q(x).flatten(), model(x).flatten(), dim=0) > 0.999
+        assert q(x[:1]).shape == (1, 5)  # the batch-1 branch of SparseLinear runs too
+    ts.save(q, tmp_path / "m")
+    with torch.no_grad():
+        assert torch.equal(ts.load(tmp_path / "m")(x), q(x))

@@ -253,11 +253,21 @@ def narrow_saturating(gm: fx.GraphModule, inputs: tuple) -> dict[str, float]:
     return narrowed
 
 
+class _Tracer(fx.Tracer):
+    """torch.fx's tracer, with torchshrink's own compressed modules kept as calls (leaves): an earlier stage's CSR
+    SparseLinear branches on the batch size, and no compressed module is for static INT8 to look inside."""
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return type(m).__module__.startswith("torchshrink.") or super().is_leaf_module(m, module_qualified_name)
+
+
 def fx_trace(model: nn.Module) -> fx.GraphModule:
     """``model`` traced with torch.fx, or the one UnsupportedLayerError static INT8 gives for a model that does not
     trace (Hugging Face transformers, data-dependent Python): the compress runner asks before any stage runs."""
     try:
-        return fx.symbolic_trace(model)
+        tracer = _Tracer()
+        graph = tracer.trace(model)
+        return fx.GraphModule(tracer.root, graph, type(model).__name__)
     except Exception as e:  # fx raises many types for untraceable code
         raise UnsupportedLayerError(
             f"static INT8 needs a torch.fx-traceable model; tracing {type(model).__name__} failed: "
