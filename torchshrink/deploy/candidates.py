@@ -151,8 +151,14 @@ ORT_SNIPPET = ("import onnxruntime as ort\n"
                "y = session.run(None, {{i.name: x.numpy() for i, x in zip(session.get_inputs(), inputs)}})[0]")
 
 
-def _ov_snippet(precision: str, threads: int) -> str:
+def _ov_snippet(precision: str, threads: int, per_shape: bool = False) -> str:
     config = repr(rt.ov_config(threads, precision)).replace("{", "{{").replace("}", "}}")  # a format template
+    if per_shape:  # see runtimes.OvModule: the QDQ graph is compiled for the shapes it runs
+        return ("import openvino as ov\n"
+                "m = ov.Core().read_model('{dir}/model.xml')\n"
+                "m.reshape({{i: list(x.shape) for i, x in enumerate(inputs)}})  # compile for the shapes you run\n"
+                f"model = ov.Core().compile_model(m, 'CPU', {config})\n"
+                "y = model([x.numpy() for x in inputs])[0]")
     return ("import openvino as ov\n"
             f"model = ov.Core().compile_model('{{dir}}/model.xml', 'CPU', {config})\n"
             "y = model([x.numpy() for x in inputs])[0]")
@@ -248,15 +254,16 @@ def _openvino(model: nn.Module, onnx_files: dict[str, Path], calibration: list[t
     if plain is None:
         return [_skip("openvino", "fp32", "no ONNX export of the model to read (see the onnxruntime row)")]
 
-    def ov(path: Path, hint: str, quantize: bool = False) -> tuple:
+    def ov(path: Path, hint: str, quantize: bool = False, per_shape: bool = False) -> tuple:
         ov_model = rt.ov_int8(path, calibration, transformer=_transformer(model)) if quantize else rt.ov_read(path)
-        return (rt.OvModule(ov_model, s.threads, hint), lambda folder: rt.ov_save(ov_model, folder / "model.xml"),
-                _ov_snippet(hint, s.threads))
+        return (rt.OvModule(ov_model, s.threads, hint, per_shape),
+                lambda folder: rt.ov_save(ov_model, folder / "model.xml"), _ov_snippet(hint, s.threads, per_shape))
     given = compressed(model)  # a QDQ graph: OpenVINO runs its integer layers as INT8 whatever the hint
-    out = [_build("openvino", AS_GIVEN if given else "fp32", lambda: ov(plain, "f32"))]
+    out = [_build("openvino", AS_GIVEN if given else "fp32", lambda: ov(plain, "f32", per_shape=given))]
     flags = cpu_flags()
     if flags & {"avx512_bf16", "amx_bf16"}:
-        out.append(_build("openvino", f"{AS_GIVEN} + bf16" if given else "bf16", lambda: ov(plain, "bf16")))
+        out.append(_build("openvino", f"{AS_GIVEN} + bf16" if given else "bf16",
+                          lambda: ov(plain, "bf16", per_shape=given)))
     else:
         out.append(_skip("openvino", "bf16", "this CPU has no native bf16 (avx512_bf16 / amx_bf16)"))
     nncf_missing = rt.missing("nncf")
@@ -268,5 +275,5 @@ def _openvino(model: nn.Module, onnx_files: dict[str, Path], calibration: list[t
         out.append(_build("openvino", "int8 (NNCF)", lambda: ov(plain, "f32", quantize=True)))
     q = onnx_files.get("int8 (torchshrink)")
     if q is not None:
-        out.append(_build("openvino", "int8 (torchshrink)", lambda: ov(q, "f32")))
+        out.append(_build("openvino", "int8 (torchshrink)", lambda: ov(q, "f32", per_shape=True)))
     return out

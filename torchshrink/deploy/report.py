@@ -33,7 +33,7 @@ def reload(c: Candidate, folder: Path, threads: int, skeleton: nn.Module | None 
         return rt.OrtModule(folder / "model.onnx", threads)
     if c.runtime == "openvino":
         assert isinstance(c.module, rt.OvModule)
-        return rt.OvModule(rt.ov_read(folder / "model.xml"), threads, c.module.precision)
+        return rt.OvModule(rt.ov_read(folder / "model.xml"), threads, c.module.precision, c.module.per_shape)
     import torchshrink as ts
 
     m = ts.load(folder / "model", model=copy.deepcopy(skeleton) if skeleton is not None else None).eval()
