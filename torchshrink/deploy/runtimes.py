@@ -132,6 +132,8 @@ class OvModule(nn.Module):
                 model = model.clone()
                 model.reshape({i: list(s) for i, s in enumerate(shapes)})
             compiled = ov.Core().compile_model(model, "CPU", self.config)
+            if len(self._compiled) >= 8:  # held-out text batches come in many lengths: keep the latest few
+                self._compiled.pop(next(iter(self._compiled)))
             self._compiled[shapes] = (compiled, compiled.create_infer_request())
         return self._compiled[shapes]
 
