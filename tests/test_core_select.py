@@ -117,3 +117,44 @@ def test_a_linear_or_conv_subclass_counts_as_plain_only_when_it_computes_the_sam
     q = ts.quantize(model, ts.Int8DynamicConfig(), data=[torch.randn(8, 16)])
     assert type(q[0]).__name__ == "Int8DynamicLinear" and type(q[2]) is ScaledLinear
     assert "ScaledLinear has no INT8 dynamic kernel" in ts.report(q)[-1].skipped["2"]
+
+
+def test_a_layer_whose_weight_a_module_above_its_parent_reads_is_not_swapped():
+    """Hugging Face's ViTModel.forward reads self.embeddings.patch_embeddings.projection.weight.dtype: cast made that
+    Conv2d a CastWrapper and the model crashed ('no attribute weight'). The read is found through the attribute path
+    from any module above the layer, and the layer is left as it is, with the reason."""
+    from torch import nn
+
+    import torchshrink as ts
+
+    class Patch(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.projection = nn.Conv2d(3, 8, 2, stride=2)
+
+        def forward(self, x):
+            return self.projection(x)
+
+    class Embed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.patch = Patch()
+
+        def forward(self, x):
+            return self.patch(x)
+
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = Embed()
+            self.head = nn.Linear(8, 3)
+
+        def forward(self, x):
+            x = x.to(self.embed.patch.projection.weight.dtype)
+            return self.head(self.embed(x).mean((2, 3)))
+
+    q = ts.apply(Model().eval(), ts.CastConfig(), data=[torch.randn(2, 3, 8, 8)])
+    assert q(torch.randn(2, 3, 8, 8)).shape == (2, 3)
+    skipped = ts.report(q)[-1].skipped
+    assert "Model.forward reads self.embed.patch.projection.weight itself" in skipped["embed.patch.projection"]
+    assert type(q.head).__name__ == "CastWrapper"

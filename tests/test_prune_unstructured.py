@@ -226,3 +226,18 @@ stages:
     assert recipe_from_yaml(r.to_yaml()).to_dict() == r.to_dict()
     with pytest.raises(ConfigError, match="schedule.*'oneshot', 'iterative', 'agp'"):
         ts.config_from_dict({"kind": "unstructured", "schedule": "cubic"})
+
+
+def test_a_layer_whose_weight_is_already_a_parametrization_is_left_as_it_is():
+    """wav2vec2's positional convolution is weight-normed (torch parametrizations: weight = g * v / |v|): pruning
+    crashed looking for '.original'. Such a layer is skipped with the reason; the others are pruned."""
+    from torch.nn.utils.parametrizations import weight_norm
+
+    torch.manual_seed(0)
+    model = nn.Sequential(weight_norm(nn.Conv1d(4, 4, 3, padding=1)), nn.Flatten(), nn.Linear(4 * 16, 3)).eval()
+    x = torch.randn(2, 4, 16)
+    for cfg in (UnstructuredConfig(sparsity=0.5), ts.NMConfig()):
+        p = ts.apply(model, cfg, data=[x])
+        assert p(x).shape == (2, 3)
+        assert "computed by a parametrization (_WeightNorm)" in ts.report(p)[-1].skipped["0"]
+        assert float((p[2].weight == 0).float().mean()) >= 0.5 and parametrize.is_parametrized(p[0], "weight")

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from torchshrink.core.errors import ConfigError, LayerNotFoundError
-from torchshrink.core.surgery import FAST_PATH_CHILDREN, parent_of
+from torchshrink.core.surgery import FAST_PATH_CHILDREN, get_module, parent_of
 
 _WILDCARDS = set("*?[")
 
@@ -209,17 +209,26 @@ def _forward_source(cls: type) -> str:
 
 
 def _read_by_parent(model: nn.Module, name: str) -> str | None:
-    """Why ``name`` cannot be swapped for another module, when its parent's forward reads its parameters."""
+    """Why ``name`` cannot be swapped for another module, when the forward of its parent -- or of any module above
+    it, through the attribute path (Hugging Face's ViTModel reads ``self.embeddings.patch_embeddings.projection
+    .weight.dtype``) -- reads its parameters."""
+    parts = name.split(".")
     parent, child = parent_of(model, name)
-    if isinstance(parent, nn.Sequential | nn.ModuleList | nn.ModuleDict) or not child.isidentifier():
-        return None
     if isinstance(parent, nn.TransformerEncoderLayer) and child in FAST_PATH_CHILDREN:
         return None  # read only on its fused fast path, which set_module switches off for a swapped child
-    found = re.search(_PARAM_READ.format(re.escape(child)), _forward_source(type(parent)))
-    if found is None:
-        return None
-    return (f"{type(parent).__name__}.forward reads self.{child}.{found.group(1)} itself: a swapped-in module would "
-            "break or be bypassed by it, so it stays as it is")
+    for k in range(len(parts) - 1, -1, -1):  # the parent first, then up to the root
+        rel = parts[k:]
+        if not all(p.isidentifier() for p in rel):
+            break  # an indexed child (layers.0) is not read as an attribute path from above
+        owner = get_module(model, ".".join(parts[:k]))
+        if isinstance(owner, nn.Sequential | nn.ModuleList | nn.ModuleDict):
+            continue
+        path = ".".join(rel)
+        found = re.search(_PARAM_READ.format(re.escape(path)), _forward_source(type(owner)))
+        if found is not None:
+            return (f"{type(owner).__name__}.forward reads self.{path}.{found.group(1)} itself: a swapped-in module "
+                    "would break or be bypassed by it, so it stays as it is")
+    return None
 
 
 def overrides_for(name: str, select: Select | None) -> dict[str, Any]:

@@ -8,11 +8,13 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils import parametrize
 
 from torchshrink.core.data import as_batches
 from torchshrink.core.errors import DataError, UnsupportedLayerError
+from torchshrink.core.report import current
 from torchshrink.core.select import Select, select_modules
-from torchshrink.prune.hold import original_weight
+from torchshrink.prune.hold import WeightMask, original_weight
 
 PRUNABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 PRUNABLE_NAMES = ("Linear", "Conv1d", "Conv2d", "Conv3d")
@@ -30,7 +32,19 @@ def prunable_layers(model: nn.Module, select: Select | None) -> list[tuple[str, 
         raise UnsupportedLayerError(
             f"cannot prune {', '.join(bad[:3])}: pruning works on {', '.join(PRUNABLE_NAMES)} weights"
         )
-    return chosen
+    kept = []
+    for name, m in chosen:
+        if parametrize.is_parametrized(m, "weight") and any(
+                not isinstance(p, WeightMask) for p in m.parametrizations.weight):
+            # weight_norm (wav2vec2's positional conv) computes the weight from other tensors: zeros set in it
+            # would not stay, and the masks cannot wrap it
+            current(model).skipped[name] = (f"its weight is computed by a parametrization "
+                                            f"({type(m.parametrizations.weight[0]).__name__}); left as it is")
+            continue
+        kept.append((name, m))
+    if not kept:
+        raise UnsupportedLayerError(f"every selected layer of {type(model).__name__} has a parametrized weight")
+    return kept
 
 
 def _loss(out: Any, labels: torch.Tensor | None) -> torch.Tensor:
