@@ -225,8 +225,11 @@ def _check_npz_shapes(path: Path) -> None:
                     version = npy.read_magic(f)
                     if version == (1, 0):
                         shape, _, dtype = npy.read_array_header_1_0(f, max_header_size=10_000)
-                    else:
+                    elif version == (2, 0):
                         shape, _, dtype = npy.read_array_header_2_0(f, max_header_size=10_000)
+                    else:  # 3.0: structured arrays with non-Latin-1 field names, never a numeric table
+                        raise DataError(f"{path} array {info.filename[:-4]!r} is a .npy {version[0]}.{version[1]} "
+                                        "record array; inputs and labels are plain numeric arrays")
                 count = 1
                 for d in shape:
                     count *= int(d)
@@ -236,6 +239,8 @@ def _check_npz_shapes(path: Path) -> None:
                                     "values per array, backed by the file")
     except zipfile.BadZipFile:
         return  # not an archive: np.load reads it (a lone .npy) or says what it is
+    except DataError:
+        raise
     except (ValueError, OSError, EOFError) as e:
         raise DataError(f"{path} is not a readable .npz archive of numeric arrays ({type(e).__name__}: "
                         f"{(str(e).splitlines() or [''])[0][:120]})") from None
