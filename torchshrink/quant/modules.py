@@ -54,12 +54,18 @@ class _Packed(nn.Module):
         return super()._apply(fn, recurse)
 
     def _set_int8_weight(self, weight: torch.Tensor, bias: torch.Tensor | None, bits: int = 8) -> None:
-        """Quantize ``weight`` symmetric per output channel into ``qweight`` / ``w_scale``; copy ``bias``."""
+        """Quantize ``weight`` symmetric per output channel into ``qweight`` / ``w_scale``; copy ``bias``. A kernel
+        handle packed from the previous weights is dropped."""
         q, s, _ = quantize_weight(weight.detach().float(), bits=bits, granularity="channel")
         self.qweight.copy_(q)
         self.w_scale.copy_(s)
         if bias is not None:
             self.bias.copy_(bias.detach())
+        self._packed = None
+
+    def dequantized_weight(self) -> torch.Tensor:
+        """The float weight the int8 codes stand for (per-channel scales, zero points 0)."""
+        return dequantize_weight(self.qweight, self.w_scale, torch.zeros_like(self.w_scale))
 
     def _pack_linear(self, bias: torch.Tensor | None) -> Any:
         with engine(self.engine):
@@ -202,7 +208,7 @@ class Int8DynamicLinear(_Packed):
         return int(args[0].numel() // self.in_features * self.in_features * self.out_features)
 
     def dequantized_weight(self) -> torch.Tensor:
-        w = dequantize_weight(self.qweight, self.w_scale, torch.zeros_like(self.w_scale))
+        w = super().dequantized_weight()
         return w / self.smooth if self.smooth is not None else w
 
 

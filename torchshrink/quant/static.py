@@ -206,7 +206,7 @@ SATURATION = 1e-3  # share of a layer's outputs more than one step off the exact
 
 def _exact_codes(mod: Int8Conv2d | Int8Linear, x: torch.Tensor) -> torch.Tensor:
     """What the layer's integer arithmetic gives exactly (int32 accumulation, float requantization), as uint8."""
-    w = mod.qweight.float() * mod.w_scale.reshape(-1, *([1] * (mod.qweight.dim() - 1)))
+    w = mod.dequantized_weight()
     xf = x.dequantize()
     y = (F.conv2d(xf, w, mod.bias, mod.stride, mod.padding, mod.dilation, mod.groups)
          if isinstance(mod, Int8Conv2d) else F.linear(xf, w, mod.bias))
@@ -241,9 +241,7 @@ def narrow_saturating(gm: fx.GraphModule, inputs: tuple) -> dict[str, float]:
                 continue
             off = float(((y.int_repr().float() - _exact_codes(mod, x)).abs() > 1).float().mean())
             if off > SATURATION:
-                w = mod.qweight.float() * mod.w_scale.reshape(-1, *([1] * (mod.qweight.dim() - 1)))
-                mod._set_int8_weight(w, mod.bias, bits=7)
-                mod._packed = None
+                mod._set_int8_weight(mod.dequantized_weight(), mod.bias, bits=7)
                 narrowed[name] = off
     if narrowed:
         src = {n: state.get(gm.get_submodule(n), "fused_from") or n for n in narrowed}
@@ -302,20 +300,20 @@ def apply_int8_static(model: nn.Module, config: Int8StaticConfig, *, select: Sel
     cal = _Calibrator(gm, watch)
     gm.eval()
     signature = inspect.signature(gm.forward)  # the traced forward's parameters, in placeholder order
+    runs: list[tuple] = []  # each batch's inputs in placeholder order
     with torch.no_grad():
         for b in batches:
             try:
                 bound = signature.bind(*b.inputs, **b.kwargs)  # keyword inputs go to their placeholders
                 bound.apply_defaults()
                 cal.run(*bound.args)
+                runs.append(bound.args)
             except (RuntimeError, TypeError, ValueError, IndexError) as e:
                 shapes = [tuple(t.shape) for t in (*b.inputs, *b.kwargs.values()) if isinstance(t, torch.Tensor)]
                 raise DataError(f"calibration batch of shapes {shapes} does not fit the model: "
                                 f"{str(e).splitlines()[0]}") from None
     out = convert_graph(gm, watch, resolve_engine(config.engine), bits)
-    bound = signature.bind(*batches[0].inputs, **batches[0].kwargs)
-    bound.apply_defaults()
-    narrow_saturating(out, bound.args)
+    narrow_saturating(out, runs[0])
     for name, reason in floats.items():
         note_float(out, name, reason)
     current(out).notes["backend"] = f"torch.ops.quantized conv2d/linear/add ({resolve_engine(config.engine)} engine)"

@@ -154,8 +154,7 @@ def _table(spec: DataSpec, path: Path) -> tuple[torch.Tensor, torch.Tensor | Non
         try:
             z = np.load(path, allow_pickle=False)  # never unpickles
         except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
-            raise DataError(f"{path} is not a readable .npz archive of numeric arrays ({type(e).__name__}: "
-                            f"{(str(e).splitlines() or [''])[0][:120]})") from None
+            raise _unreadable_npz(path, e) from None
         if not isinstance(z, np.lib.npyio.NpzFile):  # a single .npy array saved under an .npz name
             raise DataError(f"{path} is one array, not an .npz archive: save it with np.savez(path, x=..., y=...)")
         with z:
@@ -242,8 +241,12 @@ def _check_npz_shapes(path: Path) -> None:
     except DataError:
         raise
     except (ValueError, OSError, EOFError) as e:
-        raise DataError(f"{path} is not a readable .npz archive of numeric arrays ({type(e).__name__}: "
-                        f"{(str(e).splitlines() or [''])[0][:120]})") from None
+        raise _unreadable_npz(path, e) from None
+
+
+def _unreadable_npz(path: Path, e: BaseException) -> DataError:
+    return DataError(f"{path} is not a readable .npz archive of numeric arrays ({type(e).__name__}: "
+                     f"{(str(e).splitlines() or [''])[0][:120]})")
 
 
 def _image_shape(model: nn.Module) -> tuple[int, int, int]:
